@@ -1,0 +1,1 @@
+"""SLiM compression framework."""

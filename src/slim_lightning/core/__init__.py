@@ -1,0 +1,1 @@
+"""Pure-torch compression core."""

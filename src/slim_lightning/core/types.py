@@ -1,0 +1,209 @@
+"""Typed contracts shared by the pure compression core, the packed format and the drivers.
+
+Everything here imports only torch. Shapes follow ``nn.Linear``: a weight is ``(d_out, d_in)``
+and ``d_in`` (K) is the reduction axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class QuantTensor:
+    """A symmetric, uniformly quantised matrix with grouped scales along its columns.
+
+    Dequantised value: ``w[i, j] = q[i, j] * scale[i % rows, j // group_size] / in_scale[j]``.
+
+    Attributes:
+        q: int8 ``(rows, cols)``, values in ``[-2**(bits-1), 2**(bits-1) - 1]``; pruned entries are 0.
+        scale: fp32 ``(1, 1)`` for one scale per tensor (SLiM-Quant) or ``(rows, ceil(cols / g))``
+            for group AbsMax (``g == cols`` is per-channel).
+        group_size: columns per scale group (``cols`` for per-tensor / per-channel).
+        bits: bit width, 2..8.
+        in_scale: optional fp32 ``(cols,)`` per-input-channel divisor (SLiM-Quant^O salient
+            channels are multiplied by ``s`` before quantisation and divided back after).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    group_size: int
+    bits: int
+    in_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Returns the dense ``(rows, cols)`` matrix in ``dtype`` (computed in fp32)."""
+        rows, cols = self.q.shape
+        s = self.scale.to(torch.float32)
+        # (scale_rows, n_groups) -> (scale_rows, cols): each group scale covers group_size columns
+        s = s.repeat_interleave(self.group_size, dim=1)[:, :cols]
+        w = self.q.to(torch.float32) * s
+        if self.in_scale is not None:
+            w = w / self.in_scale.to(torch.float32)[None, :]
+        return w.to(dtype)
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input, accumulated in fp32.
+
+    Attributes:
+        sq_sum: ``(d_in,)`` sum over all calibration tokens of ``x_j ** 2``.
+        abs_sum: ``(d_in,)`` sum over all calibration tokens of ``|x_j|``.
+        n_tokens: number of tokens accumulated.
+        hessian: optional ``(d_in, d_in)`` sum of ``x x^T`` (only when a method asks for it).
+    """
+
+    sq_sum: torch.Tensor
+    abs_sum: torch.Tensor
+    n_tokens: int
+    hessian: torch.Tensor | None = None
+
+    def channel_stat(self, kind: Literal["sq", "abs"] = "sq") -> torch.Tensor:
+        """Per-input-channel statistic: mean ``x_j^2`` (Wanda's) or mean ``|x_j|``, fp32 ``(d_in,)``."""
+        total = self.sq_sum if kind == "sq" else self.abs_sum
+        return total.to(torch.float32) / max(self.n_tokens, 1)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the (sparse) weight is quantised.
+
+    method: ``none`` (keep fp32), ``slim_quant`` (one scale per tensor, error-minimising alpha) or
+    ``absmax`` (group AbsMax round-to-nearest). ``group_size`` applies to absmax (-1 = per-channel).
+    ``error_model`` applies to slim_quant: ``reference`` (floor, step alpha/2^b as in the reference
+    code) or ``exact`` (true rounding to the grid). ``outlier_ratio`` > 0 enables SLiM-Quant^O.
+    """
+
+    method: Literal["none", "slim_quant", "absmax"] = "slim_quant"
+    bits: int = 4
+    group_size: int = 128
+    error_model: Literal["reference", "exact"] = "reference"
+    outlier_ratio: float = 0.0
+    outlier_scale: float = 2.0
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """Sparsity pattern: ``dense``, ``nm`` (N of every M along d_in) or ``unstructured`` (per row)."""
+
+    pattern: Literal["dense", "nm", "unstructured"] = "nm"
+    n: int = 2
+    m: int = 4
+    ratio: float = 0.5
+
+    @property
+    def density(self) -> float:
+        if self.pattern == "dense":
+            return 1.0
+        if self.pattern == "nm":
+            return self.n / self.m
+        return 1.0 - self.ratio
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """How the mask is chosen.
+
+    method: ``magnitude`` (|W|), ``wanda`` (|W| * sqrt(stat)) or ``sparsegpt`` (Hessian-based with
+    weight updates; ``joint_quant`` runs OPTQ quantisation in the same column loop using the
+    QuantSpec's bits and group_size, -1 = per-channel as in the reference).
+    order: ``mask_then_quant`` (reference: mask from full-precision W) or ``quant_then_mask``.
+    """
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    order: Literal["mask_then_quant", "quant_then_mask"] = "mask_then_quant"
+    blocksize: int = 128
+    damp: float = 0.01
+    joint_quant: bool = False
+
+
+@dataclass(frozen=True)
+class LowRankSpec:
+    """Low-rank adapters ``W ~= W_c + (L R)^T``.
+
+    method: ``none``, ``slim`` (saliency-scaled SVD) or ``naive`` (plain SVD).
+    rank = round(rank_ratio * min(d_in, d_out)) with ``rank_rounding`` to ``rank_multiple``.
+    svd: ``exact`` or ``randomized`` (oversample / niter power iterations).
+    split: ``left`` (all singular values in L, reference) or ``balanced`` (sqrt(S) on both sides).
+    refit: re-fit the sparse part after the adapters (reference, default on); ``refit_rounds`` > 1
+    alternates adapters and re-fit.
+    quant_bits: None keeps adapters in floating point; otherwise AbsMax with ``quant_group_size``
+    groups along each matmul's reduction axis. ``quant_before_refit`` quantises the adapters before
+    the final re-fit so the sparse part compensates their error.
+    stat: which channel statistic gives the saliency (``sq`` -> s = sqrt(mean x^2), ``abs``).
+    """
+
+    method: Literal["none", "slim", "naive"] = "slim"
+    rank_ratio: float = 0.1
+    rank_rounding: Literal["none", "up", "down"] = "none"
+    rank_multiple: int = 1
+    svd: Literal["exact", "randomized"] = "exact"
+    oversample: int = 16
+    niter: int = 2
+    split: Literal["left", "balanced"] = "left"
+    refit: bool = True
+    refit_rounds: int = 1
+    quant_bits: int | None = 4
+    quant_group_size: int = 128
+    quant_before_refit: bool = False
+    stat: Literal["sq", "abs"] = "sq"
+
+
+@dataclass(frozen=True)
+class CompressSpec:
+    """Everything ``compress_linear`` needs; one field per axis."""
+
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    sparsity: SparsitySpec = field(default_factory=SparsitySpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    lowrank: LowRankSpec = field(default_factory=LowRankSpec)
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.pruner.method == "sparsegpt" and (
+            self.sparsity.pattern != "dense" or self.pruner.joint_quant
+        )
+
+
+@dataclass
+class CompressedLinear:
+    """Result of compressing one linear layer.
+
+    Attributes:
+        weight: fp32 ``(d_out, d_in)`` effective dense weight ``dequant(weight_q) * mask``.
+        weight_q: the quantised sparse weight (q is 0 where pruned), or None when not quantised.
+        mask: bool ``(d_out, d_in)`` kept entries, or None when dense.
+        lora_l: fp32 ``(d_in, r)`` effective (dequantised when quantised) adapter, or None.
+        lora_r: fp32 ``(r, d_out)`` effective adapter, or None.
+        lora_l_q: quantised ``L^T`` as ``(r, d_in)`` (groups along d_in, the reduction axis of x @ L).
+        lora_r_q: quantised ``R^T`` as ``(d_out, r)`` (groups along r, the reduction axis of (xL) @ R).
+        metrics: per-layer diagnostics (errors, sparsity, rank, alpha, bits per weight...).
+    """
+
+    weight: torch.Tensor
+    weight_q: QuantTensor | None = None
+    mask: torch.Tensor | None = None
+    lora_l: torch.Tensor | None = None
+    lora_r: torch.Tensor | None = None
+    lora_l_q: QuantTensor | None = None
+    lora_r_q: QuantTensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_l is None else int(self.lora_l.shape[1])
+
+    def effective_weight(self) -> torch.Tensor:
+        """fp32 ``(d_out, d_in)`` weight equal to what the layer computes (adapters merged)."""
+        w = self.weight
+        if self.lora_l is not None and self.lora_r is not None:
+            w = w + (self.lora_l @ self.lora_r).T
+        return w
