@@ -1,0 +1,16 @@
+"""One-shot SLiM compression: ``python compress.py model=llama2_13b sparsity=2of4``."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="compress")
+def main(cfg: DictConfig) -> None:
+    from slim_lightning.compress_run import run_compress
+
+    run_compress(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""``run_compress(cfg)``: the body of ``compress.py`` (tests call it directly)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import build_plan, resolve_device
+from .io import atomic_dir, atomic_write_json
+from .report import package_versions, peak_memory, plot_layers, summarize_layers, summary_table
+
+log = logging.getLogger(__name__)
+
+
+def eval_loader(windows: torch.Tensor, batch_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader over evaluation windows ``(n, seqlen)`` in order."""
+    ds = torch.utils.data.TensorDataset(windows)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def make_eval_windows(tokenizer: Any, eval_cfg: Any) -> torch.Tensor:
+    """Tokenised evaluation text cut into non-overlapping windows ``(n, seqlen)``."""
+    from .data import eval_tokens, eval_windows
+
+    return eval_windows(eval_tokens(tokenizer, eval_cfg), eval_cfg.seqlen, eval_cfg.max_windows)
+
+
+def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
+    """Packed bytes of the compressed linears vs their fp16 size."""
+    from .modules import SLiMLinear
+
+    packed = dense = 0
+    for mod in model.modules():
+        if isinstance(mod, SLiMLinear):
+            packed += mod.packed_nbytes()
+            dense += mod.in_features * mod.out_features * 2
+    if dense == 0:
+        return {}
+    return {"packed_bytes": packed, "dense_fp16_bytes": dense, "ratio_vs_fp16": packed / dense}
+
+
+def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Compresses, evaluates and exports; returns the report (also written to run_dir)."""
+    import lightning as L
+
+    from .evaluation import perplexity
+    from .lightning_module import SLiMModule
+    from .pipeline import merge_to_dense
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(cfg)  # every value validated before anything heavy happens
+    torch.manual_seed(plan.seed)
+    device = resolve_device(plan.device)
+    module = SLiMModule(OmegaConf.to_container(cfg, resolve=True), str(run_dir))
+    module.load_base()
+
+    eval_name = getattr(plan.eval, "name", None) or getattr(plan.eval, "source", "eval")
+    report: dict[str, Any] = {
+        "method": plan.method_name,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "spec": asdict(plan.spec),
+        "versions": package_versions(),
+        "seed": plan.seed,
+        "run_dir": str(run_dir),
+        "ppl": {},
+        "ppl_dense": {},
+    }
+    windows = None
+    if plan.eval is not None:
+        windows = make_eval_windows(module.tokenizer, plan.eval)
+        report["eval_windows"] = list(windows.shape)
+        if plan.eval_dense:
+            t0 = time.perf_counter()
+            dense = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
+            module.timings["eval_dense_s"] = time.perf_counter() - t0
+            report["ppl_dense"][eval_name] = dense["ppl"]
+
+    trainer = L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=plan.engine.progress,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+    if windows is not None:
+        t0 = time.perf_counter()
+        trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
+        module.timings["eval_s"] = time.perf_counter() - t0 - module.timings.get("compress_s", 0.0)
+        report["ppl"][eval_name] = module.last_val["val/ppl"]
+    else:
+        module.setup("validate")
+    model = module.model.to("cpu")
+
+    reports = module.calib_result.reports if module.calib_result is not None else []
+    report["layers"] = reports
+    report["layers_summary"] = summarize_layers(reports)
+    report["size"] = linear_sizes(model)
+    if module.calib_result is not None:
+        report["resumed_blocks"] = module.calib_result.resumed_blocks
+    if plan.export.packed and report["size"]:
+        from .checkpoint import save_compressed
+
+        save_compressed(model, module.tokenizer, run_dir / "packed", plan=plan, results=report)
+        report["packed_dir"] = str(run_dir / "packed")
+    if plan.export.hf:
+        merge_to_dense(model)
+        with atomic_dir(run_dir / "hf") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            module.tokenizer.save_pretrained(tmp)
+        report["hf_dir"] = str(run_dir / "hf")
+    plot = plot_layers(reports, run_dir / "layers.png")
+    if plot is not None:
+        report["plot"] = str(plot)
+    module.timings["total_s"] = time.perf_counter() - t_start
+    report["timings"] = module.timings
+    report["memory"] = peak_memory()
+    atomic_write_json(run_dir / "report.json", report)
+    print(summary_table(report))
+    print(f"report: {run_dir / 'report.json'}")
+    return report

@@ -1,0 +1,122 @@
+"""The compression driver shared by ``compress.py`` and ``train.py``.
+
+``compress_model`` walks the model with the calibration engine and installs the results;
+``install_slim_linear`` swaps each compressed ``nn.Linear`` for a packed ``SLiMLinear``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationEngine, CalibrationResult, capture_block_inputs, merge_install
+from .config import CompressPlan, resolve_device
+from .core.types import CompressedLinear, CompressSpec
+
+
+def is_identity(spec: CompressSpec) -> bool:
+    """True for the ``dense`` method: nothing is pruned, quantised or added."""
+    return (
+        spec.sparsity.pattern == "dense"
+        and spec.quant.method == "none"
+        and spec.lowrank.method == "none"
+    )
+
+
+def install_slim_linear(block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear) -> None:
+    """Replaces ``block.<name>`` by a packed ``SLiMLinear`` built from ``c`` (reference backend)."""
+    from .modules import SLiMLinear
+
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    new = SLiMLinear.from_compressed(c, bias)
+    new.to(linear.weight.device)
+    block.set_submodule(name, new)
+
+
+def plan_fingerprint(plan: CompressPlan, calib_ids: torch.Tensor) -> str:
+    """Hash of everything that determines the compressed weights (for resume)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(plan.spec), sort_keys=True).encode())
+    h.update(json.dumps(_plain(plan.model), sort_keys=True, default=str).encode())
+    h.update(str(plan.seed).encode())
+    h.update(calib_ids.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    try:
+        return asdict(obj)
+    except TypeError:
+        return str(obj)
+
+
+def compress_model(
+    model: nn.Module,
+    plan: CompressPlan,
+    calib_ids: torch.Tensor,
+    run_dir: str | Path | None,
+    *,
+    packed: bool = True,
+    keep_layers: bool = False,
+) -> CalibrationResult:
+    """Compresses ``model`` in place with the plan's spec, one decoder block at a time.
+
+    Args:
+        model: a Hugging Face causal LM on CPU.
+        calib_ids: int64 ``(nsamples, seqlen)`` calibration windows.
+        run_dir: where resume state goes (``run_dir/calib_state``); None disables resume.
+        packed: install ``SLiMLinear`` modules (True) or merge into dense weights (False).
+    """
+    from .core.compress import compress_linear
+    from .models import get_arch, get_blocks
+
+    arch = get_arch(model)
+    blocks = get_blocks(model, arch)
+    if is_identity(plan.spec):
+        return CalibrationResult()
+    device = resolve_device(plan.device)
+    inputs, kwargs = capture_block_inputs(model, blocks[0], calib_ids, plan.engine.batch_size)
+    state_dir = None
+    if run_dir is not None and plan.engine.resume:
+        state_dir = Path(run_dir) / "calib_state"
+    engine = CalibrationEngine(
+        blocks,
+        tuple(arch.linear_names),
+        plan.spec,
+        compress_linear,
+        install_fn=install_slim_linear if packed else merge_install,
+        device=device,
+        state_dir=state_dir,
+        fingerprint=plan_fingerprint(plan, calib_ids),
+        seed=plan.seed,
+        progress=plan.engine.progress,
+        offload_inputs=plan.engine.offload_inputs,
+        block_prefix=arch.blocks_path,
+        keep_layers=keep_layers,
+    )
+    return engine.run(inputs, kwargs)
+
+
+def merge_to_dense(model: nn.Module) -> nn.Module:
+    """Replaces every ``SLiMLinear`` by a plain ``nn.Linear`` holding its merged weight (fp32).
+
+    The result is a plain Hugging Face model whose dense weights compute exactly what the
+    compressed model computes (adapters merged), so ``save_pretrained`` and any HF tool work.
+    """
+    from .modules import SLiMLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, SLiMLinear):
+            w = mod.merged_weight()
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None)
+            lin.weight.data.copy_(w)
+            if mod.bias is not None:
+                lin.bias.data.copy_(mod.bias.detach().float())
+            model.set_submodule(name, lin)
+    return model
