@@ -47,7 +47,9 @@ def prune24(w: torch.Tensor, stats: LayerStats, spec: CompressSpec) -> Compresse
     """A tiny deterministic compressor: Wanda-style 2:4 mask, no quantisation."""
     score = w.abs() * stats.channel_stat().sqrt()[None, :]
     idx = score.reshape(w.shape[0], -1, 4).topk(2, dim=-1).indices
-    mask = torch.zeros_like(score.reshape(w.shape[0], -1, 4), dtype=torch.bool).scatter_(-1, idx, True)
+    mask = torch.zeros_like(score.reshape(w.shape[0], -1, 4), dtype=torch.bool).scatter_(
+        -1, idx, True
+    )
     mask = mask.reshape(w.shape)
     return CompressedLinear(weight=w * mask, mask=mask, metrics={"sparsity": 0.5})
 
@@ -62,8 +64,15 @@ def make(seed: int = 0) -> tuple[ToyModel, torch.Tensor]:
 def run_engine(model: ToyModel, ids: torch.Tensor, state_dir: Path | None, fn=prune24, **kw):
     inputs, kwargs = capture_block_inputs(model, model.blocks[0], ids, batch_size=4)
     engine = CalibrationEngine(
-        model.blocks, ("fc1", "fc2"), CompressSpec(sparsity=SparsitySpec()), fn,
-        state_dir=state_dir, fingerprint="toy", progress=False, keep_layers=True, **kw,
+        model.blocks,
+        ("fc1", "fc2"),
+        CompressSpec(sparsity=SparsitySpec()),
+        fn,
+        state_dir=state_dir,
+        fingerprint="toy",
+        progress=False,
+        keep_layers=True,
+        **kw,
     )
     return engine.run(inputs, kwargs)
 
@@ -157,8 +166,13 @@ def test_state_with_other_fingerprint_is_not_reused(tmp_path):
     model2, _ = make()
     inputs, kwargs = capture_block_inputs(model2, model2.blocks[0], ids, batch_size=4)
     engine = CalibrationEngine(
-        model2.blocks, ("fc1", "fc2"), CompressSpec(), prune24, state_dir=tmp_path,
-        fingerprint="other", progress=False,
+        model2.blocks,
+        ("fc1", "fc2"),
+        CompressSpec(),
+        prune24,
+        state_dir=tmp_path,
+        fingerprint="other",
+        progress=False,
     )
     assert engine.run(inputs, kwargs).resumed_blocks == 0
 

@@ -84,7 +84,9 @@ def capture_block_inputs(
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         inputs.append(hidden.detach())
-        kwargs_list.append({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
+        kwargs_list.append(
+            {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        )
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -149,7 +151,10 @@ def _qt_from(prefix: str, t: dict, meta: dict) -> QuantTensor | None:
     if prefix not in meta:
         return None
     return QuantTensor(
-        q=t[f"{prefix}.q"], scale=t[f"{prefix}.scale"], in_scale=t.get(f"{prefix}.in_scale"), **meta[prefix]
+        q=t[f"{prefix}.q"],
+        scale=t[f"{prefix}.scale"],
+        in_scale=t.get(f"{prefix}.in_scale"),
+        **meta[prefix],
     )
 
 
@@ -241,7 +246,9 @@ class CalibrationEngine:
             return 0
         return int(prog["next_block"])
 
-    def _save_block(self, i: int, results: dict[str, CompressedLinear], inputs: list[torch.Tensor]) -> None:
+    def _save_block(
+        self, i: int, results: dict[str, CompressedLinear], inputs: list[torch.Tensor]
+    ) -> None:
         assert self.state_dir is not None
         tensors, meta = {}, {}
         for name, c in results.items():
@@ -274,7 +281,9 @@ class CalibrationEngine:
             raise KeyError(f"block has no modules {missing}; it has {sorted(mods)[:20]}...")
         return {n: mods[n] for n in self.linear_names}
 
-    def _run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    def _run_block(
+        self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]
+    ) -> list[torch.Tensor]:
         outs = []
         for x, kw in zip(inputs, kwargs):
             y = _block_output(block(x.to(self.device), **kw))
@@ -300,13 +309,19 @@ class CalibrationEngine:
         inputs = [x if self.offload_inputs else x.to(self.device) for x in inputs]
 
         bar = tqdm(
-            range(start, len(self.blocks)), desc="Compressing blocks", disable=not self.progress,
-            initial=start, total=len(self.blocks),
+            range(start, len(self.blocks)),
+            desc="Compressing blocks",
+            disable=not self.progress,
+            initial=start,
+            total=len(self.blocks),
         )
         for i in bar:
             block = self.blocks[i].to(self.device)
             lin = self._linears(block)
-            hooks = {n: _StatsHook(m.in_features, self.device, self.spec.needs_hessian) for n, m in lin.items()}
+            hooks = {
+                n: _StatsHook(m.in_features, self.device, self.spec.needs_hessian)
+                for n, m in lin.items()
+            }
             handles = [lin[n].register_forward_hook(h) for n, h in hooks.items()]
             try:
                 self._run_block(block, inputs, kwargs)
@@ -333,14 +348,27 @@ class CalibrationEngine:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _install(self, i: int, block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear, result: CalibrationResult) -> None:
+    def _install(
+        self,
+        i: int,
+        block: nn.Module,
+        name: str,
+        linear: nn.Linear,
+        c: CompressedLinear,
+        result: CalibrationResult,
+    ) -> None:
         full = f"{self.block_prefix}.{i}.{name}"
         self.install_fn(block, name, linear, _to_dev(c, linear.weight.device))
         if self.keep_layers:
             result.layers[full] = c
         result.reports.append(
-            {"name": full, "block": i, "d_out": linear.out_features, "d_in": linear.in_features,
-             **{k: float(v) for k, v in c.metrics.items()}}
+            {
+                "name": full,
+                "block": i,
+                "d_out": linear.out_features,
+                "d_in": linear.in_features,
+                **{k: float(v) for k, v in c.metrics.items()},
+            }
         )
 
 
@@ -349,16 +377,30 @@ def _mean_metric(results: dict[str, CompressedLinear], key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _map_tensors(c: CompressedLinear, fn: Callable[[torch.Tensor], torch.Tensor]) -> CompressedLinear:
+def _map_tensors(
+    c: CompressedLinear, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> CompressedLinear:
     def qt(q: QuantTensor | None) -> QuantTensor | None:
         if q is None:
             return None
-        return QuantTensor(fn(q.q), fn(q.scale), q.group_size, q.bits, None if q.in_scale is None else fn(q.in_scale))
+        return QuantTensor(
+            fn(q.q),
+            fn(q.scale),
+            q.group_size,
+            q.bits,
+            None if q.in_scale is None else fn(q.in_scale),
+        )
 
-    opt = lambda t: None if t is None else fn(t)  # noqa: E731
+    opt = lambda t: None if t is None else fn(t)
     return CompressedLinear(
-        weight=fn(c.weight), weight_q=qt(c.weight_q), mask=opt(c.mask), lora_l=opt(c.lora_l),
-        lora_r=opt(c.lora_r), lora_l_q=qt(c.lora_l_q), lora_r_q=qt(c.lora_r_q), metrics=dict(c.metrics),
+        weight=fn(c.weight),
+        weight_q=qt(c.weight_q),
+        mask=opt(c.mask),
+        lora_l=opt(c.lora_l),
+        lora_r=opt(c.lora_r),
+        lora_l_q=qt(c.lora_l_q),
+        lora_r_q=qt(c.lora_r_q),
+        metrics=dict(c.metrics),
     )
 
 

@@ -79,7 +79,9 @@ def validate_spec(spec: CompressSpec) -> None:
     check_range("quant.outlier_ratio", q.outlier_ratio, 0.0, 0.5)
     check_range("quant.outlier_scale", q.outlier_scale, 1.0, 1e3)
     if q.outlier_ratio > 0 and q.method != "slim_quant":
-        raise ConfigError("quant.outlier_ratio", q.outlier_ratio, "0 unless quant.method=slim_quant")
+        raise ConfigError(
+            "quant.outlier_ratio", q.outlier_ratio, "0 unless quant.method=slim_quant"
+        )
 
     check_choice("sparsity.pattern", s.pattern, ("dense", "nm", "unstructured"))
     if s.pattern == "nm":

@@ -23,7 +23,9 @@ def check_choice(key: str, value: Any, choices: tuple | list) -> None:
         raise ConfigError(key, value, ", ".join(map(str, choices)))
 
 
-def check_range(key: str, value: Any, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+def check_range(
+    key: str, value: Any, lo: float, hi: float, *, lo_open=False, hi_open=False
+) -> None:
     """Raises ConfigError unless ``lo <(=) value <(=) hi``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:

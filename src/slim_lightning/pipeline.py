@@ -29,7 +29,9 @@ def is_identity(spec: CompressSpec) -> bool:
     )
 
 
-def install_slim_linear(block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear) -> None:
+def install_slim_linear(
+    block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear
+) -> None:
     """Replaces ``block.<name>`` by a packed ``SLiMLinear`` built from ``c`` (reference backend)."""
     from .modules import SLiMLinear
 

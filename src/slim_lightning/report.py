@@ -16,8 +16,17 @@ def package_versions() -> dict[str, str]:
     """Versions of the packages that determine a run's numbers."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in (
-        "slim-lightning", "torch", "transformers", "lightning", "triton", "datasets",
-        "hydra-core", "safetensors", "wandb", "bitsandbytes", "lm-eval",
+        "slim-lightning",
+        "torch",
+        "transformers",
+        "lightning",
+        "triton",
+        "datasets",
+        "hydra-core",
+        "safetensors",
+        "wandb",
+        "bitsandbytes",
+        "lm-eval",
     ):
         try:
             out[name] = metadata.version(name)
@@ -42,7 +51,13 @@ def summarize_layers(reports: list[dict[str, Any]]) -> dict[str, float]:
     numel = [r["d_in"] * r["d_out"] for r in reports]
     total = float(sum(numel))
     out: dict[str, float] = {"n_layers": float(len(reports)), "compressed_params": total}
-    for key in ("bits_per_weight", "sparsity", "err_before_adapters", "err_after_adapters", "err_final"):
+    for key in (
+        "bits_per_weight",
+        "sparsity",
+        "err_before_adapters",
+        "err_after_adapters",
+        "err_final",
+    ):
         vals = [(r[key], n) for r, n in zip(reports, numel) if key in r and r[key] == r[key]]
         if vals:
             out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
@@ -56,7 +71,7 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     """A GitHub-markdown table with aligned columns."""
     cols = list(zip(header, *rows))
     widths = [max(len(str(c)) for c in col) for col in cols]
-    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(header), sep, *map(fmt, rows)])
 
@@ -75,7 +90,9 @@ def summary_table(report: dict[str, Any]) -> str:
     """The readable end-of-run summary: dense vs compressed, side by side."""
     rows = []
     for name, ppl in report.get("ppl", {}).items():
-        rows.append((f"perplexity ({name})", fmt_num(report.get("ppl_dense", {}).get(name)), fmt_num(ppl)))
+        rows.append(
+            (f"perplexity ({name})", fmt_num(report.get("ppl_dense", {}).get(name)), fmt_num(ppl))
+        )
     lay = report.get("layers_summary", {})
     if lay:
         rows.append(("bits per weight (linears)", "16", fmt_num(lay.get("bits_per_weight"))))
@@ -84,8 +101,13 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append(("saliency-weighted rel. error", "0", fmt_num(lay.get("err_final"))))
     size = report.get("size", {})
     if size:
-        rows.append(("linear layers size (MiB)", fmt_num(size["dense_fp16_bytes"] / 2**20),
-                     fmt_num(size["packed_bytes"] / 2**20)))
+        rows.append(
+            (
+                "linear layers size (MiB)",
+                fmt_num(size["dense_fp16_bytes"] / 2**20),
+                fmt_num(size["packed_bytes"] / 2**20),
+            )
+        )
         rows.append(("size ratio vs fp16", "1", fmt_num(size["ratio_vs_fp16"])))
     t = report.get("timings", {})
     rows.append(("compression wall time (s)", "-", fmt_num(t.get("compress_s"))))
@@ -104,13 +126,18 @@ def plot_layers(reports: list[dict[str, Any]], path: str | Path) -> Path | None:
 
     x = list(range(len(reports)))
     panels = [
-        (("err_before_adapters", "err_after_adapters", "err_final"), "saliency-weighted rel. error"),
+        (
+            ("err_before_adapters", "err_after_adapters", "err_final"),
+            "saliency-weighted rel. error",
+        ),
         (("sparsity",), "achieved sparsity"),
         (("bits_per_weight",), "bits per weight"),
         (("rank",), "effective adapter rank"),
         (("alpha",), "SLiM-Quant alpha"),
     ]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, len(x) * 0.08), 2.2 * len(panels)), sharex=True)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(8, len(x) * 0.08), 2.2 * len(panels)), sharex=True
+    )
     for ax, (keys, title) in zip(axes, panels):
         for k in keys:
             ys = [r.get(k, float("nan")) for r in reports]

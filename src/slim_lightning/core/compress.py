@@ -1,0 +1,284 @@
+"""``compress_linear``: the one place that fixes the order of operations of one-shot compression.
+
+stats -> mask -> quantise -> adapters -> re-fit (-> more rounds) -> adapter quantisation.
+
+Reference order (all defaults): the Wanda mask is chosen on the full-precision W; W^Q =
+SLiM-Quant(W) with alpha fitted on dense W; W^C = mask * W^Q; SLiM-LoRA adapters from W - W^C; the
+sparse part is re-fitted, W_final = SLiM-Quant(mask * (W - (L R)^T)) with a fresh alpha; then the
+adapters are AbsMax-quantised along each matmul's reduction axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from slim_lightning.core.lowrank import adapter_rank, quantize_adapters, saliency, slim_lora
+from slim_lightning.core.prune import make_mask
+from slim_lightning.core.quant import apply_mask, quantize_weight
+from slim_lightning.core.sparsegpt import sparsegpt
+from slim_lightning.core.types import (
+    CompressedLinear,
+    CompressSpec,
+    LayerStats,
+    QuantTensor,
+    SparsitySpec,
+)
+
+
+def bits_per_weight(
+    d_out: int,
+    d_in: int,
+    *,
+    weight_bits: int | None,
+    sparsity: SparsitySpec,
+    n_kept: int | None = None,
+    n_weight_scales: int = 0,
+    in_scale: bool = False,
+    rank: int = 0,
+    adapter_bits: int | None = None,
+    adapter_group_size: int = 128,
+) -> float:
+    """Storage bits per dense weight of a compressed ``(d_out, d_in)`` linear.
+
+    Accounting rules: kept values at ``weight_bits`` (16 when unquantised); sparsity metadata
+    ``ceil(log2 m)`` bits per kept value for N:M (2:4 -> 2 bits per kept value = 1 bit per weight),
+    for unstructured the cheaper of a 1-bit-per-weight bitmap and 16-bit column indices per kept
+    value, nothing for dense; every scale at 16 bits (weight scales, SLiM-Quant^O ``in_scale``,
+    adapter group scales); adapters ``rank * (d_in + d_out)`` values at ``adapter_bits`` (16 when
+    unquantised), L^T grouped along d_in and R^T along r.
+
+    Args:
+        d_out, d_in: weight shape.
+        weight_bits: bits of each kept value, or None for fp16.
+        sparsity: the pattern (gives the metadata rule and, without ``n_kept``, the density).
+        n_kept: actual number of kept weights (defaults to ``density * d_out * d_in``).
+        n_weight_scales: number of weight scales (1 per tensor, d_out * groups for AbsMax).
+        in_scale: whether a per-input-channel ``in_scale`` vector is stored.
+        rank: adapter rank (0 = no adapters).
+        adapter_bits: adapter value bits or None for fp16.
+        adapter_group_size: AbsMax group size of the adapters (-1 = one group per row).
+
+    Returns:
+        bits per dense weight (16.0 for an uncompressed fp16 layer).
+    """
+    numel = d_out * d_in
+    kept = round(numel * sparsity.density) if n_kept is None else int(n_kept)
+    total = kept * (16 if weight_bits is None else weight_bits)
+    if sparsity.pattern == "nm":
+        total += kept * math.ceil(math.log2(sparsity.m))
+    elif sparsity.pattern == "unstructured":
+        total += min(numel, 16 * kept)
+    total += 16 * n_weight_scales + (16 * d_in if in_scale else 0)
+    if rank > 0:
+        n_ad = rank * (d_in + d_out)
+        if adapter_bits is None:
+            total += 16 * n_ad
+        else:
+            g_l = d_in if adapter_group_size == -1 else min(adapter_group_size, d_in)
+            g_r = rank if adapter_group_size == -1 else min(adapter_group_size, rank)
+            n_scales = rank * math.ceil(d_in / g_l) + d_out * math.ceil(rank / g_r)
+            total += adapter_bits * n_ad + 16 * n_scales
+    return total / numel
+
+
+def weighted_rel_error(w: torch.Tensor, w_hat: torch.Tensor, s: torch.Tensor) -> float:
+    """Saliency-weighted relative error ``||(W - W_hat) diag(s)||_F / ||W diag(s)||_F``."""
+    num = torch.linalg.norm((w - w_hat) * s[None, :])
+    den = torch.linalg.norm(w * s[None, :])
+    return float(num / den) if den > 0 else float(num)
+
+
+def _sparse_part(
+    w: torch.Tensor,
+    stats: LayerStats,
+    stat: torch.Tensor,
+    spec: CompressSpec,
+    mask: torch.Tensor | None,
+    info: dict,
+    *,
+    refit: bool,
+) -> tuple[torch.Tensor, QuantTensor | None, torch.Tensor | None, float]:
+    """Sparse, quantised approximation of the target ``w`` (fp32 ``(d_out, d_in)``).
+
+    First call (``refit=False``): chooses the mask. Re-fit (``refit=True``): keeps ``mask`` and
+    quantises ``mask * w`` afresh (SLiM-Quant fits a new alpha on it); with the SparseGPT pruner the
+    re-fit reruns its OBS updates (and OPTQ when joint) with the mask fixed, so the sparse part
+    keeps compensating through the Hessian.
+
+    Returns:
+        ``(w_c, qt, mask, alpha)``: fp32 dense ``w_c`` (exactly 0 where pruned), its QuantTensor
+        or None, the bool mask or None, the SLiM-Quant alpha or nan.
+    """
+    q, sp, pr = spec.quant, spec.sparsity, spec.pruner
+    alpha = math.nan
+    if pr.method == "sparsegpt":
+        if pr.order == "quant_then_mask":
+            raise ValueError(
+                "pruner.order=quant_then_mask is not supported with sparsegpt (its "
+                "weight updates leave the grid); use pruner.joint_quant instead"
+            )
+        if stats.hessian is None:
+            raise ValueError("sparsegpt needs LayerStats.hessian (CompressSpec.needs_hessian)")
+        if pr.joint_quant and q.method == "none":
+            raise ValueError(
+                "pruner.joint_quant needs quant.method absmax or slim_quant (OPTQ "
+                "uses quant.bits and quant.group_size)"
+            )
+        joint = q if pr.joint_quant else None
+        if sp.pattern == "dense" and joint is None:
+            base, new_mask = w, None
+        else:
+            base, new_mask, qt = sparsegpt(
+                w,
+                stats.hessian.to(w.device),
+                stats.n_tokens,
+                sp,
+                blocksize=pr.blocksize,
+                damp=pr.damp,
+                quant=joint,
+                mask=mask,
+                info=info,
+            )
+            if joint is not None:
+                return base, qt, new_mask, alpha
+        mask = new_mask if mask is None else mask
+        qt, alpha = quantize_weight(base, q, stat=stat, mask=mask)
+    elif refit or pr.order == "mask_then_quant":
+        if not refit:
+            mask = make_mask(w, stat, sp, pr)
+        base = w if mask is None else w * mask
+        # the re-fit's alpha is fitted on the masked target (reference); the first alpha on dense W
+        qt, alpha = quantize_weight(base if refit else w, q, stat=stat, mask=mask)
+    else:  # quant_then_mask: the score sees the quantised values
+        qt, alpha = quantize_weight(w, q, stat=stat)
+        base = w if qt is None else qt.dequantize()
+        mask = make_mask(base, stat, sp, pr)
+        qt = None if qt is None else apply_mask(qt, mask)
+    if qt is not None:
+        return qt.dequantize(), qt, mask, alpha
+    return (base if mask is None else base * mask), None, mask, alpha
+
+
+def compress_linear(
+    weight: torch.Tensor, stats: LayerStats, spec: CompressSpec
+) -> CompressedLinear:
+    """Compresses one linear layer's weight according to ``spec``.
+
+    Args:
+        weight: float ``(d_out, d_in)`` (any float dtype/device; work is done in fp32 there).
+        stats: calibration statistics of the layer input (``hessian`` needed for sparsegpt).
+        spec: the full compression spec.
+
+    Returns:
+        CompressedLinear whose ``effective_weight()`` is what the compressed layer computes, with
+        metrics: ``sparsity``, ``rank``, ``adapter_params``, ``alpha`` (last SLiM-Quant alpha or
+        nan), ``alpha_initial``, ``err_before_adapters`` (sparse part alone), ``err_after_adapters``
+        (final sparse part + unquantised adapters), ``err_after_adapters_norefit`` (first sparse
+        part + first adapters), ``err_final`` (everything quantised), ``bits_per_weight``,
+        ``refit_rounds``, ``damp`` / ``damp_retries`` (sparsegpt) and ``err_uniform_weights``
+        (1.0 when the statistic was all zero and errors are unweighted).
+    """
+    W = weight.detach().to(torch.float32)
+    d_out, d_in = W.shape
+    q, sp, pr, lr = spec.quant, spec.sparsity, spec.pruner, spec.lowrank
+    stat = stats.channel_stat("sq").to(W.device)
+    metrics: dict[str, float] = {}
+    try:
+        s_err = saliency(stat, "sq")
+        metrics["err_uniform_weights"] = 0.0
+    except ValueError:  # dead input: errors cannot be weighted; say so in the metrics
+        s_err = torch.ones_like(stat)
+        metrics["err_uniform_weights"] = 1.0
+
+    identity = (
+        sp.pattern == "dense"
+        and q.method == "none"
+        and lr.method == "none"
+        and not (pr.method == "sparsegpt" and pr.joint_quant)
+    )
+    if identity:  # the `dense` method: weight returned unchanged
+        metrics.update(
+            sparsity=0.0,
+            rank=0.0,
+            adapter_params=0.0,
+            alpha=math.nan,
+            alpha_initial=math.nan,
+            err_before_adapters=0.0,
+            err_after_adapters=0.0,
+            err_after_adapters_norefit=0.0,
+            err_final=0.0,
+            bits_per_weight=16.0,
+            refit_rounds=0.0,
+        )
+        return CompressedLinear(weight=W.clone(), metrics=metrics)
+
+    info: dict = {}
+    w_c, qt, mask, alpha = _sparse_part(W, stats, stat, spec, None, info, refit=False)
+    metrics["alpha_initial"] = alpha
+    metrics["err_before_adapters"] = weighted_rel_error(W, w_c, s_err)
+
+    left = right = lq = rq = None
+    rank, rounds = 0, 0
+    if lr.method != "none":
+        rank = adapter_rank(d_in, d_out, lr)
+        s_lr = (
+            saliency(stats.channel_stat(lr.stat).to(W.device), lr.stat)
+            if lr.method == "slim"
+            else None
+        )
+        n_rounds = max(1, lr.refit_rounds) if lr.refit else 1
+        for k in range(n_rounds):
+            left, right = slim_lora(W - w_c, s_lr, rank, lr)
+            if k == 0:
+                metrics["err_after_adapters_norefit"] = weighted_rel_error(
+                    W, w_c + (left @ right).T, s_err
+                )
+            l_eff, r_eff = left, right
+            if lr.quant_bits is not None and lr.quant_before_refit:
+                # the re-fit then compensates the adapters' quantisation error as well
+                lq, rq = quantize_adapters(left, right, lr.quant_bits, lr.quant_group_size)
+                l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
+            if lr.refit:
+                w_c, qt, _, alpha = _sparse_part(
+                    W - (l_eff @ r_eff).T, stats, stat, spec, mask, info, refit=True
+                )
+                rounds += 1
+        metrics["err_after_adapters"] = weighted_rel_error(W, w_c + (left @ right).T, s_err)
+        if lr.quant_bits is not None and not lr.quant_before_refit:
+            lq, rq = quantize_adapters(left, right, lr.quant_bits, lr.quant_group_size)
+        if lq is not None:
+            left, right = lq.dequantize().T.contiguous(), rq.dequantize().T.contiguous()
+    else:
+        metrics["err_after_adapters"] = metrics["err_after_adapters_norefit"] = metrics[
+            "err_before_adapters"
+        ]
+
+    out = CompressedLinear(
+        weight=w_c, weight_q=qt, mask=mask, lora_l=left, lora_r=right, lora_l_q=lq, lora_r_q=rq
+    )
+    n_kept = d_out * d_in if mask is None else int(mask.sum())
+    metrics.update(
+        sparsity=1.0 - n_kept / (d_out * d_in),
+        rank=float(rank),
+        adapter_params=float(rank * (d_in + d_out)),
+        alpha=alpha,
+        err_final=weighted_rel_error(W, out.effective_weight(), s_err),
+        refit_rounds=float(rounds),
+        bits_per_weight=bits_per_weight(
+            d_out,
+            d_in,
+            weight_bits=None if qt is None else qt.bits,
+            sparsity=sp,
+            n_kept=n_kept,
+            n_weight_scales=0 if qt is None else qt.scale.numel(),
+            in_scale=qt is not None and qt.in_scale is not None,
+            rank=rank,
+            adapter_bits=lr.quant_bits if rank else None,
+            adapter_group_size=lr.quant_group_size,
+        ),
+        **{k: float(v) for k, v in info.items()},
+    )
+    out.metrics = metrics
+    return out

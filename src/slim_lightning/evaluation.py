@@ -1,0 +1,154 @@
+"""Perplexity (shared by the plain loop and the Lightning validation step) and zero-shot tasks.
+
+Perplexity protocol (SparseGPT/Wanda/SLiM): the evaluation text is cut into non-overlapping
+windows of ``seqlen`` tokens; inside each window token t+1 is predicted from tokens <= t (no
+context crosses a window boundary); ``ppl = exp(total NLL / total predicted tokens)``. Every window
+contributes ``seqlen - 1`` tokens, so this equals the reference's mean of per-window mean losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ZERO_SHOT_TASKS = ("mmlu", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def per_window_nll(
+    model: nn.Module, batch: torch.Tensor, reduction: str = "sum"
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of token windows (fp32), and the number of predicted tokens.
+
+    Args:
+        model: causal LM; ``model(input_ids=...)`` returns logits ``(b, T, V)`` (or an object /
+            tuple holding them).
+        batch: int64 ``(b, T)`` token windows on the model's device.
+        reduction: ``sum``: a 0-dim fp32 tensor, the NLL summed over the batch; ``none``: fp32
+            ``(b,)``, the NLL summed inside each window.
+
+    Returns:
+        ``(nll, n_tokens)`` with ``n_tokens = b * (T - 1)``.
+    """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    logits = _logits(model(input_ids=batch, use_cache=False))
+    b, t = batch.shape
+    # log-softmax in fp32: fp16/bf16 logits lose ~3 digits of the NLL otherwise
+    shift = logits[:, :-1, :].float().reshape(b * (t - 1), -1)  # (b*(T-1), V)
+    target = batch[:, 1:].reshape(-1)  # (b*(T-1),)
+    nll = F.cross_entropy(shift, target, reduction="none").reshape(b, t - 1).sum(1)  # (b,)
+    return (nll.sum() if reduction == "sum" else nll), b * (t - 1)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Perplexity of ``model`` on non-overlapping token windows.
+
+    Args:
+        model: causal LM (put in eval mode for the call; its mode and device are restored).
+        windows: int64 ``(n, seqlen)`` (see ``data.eval_windows``).
+        batch_size: windows per forward pass.
+        device: where to run (default: where the model is).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{"ppl": exp(nll), "nll": mean NLL per predicted token, "n_tokens": n * (seqlen - 1)}``.
+    """
+    from tqdm.auto import tqdm
+
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n, seqlen>=2), got {tuple(windows.shape)}")
+    home = _model_device(model)
+    dev = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    model.to(dev)
+    total = torch.zeros((), dtype=torch.float64)  # fp64 sum over up to ~10^6 tokens
+    n_tokens = 0
+    try:
+        with torch.inference_mode():
+            for i in tqdm(
+                range(0, windows.shape[0], batch_size), desc="Perplexity", disable=not progress
+            ):
+                batch = windows[i : i + batch_size].to(dev)  # (b, seqlen)
+                nll, n = per_window_nll(model, batch)
+                total += nll.double().cpu()
+                n_tokens += n
+    finally:
+        model.to(home)
+        model.train(was_training)
+    mean = float(total) / n_tokens
+    return {
+        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        "nll": mean,
+        "n_tokens": n_tokens,
+    }
+
+
+def zero_shot(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: tuple[str, ...] | list[str] = ZERO_SHOT_TASKS,
+    num_fewshot: int = 0,
+    batch_size: int = 1,
+    limit: float | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy with lm-eval-harness (optional dependency ``slim-lightning[eval]``).
+
+    Args:
+        model: a Hugging Face causal LM (compressed modules are fine: it is called, not reloaded).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task names; the paper's six by default.
+        num_fewshot: 0 for the paper's zero-shot protocol.
+        limit: examples per task (debug only; None = all).
+
+    Returns:
+        ``{"acc": {task: acc}, "mean_acc": unweighted mean over tasks, "lm_eval_version": str,
+        "num_fewshot": int, "limit": limit}`` (``acc`` is lm-eval's ``acc,none``; for a group
+        such as ``mmlu`` it is lm-eval's own group aggregate).
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ImportError(
+            "zero-shot evaluation needs lm-eval-harness: pip install 'slim-lightning[eval]' "
+            "(or pip install lm-eval)"
+        ) from e
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("zero_shot needs at least one task")
+    kw: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
+    if device is not None:
+        kw["device"] = device
+    lm = HFLM(**kw)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
+    acc = {t: float(res["results"][t]["acc,none"]) for t in tasks}
+    return {
+        "acc": acc,
+        "mean_acc": sum(acc.values()) / len(acc),
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+    }

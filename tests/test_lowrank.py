@@ -1,0 +1,110 @@
+"""SLiM-LoRA: rank rule, saliency, closed-form adapters, randomized SVD, adapter quantisation."""
+
+import pytest
+import torch
+
+from slim_lightning.core.lowrank import (
+    adapter_rank,
+    low_rank_svd,
+    quantize_adapters,
+    saliency,
+    slim_lora,
+)
+from slim_lightning.core.types import LowRankSpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The 2 CPU cores are shared: with 2 intra-op threads, these tiny SVD/matmul calls spin-wait
+    # under load and run ~100x slower than single-threaded.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_adapter_rank_rounding():
+    assert adapter_rank(768, 3072, LowRankSpec(rank_ratio=0.1)) == 77
+    assert adapter_rank(768, 768, LowRankSpec(rank_rounding="up", rank_multiple=128)) == 128
+    assert adapter_rank(1280, 5000, LowRankSpec(rank_rounding="up", rank_multiple=128)) == 128
+    assert adapter_rank(768, 768, LowRankSpec(rank_rounding="down", rank_multiple=64)) == 64
+    assert adapter_rank(768, 768, LowRankSpec(rank_rounding="down", rank_multiple=128)) == 1
+    assert (
+        adapter_rank(64, 64, LowRankSpec(rank_ratio=0.9, rank_rounding="up", rank_multiple=128))
+        == 64
+    )
+
+
+def test_saliency_shift_and_errors():
+    s = saliency(torch.tensor([4.0, 0.0, 1.0]), "sq")
+    torch.testing.assert_close(s, torch.tensor([5.0, 1.0, 2.0]).sqrt())
+    assert torch.equal(saliency(torch.tensor([4.0, 9.0]), "sq"), torch.tensor([2.0, 3.0]))
+    assert torch.equal(saliency(torch.tensor([0.5, 2.0]), "abs"), torch.tensor([0.5, 2.0]))
+    with pytest.raises(ValueError, match="all zero"):
+        saliency(torch.zeros(5))
+    with pytest.raises(ValueError):
+        saliency(torch.tensor([1.0, float("nan")]))
+
+
+def _weighted(err, s):
+    return torch.linalg.norm(err * s[None, :]).item()
+
+
+@pytest.mark.parametrize("split", ["left", "balanced"])
+def test_slim_lora_exact_when_rank_suffices(split):
+    torch.manual_seed(0)
+    err = torch.randn(40, 6) @ torch.randn(6, 72)  # true rank 6
+    s = torch.rand(72) * 5 + 0.1
+    for rank in (6, 9):
+        left, right = slim_lora(err, s, rank, LowRankSpec(split=split))
+        assert left.shape == (72, rank) and right.shape == (rank, 40)
+        torch.testing.assert_close((left @ right).T, err, rtol=1e-4, atol=1e-4)
+
+
+def test_slim_lora_balanced_equals_left_product():
+    torch.manual_seed(1)
+    err, s = torch.randn(30, 50), torch.rand(50) + 0.1
+    l1, r1 = slim_lora(err, s, 7, LowRankSpec(split="left"))
+    l2, r2 = slim_lora(err, s, 7, LowRankSpec(split="balanced"))
+    torch.testing.assert_close(l1 @ r1, l2 @ r2, rtol=1e-4, atol=1e-5)
+    # balanced: both factors carry sqrt(S); left: R has orthonormal rows
+    torch.testing.assert_close(r1 @ r1.T, torch.eye(7), rtol=0, atol=1e-5)
+
+
+def test_slim_beats_naive_on_weighted_error():
+    torch.manual_seed(2)
+    err = torch.randn(64, 96)
+    s = torch.rand(96) ** 3 * 10 + 0.01  # strongly non-uniform saliency
+    ls, rs = slim_lora(err, s, 8, LowRankSpec())
+    ln, rn = slim_lora(err, None, 8, LowRankSpec())
+    e_slim = _weighted(err - (ls @ rs).T, s)
+    e_naive = _weighted(err - (ln @ rn).T, s)
+    assert e_slim < 0.95 * e_naive
+    # and naive wins on the unweighted norm, as it should (Eckart-Young)
+    assert torch.linalg.norm(err - (ln @ rn).T) <= torch.linalg.norm(err - (ls @ rs).T)
+
+
+def test_randomized_svd_close_to_exact():
+    torch.manual_seed(3)
+    base = torch.randn(120, 10) @ torch.diag(torch.linspace(10, 5, 10)) @ torch.randn(10, 90)
+    e = base + 0.01 * torch.randn(120, 90)
+    u, s, v = low_rank_svd(e, 10, "exact")
+    ur, sr, vr = low_rank_svd(e, 10, "randomized", oversample=8, niter=2)
+    assert ur.shape == (120, 10) and vr.shape == (90, 10)
+    torch.testing.assert_close(sr, s, rtol=1e-3, atol=0)
+    approx_exact = u @ torch.diag(s) @ v.T
+    approx_rand = ur @ torch.diag(sr) @ vr.T
+    rel = torch.linalg.norm(approx_rand - approx_exact) / torch.linalg.norm(approx_exact)
+    assert rel < 1e-3
+    with pytest.raises(ValueError):
+        low_rank_svd(e, 91)
+
+
+def test_quantize_adapters_layout():
+    torch.manual_seed(4)
+    left, right = torch.randn(576, 20), torch.randn(20, 300)
+    lq, rq = quantize_adapters(left, right, 4, 128)
+    assert lq.q.shape == (20, 576) and lq.scale.shape == (20, 5)  # L^T, groups along d_in
+    assert rq.q.shape == (300, 20) and rq.scale.shape == (300, 1) and rq.group_size == 20
+    rel = torch.linalg.norm(lq.dequantize().T - left) / torch.linalg.norm(left)
+    assert rel < 0.2
