@@ -104,7 +104,7 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     reports = module.calib_result.reports if module.calib_result is not None else []
     report["layers"] = reports
     report["layers_summary"] = summarize_layers(reports)
-    report["size"] = linear_sizes(model)
+    report["size"] = linear_sizes(model) if plan.export.packed else {}
     if module.calib_result is not None:
         report["resumed_blocks"] = module.calib_result.resumed_blocks
     if plan.export.packed and report["size"]:
@@ -113,7 +113,8 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         save_compressed(model, module.tokenizer, run_dir / "packed", plan=plan, results=report)
         report["packed_dir"] = str(run_dir / "packed")
     if plan.export.hf:
-        merge_to_dense(model)
+        if plan.export.packed:
+            merge_to_dense(model)
         with atomic_dir(run_dir / "hf") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             module.tokenizer.save_pretrained(tmp)

@@ -73,7 +73,9 @@ class SLiMModule(L.LightningModule):
         ids = self.calibration_ids()
         self.timings["calib_data_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.calib_result = compress_model(self.model, self.plan, ids, self.run_dir, packed=True)
+        self.calib_result = compress_model(
+            self.model, self.plan, ids, self.run_dir, packed=self.plan.export.packed
+        )
         self.timings["compress_s"] = time.perf_counter() - t0
         self.compressed = True
 

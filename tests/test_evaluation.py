@@ -1,0 +1,76 @@
+"""Perplexity on hand-checkable models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slim_lightning.evaluation import per_window_nll, perplexity
+
+
+class Uniform(nn.Module):
+    """Predicts the uniform distribution over ``v`` tokens: perplexity is exactly ``v``."""
+
+    def __init__(self, v: int):
+        super().__init__()
+        self.v = v
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, use_cache=False):
+        b, t = input_ids.shape
+        return (torch.zeros(b, t, self.v) + self.dummy,)
+
+
+class Copy(nn.Module):
+    """Puts probability p on "next = current + 1" and spreads the rest uniformly."""
+
+    def __init__(self, v: int, p: float):
+        super().__init__()
+        self.v, self.p = v, p
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, use_cache=False):
+        q = (1 - self.p) / (self.v - 1)
+        probs = torch.full((*input_ids.shape, self.v), q)
+        probs.scatter_(-1, ((input_ids + 1) % self.v)[..., None], self.p)
+        return (probs.log(),)
+
+
+def test_uniform_model_has_perplexity_v():
+    windows = torch.randint(0, 50, (6, 9))
+    out = perplexity(Uniform(50), windows, batch_size=4, progress=False)
+    assert out["n_tokens"] == 6 * 8
+    assert out["ppl"] == pytest.approx(50.0, rel=1e-6)
+
+
+def test_hand_computed_mixture():
+    v, p = 10, 0.5
+    # window 1 follows the rule at every step, window 2 never does
+    w = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]])
+    nll, n = per_window_nll(Copy(v, p), w, reduction="none")
+    assert n == 6
+    q = (1 - p) / (v - 1)
+    assert nll.tolist() == pytest.approx([-3 * math.log(p), -3 * math.log(q)], rel=1e-5)
+    out = perplexity(Copy(v, p), w, progress=False)
+    assert out["ppl"] == pytest.approx(math.exp(-(3 * math.log(p) + 3 * math.log(q)) / 6), rel=1e-5)
+
+
+def test_batching_does_not_change_the_result():
+    from slim_lightning.models import tiny_model
+
+    model, _ = tiny_model("llama")
+    w = torch.randint(0, 250, (5, 12))
+    a = perplexity(model, w, batch_size=1, progress=False)["ppl"]
+    b = perplexity(model, w, batch_size=5, progress=False)["ppl"]
+    assert a == pytest.approx(b, rel=1e-5)
+    model.train()  # the caller's mode is restored after evaluation
+    perplexity(model, w, progress=False)
+    assert model.training
+
+
+def test_rejects_bad_windows():
+    with pytest.raises(ValueError, match="seqlen"):
+        perplexity(Uniform(3), torch.zeros(4, 1, dtype=torch.long), progress=False)

@@ -1,0 +1,103 @@
+"""Model loading: registry, local HF directories, GGUF files, bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slim_lightning.errors import ConfigError
+from slim_lightning.models import (
+    ModelConfig,
+    block_linears,
+    embedded_smollm2_path,
+    get_arch,
+    get_blocks,
+    load_model,
+    tiny_model,
+)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_registry_finds_blocks_and_linears(kind):
+    model, _ = tiny_model(kind)
+    arch = get_arch(model)
+    blocks = get_blocks(model, arch)
+    assert len(blocks) == model.config.num_hidden_layers
+    lins = block_linears(blocks[0], arch)
+    assert set(lins) == set(arch.linear_names)
+    assert all(isinstance(m, nn.Linear) for m in lins.values())
+    # every nn.Linear of a block is compressed (nothing silently skipped)
+    all_lin = {n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    assert all_lin == set(arch.linear_names)
+
+
+def test_local_hf_directory_round_trip(tmp_path):
+    model, tok = tiny_model("llama", seed=3)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    loaded, tok2 = load_model(ModelConfig(name="t", path=str(tmp_path)))
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert tok2("abc")["input_ids"] == tok("abc")["input_ids"]
+    assert not loaded.training and loaded.config.use_cache is False
+
+
+def test_dtype_is_applied(tmp_path):
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = load_model(ModelConfig(path=str(tmp_path), dtype="bfloat16"))
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_embedded_gguf_loads_and_caches(tmp_path):
+    """The embedded SmolLM2 GGUF loads as a plain (save_pretrained-able) LLaMA and is cached."""
+    path = embedded_smollm2_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50e6
+    cfg = ModelConfig(name="smollm2", path=str(path), cache_dir=str(tmp_path))
+    model, tok = load_model(cfg)
+    assert get_arch(model).model_type == "llama"
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    cached = list((tmp_path / "gguf").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+    again, _ = load_model(cfg)  # second load comes from the cache, same weights
+    with torch.no_grad():
+        b = again(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a real LM: the continuation is far better than uniform over the vocabulary
+    nll = torch.nn.functional.cross_entropy(a[0, :-1], ids[0, 1:])
+    assert float(nll) < 0.5 * torch.log(torch.tensor(float(a.shape[-1])))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"path": ""}, "model.path"),
+        ({"path": "/no/such/dir"}, "model.path"),
+        ({"path": "missing.gguf"}, "model.path"),
+        ({"path": "embedded:nope"}, "model.path"),
+        ({"path": "org/name", "dtype": "float8"}, "model.dtype"),
+        ({"path": "org/name", "arch": "gpt5"}, "model.arch"),
+        ({"random_init": True, "tiny": {"kind": "mamba"}}, "model.tiny.kind"),
+    ],
+)
+def test_bad_model_config_names_the_key(kwargs, key):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**kwargs)
+    assert str(e.value).startswith(key)
+
+
+def test_gguf_file_missing_in_directory(tmp_path):
+    with pytest.raises(ConfigError, match="model.gguf_file"):
+        ModelConfig(path=str(tmp_path), gguf_file="x.gguf")
+
+
+def test_remote_code_is_off_by_default():
+    assert ModelConfig(path="org/name").trust_remote_code is False
