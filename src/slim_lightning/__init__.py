@@ -1,1 +1,22 @@
-"""SLiM compression framework."""
+"""slim-lightning: one-shot SLiM compression (4-bit + sparsity + low-rank adapters) for LLMs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["load_compressed", "save_compressed"]
+
+
+def load_compressed(path: Any, **kwargs: Any) -> Any:
+    """Rebuilds a compressed model from a packed checkpoint: see ``checkpoint.load_compressed``."""
+    from .checkpoint import load_compressed as _load
+
+    return _load(path, **kwargs)
+
+
+def save_compressed(*args: Any, **kwargs: Any) -> Any:
+    """Writes a packed checkpoint: see ``checkpoint.save_compressed``."""
+    from .checkpoint import save_compressed as _save
+
+    return _save(*args, **kwargs)

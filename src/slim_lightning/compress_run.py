@@ -110,7 +110,17 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if plan.export.packed and report["size"]:
         from .checkpoint import save_compressed
 
-        save_compressed(model, module.tokenizer, run_dir / "packed", plan=plan, results=report)
+        save_compressed(
+            model,
+            module.tokenizer,
+            run_dir / "packed",
+            plan=plan,
+            results={
+                "ppl": report["ppl"],
+                "ppl_dense": report["ppl_dense"],
+                "size": report["size"],
+            },
+        )
         report["packed_dir"] = str(run_dir / "packed")
     if plan.export.hf:
         if plan.export.packed:

@@ -1,0 +1,146 @@
+"""compress.py end to end on the tiny debug model: report, packed checkpoint, HF export, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from slim_lightning import load_compressed
+from slim_lightning.compress_run import make_eval_windows, run_compress
+from slim_lightning.config import build_plan
+from slim_lightning.evaluation import perplexity
+from slim_lightning.modules import SLiMLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+
+
+def make_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="compress", overrides=["debug=default", *overrides])
+
+
+@pytest.fixture(scope="module")
+def slim_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(["export.hf=true"])
+    report = run_compress(cfg, run_dir)
+    return cfg, run_dir, report
+
+
+def test_report_holds_ppl_layers_and_size(slim_run):
+    cfg, run_dir, report = slim_run
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk["ppl"] == report["ppl"] and set(report["ppl"]) == {"embedded"}
+    assert report["ppl_dense"]["embedded"] > 1
+    n_linear = 2 * 7  # tiny LLaMA: 2 blocks x 7 linears
+    assert len(report["layers"]) == n_linear
+    assert report["size"]["ratio_vs_fp16"] < 0.35
+    for key in ("config", "versions", "seed", "timings", "memory", "spec"):
+        assert key in on_disk
+    assert (run_dir / "layers.png").stat().st_size > 1000
+
+
+def test_packed_checkpoint_reproduces_perplexity(slim_run):
+    cfg, run_dir, report = slim_run
+    model, tok, meta = load_compressed(run_dir / "packed")
+    assert sum(isinstance(m, SLiMLinear) for m in model.modules()) == 14
+    assert meta["plan"]["method"] == "slim_q" and meta["results"]["ppl"] == report["ppl"]
+    windows = make_eval_windows(tok, build_plan(cfg).eval)
+    ppl = perplexity(model, windows, progress=False)["ppl"]
+    assert ppl == pytest.approx(report["ppl"]["embedded"], rel=1e-5)
+    # generation works from the loaded compressed model (reference backend, CPU)
+    ids = tok("def f(x):", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+
+
+def test_hf_export_loads_without_slim_lightning(slim_run):
+    """DIR/hf is a plain HF model: a fresh interpreter that never imports slim_lightning
+    loads it and gets the compressed model's perplexity."""
+    cfg, run_dir, report = slim_run
+    windows = make_eval_windows(load_compressed(run_dir / "packed")[1], build_plan(cfg).eval)
+    torch.save(windows, run_dir / "w.pt")
+    code = f"""
+import math, sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(run_dir / "hf")!r}).eval()
+w = torch.load({str(run_dir / "w.pt")!r}, weights_only=True)
+tot = 0.0
+with torch.no_grad():
+    for x in w:
+        lg = m(input_ids=x[None]).logits[0, :-1]
+        tot += torch.nn.functional.cross_entropy(lg, x[1:], reduction="sum").item()
+assert "slim_lightning" not in sys.modules
+print(math.exp(tot / (w.shape[0] * (w.shape[1] - 1))))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(
+        report["ppl"]["embedded"], rel=1e-4
+    )
+
+
+def test_rerun_resumes_from_saved_blocks(slim_run):
+    cfg, run_dir, report = slim_run
+    again = run_compress(cfg, run_dir)
+    assert again["resumed_blocks"] == 2
+    assert again["ppl"] == report["ppl"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs(method, tmp_path):
+    report = run_compress(make_cfg([f"method={method}"]), tmp_path)
+    ppl = report["ppl"]["embedded"]
+    assert 1 < ppl < 1e4
+    if method == "dense":
+        assert ppl == pytest.approx(report["ppl_dense"]["embedded"], rel=1e-6)
+    else:
+        assert ppl != report["ppl_dense"]["embedded"]
+        assert (tmp_path / "packed" / "slim.json").is_file()
+
+
+def test_cli_entry_point_and_run_dir(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "compress.py",
+            "debug=default",
+            "sparsity=4of8",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "perplexity" in out.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spec"]["sparsity"]["m"] == 8
+
+
+def test_cli_bad_value_fails_before_work(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "compress.py",
+            "debug=default",
+            "lowrank.rank_ratio=1.5",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "lowrank.rank_ratio" in out.stderr and "1.5" in out.stderr
+    assert not (tmp_path / "report.json").exists()

@@ -1,0 +1,37 @@
+"""Slow end-to-end runs on the real embedded model (SmolLM2-135M): ``python -m pytest -m slow``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slim_lightning import load_compressed
+from slim_lightning.data import EvalConfig
+from slim_lightning.compress_run import make_eval_windows
+from slim_lightning.evaluation import perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_default_compress_run_on_smollm2(tmp_path):
+    """``python compress.py`` (default: slim_q, 2:4, 4-bit, 4-bit adapters) on the embedded model,
+    with a smaller evaluation to keep it to a few minutes; the packed checkpoint reproduces it."""
+    cmd = [sys.executable, "compress.py", "eval.max_windows=20", f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    dense, comp = report["ppl_dense"]["embedded"], report["ppl"]["embedded"]
+    assert 5 < dense < 60  # a real LM on English technical prose
+    assert dense < comp < 3 * dense  # compressed, but far from broken
+    assert report["size"]["ratio_vs_fp16"] <= 0.30
+    assert len(report["layers"]) == 30 * 7
+
+    model, tok, _ = load_compressed(tmp_path / "packed")
+    windows = make_eval_windows(tok, EvalConfig(max_windows=20))
+    ppl = perplexity(model, windows, progress=False)["ppl"]
+    assert ppl == pytest.approx(comp, rel=0.005)
