@@ -49,6 +49,14 @@ PRESETS = {
     "slim_unstructured": CompressSpec(sparsity=SparsitySpec("unstructured", ratio=0.5)),
     "slim_exact_outliers": CompressSpec(quant=QuantSpec(error_model="exact", outlier_ratio=0.02)),
     "quant_then_mask": CompressSpec(pruner=PrunerSpec(order="quant_then_mask")),
+    "adapters_in_scale_before_refit": CompressSpec(
+        lowrank=LowRankSpec(quant_in_scale=True, quant_before_refit=True)
+    ),
+    "sparsegpt_optq_slim_in_scale": CompressSpec(
+        quant=QuantSpec("absmax"),
+        pruner=PrunerSpec("sparsegpt", joint_quant=True),
+        lowrank=LowRankSpec(quant_in_scale=True, quant_before_refit=True),
+    ),
     "balanced_randomized_rounds": CompressSpec(
         lowrank=LowRankSpec(
             split="balanced", svd="randomized", refit_rounds=2, quant_before_refit=True
@@ -113,8 +121,26 @@ def test_presets_end_to_end(name):
             assert torch.equal(out.lora_l, out.lora_l_q.dequantize().T)
             assert torch.equal(out.lora_r, out.lora_r_q.dequantize().T)
             assert out.lora_l_q.q.shape == (6, 192) and out.lora_r_q.q.shape == (64, 6)
+            assert (out.lora_l_q.in_scale is not None) == lr.quant_in_scale
     assert m["err_final"] == pytest.approx(
         weighted_rel_error(w, out.effective_weight(), _s(stats)), rel=1e-6
+    )
+    # the reported bits match the accounting of what is stored
+    qa = out.lora_l_q
+    assert m["bits_per_weight"] == pytest.approx(
+        bits_per_weight(
+            64,
+            192,
+            weight_bits=qt.bits,
+            sparsity=spec.sparsity,
+            n_kept=int(out.mask.sum()),
+            n_weight_scales=qt.scale.numel(),
+            in_scale=qt.in_scale is not None,
+            rank=out.rank,
+            adapter_bits=None if qa is None else qa.bits,
+            adapter_group_size=lr.quant_group_size,
+            adapter_in_scale=qa is not None and qa.in_scale is not None,
+        )
     )
 
 
@@ -215,5 +241,11 @@ def test_bits_per_weight_accounting():
     assert bits_per_weight(100, 100, weight_bits=4, sparsity=un95) == pytest.approx(0.2 + 0.8)
     dense = SparsitySpec("dense")
     assert bits_per_weight(8, 8, weight_bits=None, sparsity=dense) == 16.0
+    # adapter in_scale vectors: d_in + rank fp16 values
+    with_in = bits_per_weight(
+        4096, 4096, weight_bits=4, sparsity=nm, n_weight_scales=1, rank=r, adapter_bits=4,
+        adapter_in_scale=True,
+    )
+    assert with_in == pytest.approx(got + 16 * (4096 + r) / 4096**2)
     # fp16 adapters: 16 bits per adapter value, no scales
     assert bits_per_weight(8, 8, weight_bits=None, sparsity=dense, rank=2) == 16.0 + 16 * 32 / 64

@@ -111,3 +111,9 @@ def test_hub_sources_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="wikitext"):
         load_text(EvalConfig(source="wikitext2"))
+
+
+def test_zero_shot_tasks_are_validated():
+    with pytest.raises(ConfigError, match="eval.zero_shot"):
+        EvalConfig(zero_shot=["hellaswag_v9"])
+    assert EvalConfig(zero_shot=[]).zero_shot == ()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from slim_lightning import load_compressed
-from slim_lightning.data import EvalConfig
 from slim_lightning.compress_run import make_eval_windows
+from slim_lightning.data import EvalConfig
 from slim_lightning.evaluation import perplexity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slim_lightning.core.lowrank import (
+    adapter_in_scales,
     adapter_rank,
     low_rank_svd,
     quantize_adapters,
@@ -108,3 +109,33 @@ def test_quantize_adapters_layout():
     assert rq.q.shape == (300, 20) and rq.scale.shape == (300, 1) and rq.group_size == 20
     rel = torch.linalg.norm(lq.dequantize().T - left) / torch.linalg.norm(left)
     assert rel < 0.2
+
+
+def test_quantize_adapters_in_scale_domain():
+    # L = diag(1/s) V S carries 1/s: low-saliency channels dominate each group's absmax and the
+    # salient channels round to ~0 unless L^T is quantised in the activation-scaled domain
+    torch.manual_seed(5)
+    d_in, d_out, r = 256, 96, 12
+    stat = torch.rand(d_in) ** 6 * 100 + 1e-4  # heavy-tailed channel energies
+    x = torch.randn(512, d_in) * stat.sqrt()
+    err = torch.randn(d_out, d_in) * 0.02
+    left, right = slim_lora(err, saliency(stat), r, LowRankSpec())
+    l_in, r_in = adapter_in_scales(left, stat)
+    assert l_in.shape == (d_in,) and r_in.shape == (r,) and l_in.max() == 1 and r_in.max() == 1
+    assert torch.equal(l_in, l_in.half().float()) and (l_in >= 2.0**-14).all()
+    plain = quantize_adapters(left, right, 4, 128)
+    scaled = quantize_adapters(left, right, 4, 128, (l_in, r_in))
+    lq, rq = scaled
+    assert torch.equal(lq.in_scale, l_in) and torch.equal(rq.in_scale, r_in)
+    assert lq.q.shape == (r, d_in) and lq.q.min() >= -8 and lq.q.max() <= 7
+    torch.testing.assert_close(
+        lq.dequantize(), lq.q.float() * lq.scale.repeat_interleave(128, 1) / l_in, rtol=0, atol=0
+    )
+
+    def out_err(pair):
+        lq_, rq_ = pair
+        return torch.linalg.norm(x @ left @ right - x @ lq_.dequantize().T @ rq_.dequantize().T)
+
+    assert out_err(scaled) < 0.7 * out_err(plain)
+    with pytest.raises(ValueError, match="all zero"):
+        adapter_in_scales(left, torch.zeros(d_in))

@@ -45,6 +45,18 @@ def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
     return {"packed_bytes": packed, "dense_fp16_bytes": dense, "ratio_vs_fp16": packed / dense}
 
 
+def _zero_shot(model: torch.nn.Module, tokenizer: Any, plan: Any, device: str) -> dict[str, Any]:
+    from .evaluation import zero_shot
+
+    return zero_shot(
+        model,
+        tokenizer,
+        tasks=plan.eval.zero_shot,
+        limit=plan.eval.zero_shot_limit,
+        device=device,
+    )
+
+
 def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Compresses, evaluates and exports; returns the report (also written to run_dir)."""
     import lightning as L
@@ -83,6 +95,10 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             module.timings["eval_dense_s"] = time.perf_counter() - t0
             report["ppl_dense"][eval_name] = dense["ppl"]
 
+    zs_tasks = tuple(getattr(plan.eval, "zero_shot", ()) or ()) if plan.eval is not None else ()
+    if zs_tasks and plan.eval_dense:
+        report["zero_shot_dense"] = _zero_shot(module.model, module.tokenizer, plan, device)
+
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
@@ -100,6 +116,8 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     else:
         module.setup("validate")
     model = module.model.to("cpu")
+    if zs_tasks:
+        report["zero_shot"] = _zero_shot(model, module.tokenizer, plan, device)
 
     reports = module.calib_result.reports if module.calib_result is not None else []
     report["layers"] = reports

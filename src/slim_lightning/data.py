@@ -133,17 +133,38 @@ class CalibConfig(TextSourceConfig):
 
 @dataclass(frozen=True)
 class EvalConfig(TextSourceConfig):
-    """Evaluation data (the ``eval`` group): non-overlapping windows, at most ``max_windows``."""
+    """Evaluation data (the ``eval`` group): non-overlapping windows, at most ``max_windows``.
+
+    ``zero_shot`` lists lm-eval-harness tasks (mmlu, piqa, arc_easy, arc_challenge, winogrande,
+    openbookqa) to run on the dense and compressed models; ``zero_shot_limit`` caps examples per
+    task (debugging only).
+    """
 
     _group: ClassVar[str] = "eval"
     _role: ClassVar[int] = 2
 
     max_windows: int | None = 80
+    zero_shot: tuple[str, ...] = ()
+    zero_shot_limit: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_windows is not None:
             _pos_int("eval.max_windows", self.max_windows)
+        from .evaluation import ZERO_SHOT_TASKS
+
+        tasks = tuple(self.zero_shot or ())
+        object.__setattr__(self, "zero_shot", tasks)
+        for t in tasks:
+            check_choice("eval.zero_shot", t, ZERO_SHOT_TASKS)
+        if tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(
+                "eval.zero_shot",
+                list(tasks),
+                "[] unless lm-eval-harness is installed (pip install 'slim-lightning[eval]')",
+            )
+        if self.zero_shot_limit is not None:
+            _pos_int("eval.zero_shot_limit", self.zero_shot_limit)
 
 
 # -- raw text -------------------------------------------------------------------------------------

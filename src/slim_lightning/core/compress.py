@@ -14,7 +14,13 @@ import math
 
 import torch
 
-from slim_lightning.core.lowrank import adapter_rank, quantize_adapters, saliency, slim_lora
+from slim_lightning.core.lowrank import (
+    adapter_rank,
+    quantize_adapters,
+    quantize_adapters_searched,
+    saliency,
+    slim_lora,
+)
 from slim_lightning.core.prune import make_mask
 from slim_lightning.core.quant import apply_mask, quantize_weight
 from slim_lightning.core.sparsegpt import sparsegpt
@@ -39,6 +45,7 @@ def bits_per_weight(
     rank: int = 0,
     adapter_bits: int | None = None,
     adapter_group_size: int = 128,
+    adapter_in_scale: bool = False,
 ) -> float:
     """Storage bits per dense weight of a compressed ``(d_out, d_in)`` linear.
 
@@ -46,8 +53,8 @@ def bits_per_weight(
     ``ceil(log2 m)`` bits per kept value for N:M (2:4 -> 2 bits per kept value = 1 bit per weight),
     for unstructured the cheaper of a 1-bit-per-weight bitmap and 16-bit column indices per kept
     value, nothing for dense; every scale at 16 bits (weight scales, SLiM-Quant^O ``in_scale``,
-    adapter group scales); adapters ``rank * (d_in + d_out)`` values at ``adapter_bits`` (16 when
-    unquantised), L^T grouped along d_in and R^T along r.
+    adapter group scales, adapter ``in_scale`` vectors); adapters ``rank * (d_in + d_out)`` values
+    at ``adapter_bits`` (16 when unquantised), L^T grouped along d_in and R^T along r.
 
     Args:
         d_out, d_in: weight shape.
@@ -59,6 +66,8 @@ def bits_per_weight(
         rank: adapter rank (0 = no adapters).
         adapter_bits: adapter value bits or None for fp16.
         adapter_group_size: AbsMax group size of the adapters (-1 = one group per row).
+        adapter_in_scale: whether the quantised adapters carry ``in_scale`` vectors
+            (``d_in`` for L^T and ``rank`` for R^T, fp16).
 
     Returns:
         bits per dense weight (16.0 for an uncompressed fp16 layer).
@@ -80,6 +89,8 @@ def bits_per_weight(
             g_r = rank if adapter_group_size == -1 else min(adapter_group_size, rank)
             n_scales = rank * math.ceil(d_in / g_l) + d_out * math.ceil(rank / g_r)
             total += adapter_bits * n_ad + 16 * n_scales
+            if adapter_in_scale:
+                total += 16 * (d_in + rank)
     return total / numel
 
 
@@ -229,6 +240,16 @@ def compress_linear(
             else None
         )
         n_rounds = max(1, lr.refit_rounds) if lr.refit else 1
+
+        def quant_ad(left, right):
+            if not lr.quant_in_scale:
+                return quantize_adapters(left, right, lr.quant_bits, lr.quant_group_size)
+            lq, rq, p = quantize_adapters_searched(
+                left, right, lr.quant_bits, lr.quant_group_size, stat, s_err
+            )
+            metrics["adapter_in_scale_power"] = p
+            return lq, rq
+
         for k in range(n_rounds):
             left, right = slim_lora(W - w_c, s_lr, rank, lr)
             if k == 0:
@@ -238,7 +259,7 @@ def compress_linear(
             l_eff, r_eff = left, right
             if lr.quant_bits is not None and lr.quant_before_refit:
                 # the re-fit then compensates the adapters' quantisation error as well
-                lq, rq = quantize_adapters(left, right, lr.quant_bits, lr.quant_group_size)
+                lq, rq = quant_ad(left, right)
                 l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
             if lr.refit:
                 w_c, qt, _, alpha = _sparse_part(
@@ -247,7 +268,7 @@ def compress_linear(
                 rounds += 1
         metrics["err_after_adapters"] = weighted_rel_error(W, w_c + (left @ right).T, s_err)
         if lr.quant_bits is not None and not lr.quant_before_refit:
-            lq, rq = quantize_adapters(left, right, lr.quant_bits, lr.quant_group_size)
+            lq, rq = quant_ad(left, right)
         if lq is not None:
             left, right = lq.dequantize().T.contiguous(), rq.dequantize().T.contiguous()
     else:
@@ -277,6 +298,7 @@ def compress_linear(
             rank=rank,
             adapter_bits=lr.quant_bits if rank else None,
             adapter_group_size=lr.quant_group_size,
+            adapter_in_scale=lq is not None and lq.in_scale is not None,
         ),
         **{k: float(v) for k, v in info.items()},
     )

@@ -134,8 +134,48 @@ def slim_lora(
     return left.contiguous(), right
 
 
+def adapter_in_scales(
+    left: torch.Tensor, stat: torch.Tensor, power: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation RMS of each adapter matmul's input channels, for ``quantize_adapters``.
+
+    ``x @ L`` sees input channel ``j`` with RMS ``sqrt(stat_j)``; ``(x L) @ R`` sees channel ``k``
+    with RMS ``sqrt(sum_j stat_j L_jk^2)`` (diagonal estimate: input channels taken uncorrelated).
+    A quantisation error in row ``j`` of ``L`` (column ``k`` of ``R^T``) reaches the output scaled by
+    that RMS, so quantising in the scaled domain spends the grid where the activations are.
+
+    Each vector is raised to ``power`` (AWQ-style migration strength: 0 = plain AbsMax, 1 = fully
+    activation-scaled), normalised to max 1, floored at 2**-14 (fp16's smallest normal) and rounded
+    to fp16 so a packed fp16 copy divides back exactly.
+
+    Args:
+        left: fp32 ``L (d_in, r)``.
+        stat: fp32 ``(d_in,)`` mean ``x^2`` (zeros allowed).
+        power: exponent applied to both RMS vectors.
+
+    Returns:
+        ``(l_in (d_in,), r_in (r,))`` fp32, positive.
+    """
+    stat = stat.detach().to(left.device, torch.float32).clamp_min(0)
+    if not torch.isfinite(stat).all() or not (stat > 0).any():
+        raise ValueError("adapter_in_scales: channel statistic is all zero or non-finite")
+    l_in = torch.sqrt(stat)
+    r_in = torch.sqrt(stat @ left.detach().to(torch.float32) ** 2)  # (r,)
+
+    def norm(v: torch.Tensor) -> torch.Tensor:
+        v = v / v.max() if v.max() > 0 else torch.ones_like(v)
+        v = v**power
+        return v.clamp_min(2.0**-14).to(torch.float16).to(torch.float32)
+
+    return norm(l_in), norm(r_in)
+
+
 def quantize_adapters(
-    left: torch.Tensor, right: torch.Tensor, bits: int, group_size: int
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[QuantTensor, QuantTensor]:
     """AbsMax-quantises the adapters along each matmul's reduction axis.
 
@@ -143,8 +183,58 @@ def quantize_adapters(
         left: fp32 ``L (d_in, r)``; stored as ``L^T (r, d_in)``, groups along d_in.
         right: fp32 ``R (r, d_out)``; stored as ``R^T (d_out, r)``, groups along r.
         bits, group_size: AbsMax settings (-1 = one group per row).
+        in_scales: optional ``(l_in (d_in,), r_in (r,))`` from ``adapter_in_scales``: the columns
+            of ``L^T`` / ``R^T`` are multiplied by them before quantisation and the QuantTensors
+            carry them as ``in_scale`` (``dequantize`` divides back).
 
     Returns:
         ``(lora_l_q, lora_r_q)``; dequantise and transpose to get effective ``L`` and ``R``.
     """
-    return absmax_quant(left.T, bits, group_size), absmax_quant(right.T, bits, group_size)
+    lt, rt = left.T.to(torch.float32), right.T.to(torch.float32)  # (r, d_in), (d_out, r)
+    if in_scales is None:
+        return absmax_quant(lt, bits, group_size), absmax_quant(rt, bits, group_size)
+    l_in, r_in = (v.to(lt.device, torch.float32) for v in in_scales)
+    lq = absmax_quant(lt * l_in[None, :], bits, group_size)
+    rq = absmax_quant(rt * r_in[None, :], bits, group_size)
+    lq.in_scale, rq.in_scale = l_in, r_in
+    return lq, rq
+
+
+def quantize_adapters_searched(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bits: int,
+    group_size: int,
+    stat: torch.Tensor,
+    s: torch.Tensor,
+    powers: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+) -> tuple[QuantTensor, QuantTensor, float]:
+    """``quantize_adapters`` with the in-scale ``power`` chosen per layer (a small AWQ-style grid).
+
+    Each candidate is scored by the saliency-weighted error of the adapter product,
+    ``||diag(s) (L R - L_q R_q)||_F``, the SLiM-LoRA objective; ``power = 0`` (plain AbsMax, stored
+    without ``in_scale``) is always a candidate, so the search never does worse than it on that
+    objective. Whether scaling helps depends on the layer: after a Wanda mask the residual is large
+    in low-saliency channels and ``L = diag(1/s) V S`` spans a wide range (scaling wins); when the
+    residual concentrates on salient channels plain AbsMax can win.
+
+    Args:
+        left, right: fp32 ``L (d_in, r)``, ``R (r, d_out)``.
+        bits, group_size: AbsMax settings.
+        stat: fp32 ``(d_in,)`` mean ``x^2`` (for ``adapter_in_scales``).
+        s: fp32 ``(d_in,)`` positive saliency weighting the score.
+        powers: candidate exponents.
+
+    Returns:
+        ``(lora_l_q, lora_r_q, power)``.
+    """
+    target = left @ right  # (d_in, d_out)
+    sw = s.to(left)[:, None]
+    best = None
+    for p in powers:
+        scales = None if p == 0 else adapter_in_scales(left, stat, p)
+        lq, rq = quantize_adapters(left, right, bits, group_size, scales)
+        err = float(torch.linalg.norm((target - lq.dequantize().T @ rq.dequantize().T) * sw))
+        if best is None or err < best[0]:
+            best = (err, lq, rq, float(p))
+    return best[1], best[2], best[3]

@@ -24,12 +24,25 @@ def wanda_score(w: torch.Tensor, stat: torch.Tensor) -> torch.Tensor:
 
     Returns:
         fp32 ``(d_out, d_in)``.
+
+    Raises:
+        ValueError: ``stat`` is all zero (no calibration signal: every score would tie and the
+            mask would be arbitrary; use ``pruner=magnitude`` deliberately instead), negative or
+            non-finite. Partly zero is fine: dead inputs score 0 and are pruned first.
     """
     if stat.shape != (w.shape[1],):
         raise ValueError(
             f"wanda_score: stat shape {tuple(stat.shape)} != (d_in,) = ({w.shape[1]},)"
         )
-    s = torch.sqrt(stat.to(w.device, torch.float32).clamp_min(0))
+    stat = stat.to(w.device, torch.float32)
+    if not torch.isfinite(stat).all() or (stat < 0).any():
+        raise ValueError("wanda_score: channel statistic has negative or non-finite entries")
+    if not (stat > 0).any():
+        raise ValueError(
+            "wanda_score: channel statistic is all zero (no calibration signal for this layer); "
+            "the Wanda mask would be arbitrary"
+        )
+    s = torch.sqrt(stat)
     return magnitude_score(w) * s[None, :]
 
 

@@ -83,12 +83,18 @@ def sparsegpt(
             per-channel (scales from the whole row at the start), else groups along d_in.
         mask: optional bool ``(d_out, d_in)`` fixed mask (True = kept); then only the OBS weight
             updates (and quantisation) run, e.g. for re-fitting against a new target.
-        info: optional dict receiving ``damp`` / ``damp_retries``.
+        info: optional dict receiving ``damp`` / ``damp_retries`` and ``dead_inputs`` (number of
+            inputs with a zero Hessian diagonal; their weight columns are set to 0, as in the
+            original SparseGPT, since they never contribute on the calibration data).
 
     Returns:
         ``(w_new, mask, qt)``: fp32 ``(d_out, d_in)`` updated weight (exactly 0 where pruned and,
         with ``quant``, exactly ``qt.dequantize()``), bool mask (None when dense and no mask was
         given) and the QuantTensor (None without ``quant``).
+
+    Raises:
+        ValueError: bad shapes, or an all-zero Hessian (no calibration signal at all).
+        RuntimeError: the damped Hessian stays non positive definite (see ``hinv_cholesky``).
     """
     W = w.detach().to(torch.float32).clone()
     d_out, d_in = W.shape
@@ -102,8 +108,15 @@ def sparsegpt(
         )
     H = hessian_sum.detach().to(W.device, torch.float32) * (2.0 / max(n_tokens, 1))
     dead = torch.diag(H) == 0
+    if bool(dead.all()):
+        raise ValueError(
+            "sparsegpt: the calibration Hessian is all zero (this layer's inputs never fired); "
+            "there is nothing to fit the weights to"
+        )
     H[dead, dead] = 1.0  # inputs that never fire: any weight there is free, zero it
     W[:, dead] = 0.0
+    if info is not None:  # reported, not silent: the zeroed columns show up in the metrics
+        info["dead_inputs"] = float(dead.sum())
     Hinv = hinv_cholesky(H, damp, info)
 
     pruned = torch.zeros_like(W, dtype=torch.bool) if mask is None else ~mask.to(W.device)

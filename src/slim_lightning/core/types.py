@@ -137,7 +137,10 @@ class LowRankSpec:
     alternates adapters and re-fit.
     quant_bits: None keeps adapters in floating point; otherwise AbsMax with ``quant_group_size``
     groups along each matmul's reduction axis. ``quant_before_refit`` quantises the adapters before
-    the final re-fit so the sparse part compensates their error.
+    the final re-fit so the sparse part compensates their error. ``quant_in_scale`` quantises each
+    adapter in its activation-scaled domain: ``L^T`` columns are multiplied by the input channels'
+    RMS ``sqrt(stat)`` and ``R^T`` columns by the RMS of ``x L`` (diagonal estimate) before AbsMax,
+    and the stored ``QuantTensor.in_scale`` divides them back (costs ``d_in + r`` fp16 values).
     stat: which channel statistic gives the saliency (``sq`` -> s = sqrt(mean x^2), ``abs``).
     """
 
@@ -155,6 +158,7 @@ class LowRankSpec:
     quant_group_size: int = 128
     quant_before_refit: bool = False
     stat: Literal["sq", "abs"] = "sq"
+    quant_in_scale: bool = False
 
 
 @dataclass(frozen=True)

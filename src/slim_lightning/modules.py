@@ -1,0 +1,430 @@
+"""``SLiMLinear``: a compressed linear layer that owns its packed weight and its adapters.
+
+``y = x (Q(W) * M)^T + (x L) R + bias``
+
+* The sparse quantised weight is a ``PackedWeight`` (``slim_lightning.packed``) held as persistent
+  integer buffers ``weight_<field>`` (never trainable; ``.to(dtype)`` cannot touch them).
+* Adapters ``lora_l (d_in, r)`` and ``lora_r (r, d_out)`` are fp32 ``nn.Parameter`` s (the only
+  parameters, so DDP / optimisers see only them). When the adapters are quantised
+  (``adapter_bits`` not None) the forward uses their AbsMax fake-quantised values (groups along each
+  matmul's reduction axis) with a straight-through estimator, and the packed 4-bit serving copy is
+  kept in the buffers ``adapter_l_<field>`` (``L^T (r, d_in)``) / ``adapter_r_<field>``
+  (``R^T (d_out, r)``); ``requantize_adapters()`` refreshes it from the parameters.
+* ``bias`` is a frozen buffer (or None).
+
+Backends: ``reference`` (plain PyTorch; the test oracle and CPU path) and ``triton`` (the fused
+kernels in ``slim_lightning.kernels``; inference only, 2:4 / dense 4-bit weights).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from slim_lightning.core.types import CompressedLinear
+from slim_lightning.packed import PackedWeight, fake_quant_absmax, pack_absmax
+
+Backend = Literal["reference", "triton"]
+META_VERSION = 1
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """AbsMax fake quantisation along columns with a straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, w, bits: int, group_size: int, in_scale=None) -> torch.Tensor:
+        return fake_quant_absmax(w, bits, group_size, in_scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None, None
+
+
+def _version_key(*tensors: torch.Tensor | None) -> tuple:
+    """Identity of tensors' contents: storage pointer, in-place version counter, device, dtype."""
+    return tuple(
+        None if t is None else (t.data_ptr(), t._version, t.device, t.dtype) for t in tensors
+    )
+
+
+class SLiMLinear(nn.Module):
+    """Compressed linear layer ``y = x (Q(W)*M)^T + (x L) R + bias`` (see module docstring).
+
+    Build with ``from_compressed`` (from the compression core) or ``from_meta`` (empty, to be
+    filled by ``load_state_dict``). ``packed_nbytes()`` counts the packed weight, its scales, the
+    adapters as served (packed 4-bit codes + scales when quantised, the fp32 parameters otherwise);
+    the bias is NOT counted (it is not part of the weight).
+
+    Attributes:
+        in_features, out_features: ``d_in``, ``d_out``.
+        rank: adapter rank (0 = no adapters).
+        adapter_bits: adapter code width or None (fp32 adapters).
+        backend: ``reference`` or ``triton`` (settable).
+        cache_dense: the reference backend caches the dequantised dense weight per dtype (memory
+            of a dense layer; set False to dequantise on every call).
+    """
+
+    def __init__(self, meta: dict, device: torch.device | str | None = None):
+        """Creates correctly shaped, uninitialised buffers and parameters from ``meta()``."""
+        super().__init__()
+        if int(meta.get("version", META_VERSION)) != META_VERSION:
+            raise ValueError(f"SLiMLinear meta version {meta.get('version')} != {META_VERSION}")
+        self._meta_static = {
+            k: meta[k] for k in ("in_features", "out_features", "rank", "adapter_bits", "has_bias")
+        }
+        self.in_features = int(meta["in_features"])
+        self.out_features = int(meta["out_features"])
+        self.rank = int(meta["rank"])
+        self.adapter_bits = meta["adapter_bits"]
+        self._weight_meta = _strip_tensors(meta["weight"])
+        pw = PackedWeight.empty(meta["weight"], device)
+        if pw.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight shape {pw.shape} != (out_features, in_features) "
+                f"= ({self.out_features}, {self.in_features})"
+            )
+        for k, v in pw.tensors.items():
+            self.register_buffer(f"weight_{k}", v)
+        self._weight_fields = tuple(pw.tensors)
+        self._adapter_meta: dict[str, dict] = {}
+        self._adapter_fields: dict[str, tuple[str, ...]] = {}
+        if self.rank > 0:
+            self.lora_l = nn.Parameter(
+                torch.empty(self.in_features, self.rank, dtype=torch.float32, device=device)
+            )
+            self.lora_r = nn.Parameter(
+                torch.empty(self.rank, self.out_features, dtype=torch.float32, device=device)
+            )
+            if self.adapter_bits is not None:
+                for side in ("l", "r"):
+                    apw = PackedWeight.empty(meta[f"adapter_{side}"], device)
+                    self._adapter_meta[side] = _strip_tensors(meta[f"adapter_{side}"])
+                    self._adapter_fields[side] = tuple(apw.tensors)
+                    for k, v in apw.tensors.items():
+                        self.register_buffer(f"adapter_{side}_{k}", v)
+        else:
+            self.lora_l = None
+            self.lora_r = None
+        if meta["has_bias"]:
+            bias_dtype = getattr(torch, meta.get("bias_dtype", "float32"))
+            self.register_buffer(
+                "bias", torch.empty(self.out_features, dtype=bias_dtype, device=device)
+            )
+        else:
+            self.register_buffer("bias", None)
+        self.backend: Backend = "reference"
+        self.cache_dense = True
+        self._dense_cache: dict = {}
+        self._adapter_cache: dict = {}
+        self._kernel_cache: dict = {}  # the triton backend's packed adapters
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_compressed(
+        cls, c: CompressedLinear, bias: torch.Tensor | None = None, *, n: int = 2, m: int = 4
+    ) -> SLiMLinear:
+        """Packs a ``CompressedLinear`` (the weight's format is chosen by ``PackedWeight``).
+
+        Args:
+            c: the compression result (``weight_q`` None -> fp32 values are stored; ``mask`` None
+                -> dense; ``lora_l`` None -> no adapters; ``lora_l_q`` None -> fp32 adapters).
+            bias: optional ``(d_out,)`` bias, copied and frozen.
+            n, m: the N:M pattern tried first for a masked weight (else ``unstructured``).
+        """
+        if c.weight_q is not None:
+            pw = PackedWeight.from_quant(c.weight_q, c.mask, n=n, m=m)
+        else:
+            pw = PackedWeight.from_float(c.weight, c.mask, n=n, m=m)
+        d_out, d_in = pw.shape
+        if tuple(c.weight.shape) != (d_out, d_in):
+            raise ValueError(f"weight_q shape {pw.shape} != weight shape {tuple(c.weight.shape)}")
+        rank = c.rank if (c.lora_l is not None and c.lora_r is not None) else 0
+        quant_ad = rank > 0 and c.lora_l_q is not None and c.lora_r_q is not None
+        if rank and (c.lora_l_q is None) != (c.lora_r_q is None):
+            raise ValueError("lora_l_q and lora_r_q must both be set or both be None")
+        meta = {
+            "version": META_VERSION,
+            "in_features": d_in,
+            "out_features": d_out,
+            "rank": rank,
+            "adapter_bits": c.lora_l_q.bits if quant_ad else None,
+            "has_bias": bias is not None,
+            "weight": pw.meta(),
+        }
+        if bias is not None:
+            if tuple(bias.shape) != (d_out,):
+                raise ValueError(f"bias shape {tuple(bias.shape)} != ({d_out},)")
+            meta["bias_dtype"] = str(bias.dtype).removeprefix("torch.")
+        packed_ad = {}
+        if quant_ad:
+            if c.lora_l_q.bits != c.lora_r_q.bits:
+                raise ValueError("lora_l_q and lora_r_q must have the same bit width")
+            packed_ad = {
+                "l": PackedWeight.from_quant(c.lora_l_q, fmt="dense"),
+                "r": PackedWeight.from_quant(c.lora_r_q, fmt="dense"),
+            }
+            if packed_ad["l"].shape != (rank, d_in) or packed_ad["r"].shape != (d_out, rank):
+                raise ValueError(
+                    f"quantised adapters have shapes {packed_ad['l'].shape}, "
+                    f"{packed_ad['r'].shape}; expected ({rank}, {d_in}), ({d_out}, {rank})"
+                )
+            meta["adapter_l"] = packed_ad["l"].meta()
+            meta["adapter_r"] = packed_ad["r"].meta()
+        device = c.weight.device
+        mod = cls(meta, device=device)
+        with torch.no_grad():
+            for k, v in pw.tensors.items():
+                getattr(mod, f"weight_{k}").copy_(v)
+            for side, apw in packed_ad.items():
+                for k, v in apw.tensors.items():
+                    getattr(mod, f"adapter_{side}_{k}").copy_(v)
+            if rank:
+                if quant_ad:  # the parameters start on the grid: exactly the packed adapters
+                    mod.lora_l.copy_(packed_ad["l"].to_dense().T)
+                    mod.lora_r.copy_(packed_ad["r"].to_dense().T)
+                else:
+                    mod.lora_l.copy_(c.lora_l)
+                    mod.lora_r.copy_(c.lora_r)
+            if bias is not None:
+                mod.bias.copy_(bias.detach())
+        return mod
+
+    @classmethod
+    def from_meta(cls, meta: dict, device: torch.device | str | None = None) -> SLiMLinear:
+        """Empty module with the buffers/parameters ``meta`` describes (fill via load_state_dict)."""
+        return cls(meta, device=device)
+
+    def meta(self) -> dict:
+        """JSON-able description: shapes, formats, bits, group sizes, rank, adapter quantisation."""
+        out = {"version": META_VERSION, **self._meta_static}
+        out["weight"] = self._packed_meta(self._weight_meta, "weight", self._weight_fields)
+        if self.bias is not None:
+            out["bias_dtype"] = str(self.bias.dtype).removeprefix("torch.")
+        for side, fields in self._adapter_fields.items():
+            out[f"adapter_{side}"] = self._packed_meta(
+                self._adapter_meta[side], f"adapter_{side}", fields
+            )
+        out["adapter_group_size_l"] = self._adapter_meta["l"]["group_size"] if self._q_ad else None
+        out["adapter_group_size_r"] = self._adapter_meta["r"]["group_size"] if self._q_ad else None
+        out["adapter_in_scale"] = self._q_ad and "in_scale" in self._adapter_fields["l"]
+        return out
+
+    def _packed_meta(self, base: dict, prefix: str, fields: tuple[str, ...]) -> dict:
+        return {**base, "tensors": _tensor_meta(self._fields(prefix, fields))}
+
+    # -- packed views ------------------------------------------------------------------------
+    @property
+    def _q_ad(self) -> bool:
+        return self.rank > 0 and self.adapter_bits is not None
+
+    def _fields(self, prefix: str, fields: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, f"{prefix}_{k}") for k in fields}
+
+    def packed_weight(self) -> PackedWeight:
+        """The packed sparse weight (a view over this module's buffers)."""
+        pw = PackedWeight.empty({**self._weight_meta, "tensors": {}})
+        pw.tensors = self._fields("weight", self._weight_fields)
+        return pw
+
+    def packed_adapter(self, side: Literal["l", "r"]) -> PackedWeight | None:
+        """Packed ``L^T (r, d_in)`` (side ``l``) or ``R^T (d_out, r)`` (``r``); None if fp."""
+        if not self._q_ad:
+            return None
+        pw = PackedWeight.empty({**self._adapter_meta[side], "tensors": {}})
+        pw.tensors = self._fields(f"adapter_{side}", self._adapter_fields[side])
+        return pw
+
+    @property
+    def format(self) -> str:
+        """Weight format name: ``nm`` (with ``n``/``m`` in meta), ``unstructured`` or ``dense``."""
+        return self._weight_meta["format"]
+
+    # -- weights -----------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """fp32 ``(d_out, d_in)`` sparse quantised weight ``Q(W) * M`` (fresh tensor)."""
+        return self.packed_weight().to_dense()
+
+    def _cached_dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dense weight in ``dtype``, cached until a weight buffer changes (reference backend)."""
+        if not self.cache_dense:
+            return self.dense_weight().to(dtype)
+        key = _version_key(*self._fields("weight", self._weight_fields).values())
+        if self._dense_cache.get("key") != key:
+            self._dense_cache = {"key": key}
+        if dtype not in self._dense_cache:
+            self._dense_cache[dtype] = self.dense_weight().to(dtype)
+        return self._dense_cache[dtype]
+
+    def adapters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Effective ``(L (d_in, r), R (r, d_out))`` as the forward uses them (autograd-connected).
+
+        Quantised adapters: fake-quantised values with a straight-through gradient. Under
+        ``torch.no_grad`` the values are cached until the parameters change.
+        """
+        if self.rank == 0:
+            return None
+        if not self._q_ad:
+            return self.lora_l, self.lora_r
+        (g_l, ins_l), (g_r, ins_r) = self._adapter_quant_args("l"), self._adapter_quant_args("r")
+        bits = self.adapter_bits
+        if torch.is_grad_enabled() and (self.lora_l.requires_grad or self.lora_r.requires_grad):
+            # L^T (r, d_in) is grouped along d_in, R^T (d_out, r) along r. Contiguous like the
+            # parameters: the same matmul layout as the no-grad path and as fp adapters, so
+            # training and inference values agree bit for bit
+            left = _FakeQuantSTE.apply(self.lora_l.t(), bits, g_l, ins_l).t().contiguous()
+            right = _FakeQuantSTE.apply(self.lora_r.t(), bits, g_r, ins_r).t().contiguous()
+            return left, right
+        key = _version_key(self.lora_l, self.lora_r, ins_l, ins_r)
+        if self._adapter_cache.get("key") != key:
+            with torch.no_grad():
+                left = fake_quant_absmax(self.lora_l.t(), bits, g_l, ins_l).t()
+                right = fake_quant_absmax(self.lora_r.t(), bits, g_r, ins_r).t()
+            self._adapter_cache = {"key": key, "lr": (left.contiguous(), right.contiguous())}
+        return self._adapter_cache["lr"]
+
+    def _adapter_quant_args(self, side: str) -> tuple[int, torch.Tensor | None]:
+        """(group size, in_scale in its logical dtype or None) of packed adapter ``side``; both
+        stay fixed during fine-tuning."""
+        pw = self.packed_adapter(side)
+        return pw.group_size, pw.float_field("in_scale")
+
+    def merged_weight(self) -> torch.Tensor:
+        """fp32 ``(d_out, d_in)``: ``Q(W) * M + (L R)^T`` with the adapters the forward uses."""
+        w = self.dense_weight()
+        with torch.no_grad():
+            lr = self.adapters()
+            if lr is not None:
+                w = w + (lr[0].to(torch.float32) @ lr[1].to(torch.float32)).T
+        return w
+
+    @torch.no_grad()
+    def requantize_adapters(self) -> None:
+        """Re-quantises the adapter parameters into the packed buffers and snaps them to the grid.
+
+        No-op for fp adapters or rank 0.
+        """
+        if not self._q_ad:
+            return
+        for side, param in (("l", self.lora_l), ("r", self.lora_r)):
+            group, ins = self._adapter_quant_args(side)
+            pw = pack_absmax(param.t(), self.adapter_bits, group, ins)  # L^T or R^T
+            for k in self._adapter_fields[side]:
+                buf = getattr(self, f"adapter_{side}_{k}")
+                new = pw.tensors[k]
+                if new.dtype != buf.dtype:  # scale dtype grew from fp16 to fp32 (not expected)
+                    raise ValueError(
+                        f"requantize_adapters: {side} {k} needs {new.dtype}, stored {buf.dtype}"
+                    )
+                buf.copy_(new)
+            param.copy_(pw.to_dense().T)
+
+    def packed_nbytes(self) -> int:
+        """Bytes stored for serving: packed weight + scales + adapters (bias excluded).
+
+        Quantised adapters count their packed codes and scales (the fp32 training parameters are
+        a fine-tuning copy, not counted); fp adapters count their fp32 parameters.
+        """
+        total = self.packed_weight().nbytes()
+        if self._q_ad:
+            total += self.packed_adapter("l").nbytes() + self.packed_adapter("r").nbytes()
+        elif self.rank:
+            total += sum(p.numel() * p.element_size() for p in (self.lora_l, self.lora_r))
+        return total
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., d_in)`` -> ``(..., d_out)`` in ``x``'s dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SLiMLinear: input last dim {x.shape[-1]} != {self.in_features}")
+        if self.backend == "triton":
+            return self._forward_triton(x)
+        if self.backend != "reference":
+            raise ValueError(
+                f"SLiMLinear.backend: got {self.backend!r}; allowed: reference, triton"
+            )
+        dtype = x.dtype
+        y = nn.functional.linear(x, self._cached_dense(dtype))
+        lr = self.adapters()
+        if lr is not None:
+            y = y + (x @ lr[0].to(dtype)) @ lr[1].to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        from slim_lightning.kernels.ops import slim_linear_triton
+
+        if torch.is_grad_enabled() and self.rank and self.lora_l.requires_grad:
+            raise RuntimeError(
+                "SLiMLinear: the triton backend is inference-only; train with backend='reference' "
+                "or run under torch.no_grad() / torch.inference_mode()"
+            )
+        return slim_linear_triton(self, x)
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        self._dense_cache = {}
+        self._adapter_cache = {}
+        self._kernel_cache = {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense_cache = {}
+        self._adapter_cache = {}
+        self._kernel_cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        w = self._weight_meta
+        fmt = f"{w['n']}:{w['m']}" if w["format"] == "nm" else w["format"]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={fmt}, "
+            f"bits={w['bits']}, rank={self.rank}, adapter_bits={self.adapter_bits}, "
+            f"bias={self.bias is not None}, backend={self.backend}"
+        )
+
+
+def _strip_tensors(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "tensors"}
+
+
+def _tensor_meta(tensors: dict[str, torch.Tensor]) -> dict:
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in tensors.items()
+    }
+
+
+def set_backend(model: nn.Module, name: Backend, *, strict: bool = True) -> int:
+    """Sets ``backend`` on every ``SLiMLinear`` in ``model``.
+
+    Args:
+        model: any module tree.
+        name: ``reference`` or ``triton``.
+        strict: with ``triton``, raise if a layer's format has no kernel; with False such layers
+            stay on ``reference``.
+
+    Returns:
+        Number of layers switched to ``name``.
+    """
+    if name not in ("reference", "triton"):
+        raise ValueError(f"backend: got {name!r}; allowed: reference, triton")
+    layers = [(k, v) for k, v in model.named_modules() if isinstance(v, SLiMLinear)]
+    unsupported: dict[str, str] = {}
+    if name == "triton":
+        from slim_lightning.kernels.ops import triton_unsupported_reason
+
+        for mod_name, mod in layers:
+            why = triton_unsupported_reason(mod)
+            if why is not None:
+                unsupported[mod_name] = why
+        if unsupported and strict:
+            raise ValueError(
+                "triton backend unsupported for: "
+                + "; ".join(f"{k or '<root>'}: {v}" for k, v in unsupported.items())
+            )
+    for mod_name, mod in layers:
+        mod.backend = "reference" if mod_name in unsupported else name
+    return len(layers) - len(unsupported)
