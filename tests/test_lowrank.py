@@ -8,6 +8,7 @@ from slim_lightning.core.lowrank import (
     adapter_rank,
     low_rank_svd,
     quantize_adapters,
+    quantize_adapters_searched,
     saliency,
     slim_lora,
 )
@@ -112,14 +113,16 @@ def test_quantize_adapters_layout():
 
 
 def test_quantize_adapters_in_scale_domain():
-    # L = diag(1/s) V S carries 1/s: low-saliency channels dominate each group's absmax and the
-    # salient channels round to ~0 unless L^T is quantised in the activation-scaled domain
+    # After a Wanda mask the residual is large where the saliency is small (err ~ 1/s), so
+    # L = diag(1/s) V S spans a wide range: low-saliency channels set each group's absmax and the
+    # salient channels round to ~0 unless L^T is quantised in the activation-scaled domain.
     torch.manual_seed(5)
     d_in, d_out, r = 256, 96, 12
     stat = torch.rand(d_in) ** 6 * 100 + 1e-4  # heavy-tailed channel energies
-    x = torch.randn(512, d_in) * stat.sqrt()
-    err = torch.randn(d_out, d_in) * 0.02
-    left, right = slim_lora(err, saliency(stat), r, LowRankSpec())
+    s = saliency(stat)
+    x = torch.randn(512, d_in) * s
+    err = torch.randn(d_out, d_in) * 0.02 / s
+    left, right = slim_lora(err, s, r, LowRankSpec())
     l_in, r_in = adapter_in_scales(left, stat)
     assert l_in.shape == (d_in,) and r_in.shape == (r,) and l_in.max() == 1 and r_in.max() == 1
     assert torch.equal(l_in, l_in.half().float()) and (l_in >= 2.0**-14).all()
@@ -136,6 +139,25 @@ def test_quantize_adapters_in_scale_domain():
         lq_, rq_ = pair
         return torch.linalg.norm(x @ left @ right - x @ lq_.dequantize().T @ rq_.dequantize().T)
 
-    assert out_err(scaled) < 0.7 * out_err(plain)
+    assert out_err(scaled) < 0.5 * out_err(plain)
+    *searched, power = quantize_adapters_searched(left, right, 4, 128, stat, s)
+    assert power > 0 and out_err(searched) <= out_err(scaled) * 1.05
     with pytest.raises(ValueError, match="all zero"):
         adapter_in_scales(left, torch.zeros(d_in))
+
+
+def test_adapter_in_scale_search_never_worse_than_plain():
+    # a residual concentrated on salient channels: full scaling can lose, the search must not
+    torch.manual_seed(6)
+    stat = torch.rand(256) ** 6 * 100 + 1e-4
+    s = saliency(stat)
+    for seed in range(3):
+        err = torch.randn(96, 256, generator=torch.Generator().manual_seed(seed)) * 0.02
+        left, right = slim_lora(err, s, 12, LowRankSpec())
+
+        def werr(lq, rq):
+            return torch.linalg.norm((left @ right - lq.dequantize().T @ rq.dequantize().T) * s[:, None])
+
+        lq, rq, power = quantize_adapters_searched(left, right, 4, 128, stat, s)
+        assert werr(lq, rq) <= werr(*quantize_adapters(left, right, 4, 128)) + 1e-6
+        assert (lq.in_scale is None) == (power == 0)

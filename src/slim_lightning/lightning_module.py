@@ -1,13 +1,19 @@
 """The one LightningModule behind both entry points.
 
-``setup()`` loads the base model and either loads a compressed checkpoint or runs the one-shot
-compression (idempotent: Lightning calls it on every process and stage). ``compress.py`` is this
-setup plus ``trainer.validate``; ``train.py`` adds fitting of the adapters.
+``setup()`` loads the base model and either loads a compressed checkpoint (``compressed.path``) or
+runs the one-shot compression; it is idempotent (Lightning calls it on every process and stage).
+Under several processes rank zero compresses and writes the packed checkpoint, the other ranks
+wait at a barrier and load it, so all ranks hold bit-identical compressed weights.
+``compress.py`` is this setup plus ``trainer.validate``; ``train.py`` adds fitting of the
+adapters: the packed base is a set of frozen buffers (exactly sparse, on its grid), only the
+adapters (optionally norms / embeddings / lm_head) are parameters that train, and Lightning
+checkpoints hold only those parameters plus the optimiser state.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CompressPlan, build_plan
+
+COMPRESSED_DIR = "compressed"  # run_dir/compressed: the one-shot result (shared by DDP ranks)
 
 
 class SLiMModule(L.LightningModule):
@@ -35,24 +43,70 @@ class SLiMModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.calib_result: Any = None
+        self.loaded_meta: dict[str, Any] | None = None
         self.compressed = False
+        self.compress_calls = 0
         self.timings: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        self.val_prefix = "val"
+        self.trainable_names: list[str] = []
+        self.n_trainable = 0
+        self.train_stats = {"tokens": 0, "seconds": 0.0, "steps": 0}
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._val_nll = 0.0
         self._val_tokens = 0
-        self.last_val: dict[str, float] = {}
+        self._t_batch = 0.0
+        # Lightning checkpoints hold only the trainable tensors: the rest comes from setup()
+        self.strict_loading = False
+
+    # -- config helpers ------------------------------------------------------------------------
+    def _section(self, key: str) -> dict[str, Any]:
+        node = self.cfg.get(key)
+        return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+    @property
+    def train_cfg(self) -> Any:
+        from .training import TrainConfig, make_dataclass
+
+        return make_dataclass(TrainConfig, "train", self._section("train"))
+
+    @property
+    def compressed_path(self) -> str | None:
+        p = self._section("compressed").get("path")
+        return None if p is None else str(Path(p).expanduser())
 
     # -- model ------------------------------------------------------------------------------
     def load_base(self) -> None:
         """Loads the uncompressed model and tokenizer once (CPU)."""
         if self.model is not None:
             return
-        import time
-
         from .models import load_model
 
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(self.plan.model)
         self.timings["load_s"] = time.perf_counter() - t0
+
+    def load_packed(self, path: str | Path) -> None:
+        """Replaces the model by the packed checkpoint at ``path`` (``checkpoint.load_compressed``)."""
+        from .checkpoint import load_compressed
+
+        t0 = time.perf_counter()
+        self.model, tokenizer, self.loaded_meta = load_compressed(path, device="cpu")
+        self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        self.model.eval()
+        if hasattr(self.model, "config"):
+            self.model.config.use_cache = False
+        self.timings["load_packed_s"] = time.perf_counter() - t0
+        self.compressed = True
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer, loading the packed checkpoint or the base model if needed."""
+        if self.tokenizer is None:
+            if self.compressed_path is not None:
+                self.load_packed(self.compressed_path)
+            else:
+                self.load_base()
+        return self.tokenizer
 
     def calibration_ids(self) -> torch.Tensor:
         """The calibration windows, int64 ``(nsamples, seqlen)`` (tokenised once, cached)."""
@@ -60,15 +114,12 @@ class SLiMModule(L.LightningModule):
 
         return calibration_windows(self.tokenizer, self.plan.calib)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load-or-compress, exactly once per process."""
-        if self.compressed:
-            return
-        import time
-
+    def compress(self) -> None:
+        """Runs the one-shot compression on the base model (in place)."""
         from .pipeline import compress_model
 
         self.load_base()
+        self.compress_calls += 1
         t0 = time.perf_counter()
         ids = self.calibration_ids()
         self.timings["calib_data_s"] = time.perf_counter() - t0
@@ -77,29 +128,211 @@ class SLiMModule(L.LightningModule):
             self.model, self.plan, ids, self.run_dir, packed=self.plan.export.packed
         )
         self.timings["compress_s"] = time.perf_counter() - t0
+
+    def _save_compressed_here(self) -> Path:
+        from .checkpoint import save_compressed
+
+        assert self.run_dir is not None, "a distributed run needs run_dir"
+        out = self.run_dir / COMPRESSED_DIR
+        results = {"layers_summary": self.compression_summary()}
+        save_compressed(self.model, self.tokenizer, out, plan=self.plan, results=results)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load-or-compress exactly once per process; for ``fit`` also marks what trains."""
+        if not self.compressed:
+            self._load_or_compress()
+        if stage == "fit":
+            self.prepare_training()
+
+    def _load_or_compress(self) -> None:
+        if self.compressed_path is not None:
+            self.load_packed(self.compressed_path)
+            self._ignore_packed_buffers_in_ddp()
+            self._write_rank_hashes("setup")
+            return
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        save = bool(self._section("compressed").get("save", False))
+        if not distributed:
+            self.compress()
+            if save and self.plan.export.packed and self.run_dir is not None:
+                self._save_compressed_here()
+        else:
+            if trainer.is_global_zero:
+                self.compress()
+                self._save_compressed_here()
+            # the other ranks wait for rank zero's packed checkpoint, then load it
+            trainer.strategy.barrier("slim_compressed")
+            if not trainer.is_global_zero:
+                self.load_packed(self.run_dir / COMPRESSED_DIR)
         self.compressed = True
+        self._ignore_packed_buffers_in_ddp()
+        self._write_rank_hashes("setup")
+
+    def _ignore_packed_buffers_in_ddp(self) -> None:
+        # identical on every rank by construction (rank zero wrote them, the others loaded them);
+        # DDP's start-up broadcast would also fail on their int16 scales with gloo
+        from .modules import SLiMLinear
+
+        names = []
+        for mname, mod in self.model.named_modules():
+            if isinstance(mod, SLiMLinear):
+                names += [f"model.{mname}.{b}" for b, _ in mod.named_buffers(recurse=False)]
+        self._ddp_params_and_buffers_to_ignore = names
+
+    def prepare_training(self) -> None:
+        """Freezes everything but the adapters (and the ``train.*`` extras); idempotent."""
+        if self.trainable_names:
+            return
+        from .errors import ConfigError
+        from .training import count_trainable, mark_trainable
+
+        tc = self.train_cfg
+        self.trainable_names = mark_trainable(
+            self.model, norms=tc.norms, embeddings=tc.embeddings, lm_head=tc.lm_head
+        )
+        if not self.trainable_names:
+            raise ConfigError(
+                "lowrank.method", self.plan.spec.lowrank.method, "a method with adapters"
+            )
+        self.n_trainable = count_trainable(self.model)
+        self.model.train()  # loaded in eval mode; validation restores this mode after it runs
+        if tc.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    def compression_summary(self) -> dict[str, float]:
+        from .report import summarize_layers
+
+        if self.calib_result is None and self.loaded_meta is not None:
+            return dict(self.loaded_meta.get("results", {}).get("layers_summary", {}))
+        reports = self.calib_result.reports if self.calib_result is not None else []
+        return summarize_layers(reports)
+
+    def _write_rank_hashes(self, tag: str) -> None:
+        if self.run_dir is None or not self.train_cfg.rank_hashes:
+            return
+        from .io import atomic_write_json
+        from .training import state_hashes
+
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        atomic_write_json(
+            self.run_dir / "rank_hashes" / f"{tag}_rank{rank}.json",
+            {"rank": rank, "tag": tag, **state_hashes(self.model)},
+        )
 
     def forward(self, input_ids: torch.Tensor) -> Any:
         return self.model(input_ids=input_ids, use_cache=False)
 
+    # -- fine-tuning -------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        from .training import build_optimizer_factory, lr_lambda
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer_factory(self.cfg)(params)
+        tc = self.train_cfg
+        total = max(1, int(self.trainer.max_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(tc.warmup_steps, total, tc.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        metrics = {"train/trainable_params": float(self.n_trainable)}
+        for name, v in self.compression_summary().items():
+            metrics[f"compress/{name}"] = float(v)
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=self.global_step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t_batch = time.perf_counter()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from .evaluation import per_window_nll
+
+        ids = batch[0] if isinstance(batch, (list, tuple)) else batch  # (b, seqlen)
+        nll, n = per_window_nll(self.model, ids)
+        loss = nll / n
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        dt = time.perf_counter() - self._t_batch
+        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        tokens = ids.numel() * self.trainer.world_size
+        self.train_stats["tokens"] += tokens
+        self.train_stats["seconds"] += dt
+        self.train_stats["steps"] = int(self.global_step)
+        self.log("train/tokens_per_s", tokens / max(dt, 1e-9))
+        self.log("train/tokens", float(self.train_stats["tokens"]))
+
+    def on_fit_end(self) -> None:
+        if self.train_cfg.requantize:
+            from .training import requantize_all
+
+            requantize_all(self.model)
+        self._write_rank_hashes("fit_end")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["slim_trainable"] = sorted(keep)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        want = {n for n, p in self.named_parameters() if p.requires_grad}
+        have = set(checkpoint.get("state_dict", {}))
+        if want and want != have:
+            missing, extra = sorted(want - have), sorted(have - want)
+            raise RuntimeError(
+                "checkpoint does not match the trainable set of this run "
+                f"(missing {missing[:3]}..., unexpected {extra[:3]}...): same model, method and "
+                "train.* options are needed to resume"
+            )
+
     # -- evaluation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_nll, self._val_tokens = 0.0, 0
+        self._val, self._val_nll, self._val_tokens = [], 0.0, 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         from .evaluation import per_window_nll
 
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            ids, index = batch  # (b, seqlen), (b,): indices de-duplicate padded DDP shards
+            nll, _ = per_window_nll(self.model, ids, reduction="none")
+            self._val.append((index.detach(), nll.detach().double()))
+            self._val_tokens += ids.shape[0] * (ids.shape[1] - 1)
+            return
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
         nll, n = per_window_nll(self.model, ids)
         self._val_nll += float(nll)
         self._val_tokens += int(n)
 
+    def _indexed_totals(self) -> tuple[float, float]:
+        index = torch.cat([i for i, _ in self._val]).to(self.device)
+        nll = torch.cat([v for _, v in self._val]).to(self.device)
+        seqlen_m1 = self._val_tokens / max(index.numel(), 1)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            index = self.all_gather(index).reshape(-1)
+            nll = self.all_gather(nll).reshape(-1)
+        per_window: dict[int, float] = {}
+        for i, v in zip(index.tolist(), nll.tolist(), strict=True):
+            per_window.setdefault(int(i), float(v))
+        return sum(per_window.values()), len(per_window) * seqlen_m1
+
     def on_validation_epoch_end(self) -> None:
-        totals = torch.tensor([self._val_nll, float(self._val_tokens)], dtype=torch.float64)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            totals = self.all_gather(totals).reshape(-1, 2).sum(0)
-        nll = float(totals[0] / max(float(totals[1]), 1.0))
+        if self._val:
+            total_nll, total_tokens = self._indexed_totals()
+        else:
+            totals = torch.tensor([self._val_nll, float(self._val_tokens)], dtype=torch.float64)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                totals = self.all_gather(totals).reshape(-1, 2).sum(0)
+            total_nll, total_tokens = float(totals[0]), float(totals[1])
+        nll = total_nll / max(total_tokens, 1.0)
         ppl = math.exp(nll) if nll < 700 else float("inf")
-        self.last_val = {"val/loss": nll, "val/ppl": ppl, "val/tokens": float(totals[1])}
-        self.log("val/loss", nll, rank_zero_only=True)
-        self.log("val/ppl", ppl, rank_zero_only=True)
+        self.last_val = {"val/loss": nll, "val/ppl": ppl, "val/tokens": float(total_tokens)}
+        p = self.val_prefix
+        self.log(f"{p}/loss", nll, rank_zero_only=True, sync_dist=False)
+        self.log(f"{p}/ppl", ppl, rank_zero_only=True, sync_dist=False)

@@ -1,0 +1,237 @@
+"""``run_train(cfg, run_dir)``: the body of ``train.py`` (tests call it directly).
+
+Order: validate every value (``build_train_plan``) -> evaluate the compressed model (setup
+compresses, or loads ``compressed.path``) -> with ``+peft=true`` fit the adapters on the ``data``
+blocks, re-quantise them, evaluate again -> rank zero writes the packed checkpoint
+(``run_dir/packed``) and ``report.json`` (``ppl_before`` / ``ppl_after`` per evaluation set).
+
+Every process runs this function (the DDP launcher re-executes ``train.py`` per rank), so the
+sequence of trainer calls is the same on all ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .io import atomic_write_json
+from .report import package_versions, peak_memory, summary_table
+
+log = logging.getLogger(__name__)
+
+
+def eval_loader(windows: torch.Tensor) -> torch.utils.data.DataLoader:
+    """``(ids, index)`` batches of single evaluation windows, in order."""
+    from .datamodule import indexed_loader
+
+    return indexed_loader(windows, 1, shuffle=False)
+
+
+def build_loggers(lc: Any, run_dir: Path) -> list:
+    """Lightning loggers for the ``logger`` group (wandb files under ``run_dir/wandb``)."""
+    if lc.kind == "none":
+        return []
+    if lc.kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [
+        WandbLogger(
+            project=lc.project,
+            entity=lc.entity,
+            name=lc.name or run_dir.name,
+            group=lc.group,
+            tags=list(lc.tags) or None,
+            save_dir=str(run_dir),
+            offline=lc.resolved_offline(),
+            log_model=False,
+        )
+    ]
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, peft: bool) -> list:
+    """The ``callbacks`` group's ``_target_`` nodes; checkpoints default to ``run_dir/checkpoints``."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = []
+    node = cfg.get("callbacks") or {}
+    for sub in node.values():
+        if sub is None:
+            continue
+        cb = instantiate(sub)
+        if isinstance(cb, ModelCheckpoint):
+            if not peft:
+                continue
+            if cb.dirpath is None:
+                cb.dirpath = str(run_dir / "checkpoints")
+        out.append(cb)
+    return out
+
+
+def _eval_name(plan: Any) -> str:
+    return getattr(plan.eval, "name", None) or getattr(plan.eval, "source", "eval")
+
+
+def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Compresses (or loads), evaluates, optionally fine-tunes the adapters; returns the report."""
+    import lightning as L
+
+    from .compress_run import linear_sizes, make_eval_windows
+    from .datamodule import SLiMDataModule
+    from .lightning_module import SLiMModule
+    from .training import adapter_throughput, build_train_plan, dense_lora_copy
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tp = build_train_plan(cfg)  # every value validated before anything heavy happens
+    plan = tp.plan
+    L.seed_everything(plan.seed, workers=True, verbose=False)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    module = SLiMModule(container, str(run_dir))
+    tokenizer = module.get_tokenizer()
+    windows = make_eval_windows(tokenizer, plan.eval) if plan.eval is not None else None
+    loggers = build_loggers(tp.logger, run_dir)
+    callbacks = build_callbacks(cfg, run_dir, tp.peft)
+    val_every = tp.train.val_every_n_steps * tp.trainer.accumulate_grad_batches
+    trainer = L.Trainer(
+        **tp.trainer.kwargs(),
+        val_check_interval=val_every or None,
+        check_val_every_n_epoch=None if val_every else 1,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
+        default_root_dir=str(run_dir),
+    )
+    eval_name = _eval_name(plan) if plan.eval is not None else None
+    report: dict[str, Any] = {
+        "method": plan.method_name,
+        "peft": tp.peft,
+        "config": container,
+        "spec": asdict(plan.spec),
+        "versions": package_versions(),
+        "seed": plan.seed,
+        "run_dir": str(run_dir),
+        "ppl_before": {},
+        "ppl_after": {},
+    }
+
+    module.val_prefix = "eval"
+    if windows is not None and (tp.train.eval_before or not tp.peft):
+        t0 = time.perf_counter()
+        trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
+        setup_s = module.timings.get("compress_s", 0.0) + module.timings.get("calib_data_s", 0.0)
+        module.timings["eval_before_s"] = time.perf_counter() - t0 - setup_s
+        report["ppl_before"][eval_name] = module.last_val["val/ppl"]
+        report["eval_windows"] = list(windows.shape)
+    elif not tp.peft:
+        module.setup("validate")  # nothing to evaluate: compress (fit's setup does it otherwise)
+
+    if tp.peft:
+        dm = SLiMDataModule(tp.data, tokenizer, validate=bool(val_every))
+        accumulate = tp.trainer.accumulate_grad_batches
+        steps = tp.trainer.max_steps or tp.data.num_steps(trainer.world_size, accumulate)
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        if tp.train.throughput_steps and trainer.world_size == 1:
+            report["throughput"] = _throughput(module, dm, tp, dense_lora_copy, adapter_throughput)
+        module.val_prefix = "val"
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm, ckpt_path=tp.ckpt_path)
+        module.timings["fit_s"] = time.perf_counter() - t0
+        stats = dict(module.train_stats)
+        stats["steps"] = int(trainer.global_step)
+        stats["tokens_per_step"] = tp.data.tokens_per_step(trainer.world_size, accumulate)
+        stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+        stats["train_blocks"] = int(dm.train_blocks.shape[0])
+        stats["epochs"] = (
+            stats["steps"] * stats["tokens_per_step"] / max(1, dm.train_blocks.numel())
+        )
+        report["train"] = stats
+        report["trainable_params"] = module.n_trainable
+        report["trainable_names"] = len(module.trainable_names)
+        if windows is not None:
+            module.val_prefix = "eval"
+            t0 = time.perf_counter()
+            trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
+            module.timings["eval_after_s"] = time.perf_counter() - t0
+            report["ppl_after"][eval_name] = module.last_val["val/ppl"]
+    else:
+        report["ppl_after"] = dict(report["ppl_before"])
+    report["ppl"] = report["ppl_after"]
+
+    model = module.model.to("cpu")
+    report["layers_summary"] = module.compression_summary()
+    report["size"] = linear_sizes(model) if plan.export.packed else {}
+    report["world_size"] = trainer.world_size
+    if module.loaded_meta is not None:
+        report["compressed_from"] = tp.compressed_path
+    module.timings["total_s"] = time.perf_counter() - t_start
+    report["timings"] = module.timings
+    report["memory"] = peak_memory()
+    if trainer.is_global_zero:
+        if plan.export.packed and report["size"]:
+            from .checkpoint import save_compressed
+
+            results = {
+                k: report[k] for k in ("ppl_before", "ppl_after", "peft", "train") if k in report
+            }
+            save_compressed(model, tokenizer, run_dir / "packed", plan=plan, results=results)
+            report["packed_dir"] = str(run_dir / "packed")
+        atomic_write_json(run_dir / "report.json", report)
+        _log_final(loggers, report, tp, run_dir)
+        print(summary_table({**report, "ppl_dense": {}}))
+        print(f"ppl before/after fine-tuning: {report['ppl_before']} -> {report['ppl_after']}")
+        print(f"report: {run_dir / 'report.json'}")
+    return report
+
+
+def _throughput(module: Any, dm: Any, tp: Any, dense_copy: Any, measure: Any) -> dict[str, Any]:
+    """Tokens/s of adapter training: SLiM model vs the same adapters on a dense base (same loop)."""
+    module.prepare_training()
+    dm.setup()
+    bs = tp.data.batch_size
+    batches = [dm.train_blocks[i : i + bs] for i in range(0, dm.train_blocks.shape[0], bs)]
+    steps = tp.train.throughput_steps
+    slim = measure(module.model, batches, tp.optimizer, steps)
+    dense_model = dense_copy(module.model)
+    dense = measure(dense_model, batches, tp.optimizer, steps)
+    del dense_model
+    return {
+        "steps": steps,
+        "tokens_per_step": bs * tp.data.seqlen,
+        "slim_tokens_per_s": slim["tokens_per_s"],
+        "dense_lora_tokens_per_s": dense["tokens_per_s"],
+        "slim_over_dense": slim["tokens_per_s"] / dense["tokens_per_s"],
+    }
+
+
+def _log_final(loggers: list, report: dict[str, Any], tp: Any, run_dir: Path) -> None:
+    metrics: dict[str, float] = {}
+    for k in ("ppl_before", "ppl_after"):
+        for name, v in report[k].items():
+            metrics[f"eval/{k}/{name}"] = float(v)
+    if "size" in report and report["size"]:
+        metrics["compress/ratio_vs_fp16"] = float(report["size"]["ratio_vs_fp16"])
+    if "train" in report:
+        metrics["train/final_tokens_per_s"] = float(report["train"]["tokens_per_s"])
+    for lg in loggers:
+        lg.log_metrics(metrics)
+        if type(lg).__name__ == "WandbLogger":
+            exp = lg.experiment
+            exp.summary.update(metrics)
+            if tp.logger.log_artifact and "packed_dir" in report:
+                import wandb
+
+                art = wandb.Artifact(f"packed-{run_dir.name}", type="model")
+                art.add_dir(report["packed_dir"])
+                exp.log_artifact(art)
+        lg.finalize("success")

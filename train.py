@@ -1,0 +1,16 @@
+"""SLiM compression + Lightning fine-tuning of the adapters: ``python train.py +peft=true``."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from slim_lightning.train_run import run_train
+
+    run_train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
