@@ -203,3 +203,17 @@ def test_backend_validation(layers):
     assert set_backend(torch.nn.Sequential(mod), "reference") == 1
     with pytest.raises(ValueError, match="input last dim"):
         mod(torch.randn(1, 5))
+
+
+def test_module_built_under_inference_mode_runs_outside_it(layers):
+    """Packed buffers created under ``torch.inference_mode`` (e.g. a checkpoint loaded inside a
+    Lightning evaluation loop) have no version counter; the dense cache must still work."""
+    c = layers["slim_q"]
+    with torch.inference_mode():
+        mod = SLiMLinear.from_compressed(c, None)
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        y = mod(x)
+        torch.testing.assert_close(y, x @ c.effective_weight().T, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.equal(mod(x), y)

@@ -358,7 +358,7 @@ def byte_tokenizer() -> Any:
 
     specials = ["<pad>", "<s>", "</s>"]
     vocab = {s: i for i, s in enumerate(specials)}
-    for b, ch in sorted(_bytes_to_unicode().items()):
+    for _b, ch in sorted(_bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

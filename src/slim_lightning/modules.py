@@ -43,9 +43,16 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 def _version_key(*tensors: torch.Tensor | None) -> tuple:
-    """Identity of tensors' contents: storage pointer, in-place version counter, device, dtype."""
+    """Identity of tensors' contents: storage pointer, in-place version counter, device, dtype.
+
+    Inference tensors (created under ``torch.inference_mode``) have no version counter; they
+    cannot be modified in place outside inference mode, so their pointer identifies them.
+    """
     return tuple(
-        None if t is None else (t.data_ptr(), t._version, t.device, t.dtype) for t in tensors
+        None
+        if t is None
+        else (t.data_ptr(), -1 if t.is_inference() else t._version, t.device, t.dtype)
+        for t in tensors
     )
 
 
