@@ -243,7 +243,13 @@ def test_bits_per_weight_accounting():
     assert bits_per_weight(8, 8, weight_bits=None, sparsity=dense) == 16.0
     # adapter in_scale vectors: d_in + rank fp16 values
     with_in = bits_per_weight(
-        4096, 4096, weight_bits=4, sparsity=nm, n_weight_scales=1, rank=r, adapter_bits=4,
+        4096,
+        4096,
+        weight_bits=4,
+        sparsity=nm,
+        n_weight_scales=1,
+        rank=r,
+        adapter_bits=4,
         adapter_in_scale=True,
     )
     assert with_in == pytest.approx(got + 16 * (4096 + r) / 4096**2)

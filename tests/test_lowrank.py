@@ -155,8 +155,11 @@ def test_adapter_in_scale_search_never_worse_than_plain():
         err = torch.randn(96, 256, generator=torch.Generator().manual_seed(seed)) * 0.02
         left, right = slim_lora(err, s, 12, LowRankSpec())
 
-        def werr(lq, rq):
-            return torch.linalg.norm((left @ right - lq.dequantize().T @ rq.dequantize().T) * s[:, None])
+        target = left @ right  # (d_in, d_out)
+
+        def werr(lq, rq, target=target):
+            approx = lq.dequantize().T @ rq.dequantize().T
+            return torch.linalg.norm((target - approx) * s[:, None])
 
         lq, rq, power = quantize_adapters_searched(left, right, 4, 128, stat, s)
         assert werr(lq, rq) <= werr(*quantize_adapters(left, right, 4, 128)) + 1e-6

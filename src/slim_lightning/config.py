@@ -114,6 +114,14 @@ def validate_spec(spec: CompressSpec) -> None:
         _check_int("lowrank.quant_bits", lr.quant_bits, 2, 8)
     _check_int("lowrank.quant_group_size", lr.quant_group_size, 1)
     check_choice("lowrank.stat", lr.stat, ("sq", "abs"))
+    for key, v in (
+        ("pruner.joint_quant", p.joint_quant),
+        ("lowrank.refit", lr.refit),
+        ("lowrank.quant_before_refit", lr.quant_before_refit),
+        ("lowrank.quant_in_scale", lr.quant_in_scale),
+    ):
+        if not isinstance(v, bool):
+            raise ConfigError(key, v, "true or false")
 
 
 def spec_from_cfg(cfg: Any) -> CompressSpec:

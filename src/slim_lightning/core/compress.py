@@ -188,8 +188,11 @@ def compress_linear(
         nan), ``alpha_initial``, ``err_before_adapters`` (sparse part alone), ``err_after_adapters``
         (final sparse part + unquantised adapters), ``err_after_adapters_norefit`` (first sparse
         part + first adapters), ``err_final`` (everything quantised), ``bits_per_weight``,
-        ``refit_rounds``, ``damp`` / ``damp_retries`` (sparsegpt) and ``err_uniform_weights``
-        (1.0 when the statistic was all zero and errors are unweighted).
+        ``refit_rounds``, ``damp`` / ``damp_retries`` / ``dead_inputs`` (sparsegpt),
+        ``adapter_in_scale_power`` (``lowrank.quant_in_scale``: the chosen power, 0 = plain AbsMax)
+        and ``err_uniform_weights`` (1.0 when the statistic was all zero and errors are unweighted;
+        only the magnitude pruner with naive or no adapters accepts such a layer, Wanda, SparseGPT
+        and SLiM-LoRA raise ValueError).
     """
     W = weight.detach().to(torch.float32)
     d_out, d_in = W.shape
