@@ -17,15 +17,7 @@ from slim_lightning.core.types import (
     SparsitySpec,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 CPU cores are shared: with 2 intra-op threads, these tiny SVD/matmul calls spin-wait
-    # under load and run ~100x slower than single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NO_LR = LowRankSpec(method="none")

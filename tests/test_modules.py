@@ -19,13 +19,7 @@ from slim_lightning.core.types import (
 )
 from slim_lightning.modules import SLiMLinear, set_backend
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPECS = {

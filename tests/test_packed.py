@@ -28,14 +28,7 @@ from slim_lightning.packed import (
     unpack_unstructured,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared CPU cores: tiny ops run faster single-threaded under load
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _u8(*xs):

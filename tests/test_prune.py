@@ -12,15 +12,7 @@ from slim_lightning.core.prune import (
 )
 from slim_lightning.core.types import PrunerSpec, SparsitySpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 CPU cores are shared: with 2 intra-op threads, these tiny SVD/matmul calls spin-wait
-    # under load and run ~100x slower than single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
