@@ -6,8 +6,9 @@ For each decoder block, in order:
   2. compress every linear of the block with ``compress_fn`` (``core.compress.compress_linear``);
   3. install the result (``install_fn``: merge into the dense weight, or a packed ``SLiMLinear``);
   4. re-run the block to produce the next block's inputs;
-  5. save the block's results and the next inputs atomically in ``state_dir`` so a killed run
-     resumes from the last finished block and ends bit-identical to an uninterrupted one.
+  5. commit the block's results and the next inputs in ``state_dir`` (files first, then the
+     ``progress.json`` record that names them with their sha256) so a killed run resumes from
+     the last committed block and ends bit-identical to an uninterrupted one.
 
 The model stays on CPU; only the current block and its activations go to ``device``.
 """
@@ -15,7 +16,9 @@ The model stays on CPU; only the current block and its activations go to ``devic
 from __future__ import annotations
 
 import json
+import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.types import CompressedLinear, CompressSpec, LayerStats, QuantTensor
-from .io import atomic_save_tensors, atomic_write_json, load_tensors
+from .io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    file_sha256,
+    load_tensors,
+    make_dir,
+    remove_stale_temps,
+)
+
+log = logging.getLogger(__name__)
 
 CompressFn = Callable[[torch.Tensor, LayerStats, CompressSpec], CompressedLinear]
 InstallFn = Callable[[nn.Module, str, nn.Linear, CompressedLinear], None]
@@ -43,7 +55,20 @@ class CalibrationResult:
     layers: dict[str, CompressedLinear] = field(default_factory=dict)
     reports: list[dict[str, Any]] = field(default_factory=list)
     resumed_blocks: int = 0
+    discarded_state: str | None = None
+    fingerprint: str = ""
     seconds: float = 0.0
+
+
+class ResumeStateDiscarded(UserWarning):
+    """Saved calibration state could not be reused (other configuration, missing or corrupt)."""
+
+
+STATE_FORMAT = 2
+
+
+def _inputs_name(i: int) -> str:
+    return f"inputs_{i:04d}.safetensors"
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -204,8 +229,9 @@ class CalibrationEngine:
         install_fn: puts a result into the model (default: merge into the dense weight).
         device: where the current block and its activations run.
         state_dir: where per-block state is saved for resume (None: no resume).
-        fingerprint: identifies model + data + spec; saved state with another fingerprint is
-            ignored (and overwritten) instead of being mixed into this run.
+        fingerprint: identifies everything that determines the result (model weights, data,
+            spec, seed, batch size, device); saved state with another fingerprint is discarded
+            with a ``ResumeStateDiscarded`` warning, never mixed into this run.
     """
 
     def __init__(
@@ -234,17 +260,74 @@ class CalibrationEngine:
         self.keep_layers = keep_layers
 
     # -- resume state -------------------------------------------------------------------------
+    # Layout of ``state_dir`` (format 2):
+    #   block_NNNN.safetensors / block_NNNN.json  block NNNN's compressed layers and metadata
+    #   inputs_NNNN.safetensors                   the calibration activations entering block NNNN
+    #   progress.json                             the commit record, written last (fsync'd):
+    #       {"format": 2, "fingerprint", "n_blocks", "next_block", "files": {name: sha256}}
+    # Block i is committed only when progress.json names its files and inputs_{i+1}; the
+    # previous inputs file is deleted after that. A kill anywhere leaves either the old record
+    # (block i is recomputed from inputs_i, which still exists) or the new one (complete files).
+    # On resume every file in the record is verified against its sha256; a record written by
+    # another configuration (fingerprint) or with missing/corrupt files is discarded loudly.
     def _progress_file(self) -> Path | None:
         return None if self.state_dir is None else self.state_dir / "progress.json"
 
+    def _discard_state(self, reason: str) -> None:
+        assert self.state_dir is not None
+        msg = f"discarding resume state in {self.state_dir}: {reason}; compressing from block 0"
+        log.warning(msg)
+        warnings.warn(msg, ResumeStateDiscarded, stacklevel=3)
+        self.discarded = reason
+        for f in self.state_dir.iterdir():
+            if f.is_file() and (f.name.startswith(("block_", "inputs", "progress", "."))):
+                f.unlink(missing_ok=True)
+
     def _load_progress(self) -> int:
         pf = self._progress_file()
-        if pf is None or not pf.exists():
+        if pf is None or not pf.parent.is_dir():
             return 0
-        prog = json.loads(pf.read_text())
+        if not pf.exists():
+            if any(pf.parent.glob("block_*")) or any(pf.parent.glob("inputs*")):
+                self._discard_state("block files without a progress record")
+            return 0
+        try:
+            prog = json.loads(pf.read_text())
+            if not isinstance(prog, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            self._discard_state(f"{pf} is unreadable ({e})")
+            return 0
+        if prog.get("format") != STATE_FORMAT:
+            self._discard_state(f"{pf} has state format {prog.get('format')!r}, not {STATE_FORMAT}")
+            return 0
         if prog.get("fingerprint") != self.fingerprint or prog.get("n_blocks") != len(self.blocks):
+            self._discard_state(
+                f"it was written by a different run (fingerprint {prog.get('fingerprint')!r} != "
+                f"{self.fingerprint!r}: the model weights, calibration data, method options, "
+                "seed, engine.batch_size or device differ)"
+            )
             return 0
-        return int(prog["next_block"])
+        nxt = prog.get("next_block")
+        files = prog.get("files")
+        if not isinstance(nxt, int) or not 0 <= nxt <= len(self.blocks) or not isinstance(
+            files, dict
+        ):
+            self._discard_state(f"{pf} is malformed")
+            return 0
+        need = [f"block_{i:04d}.{ext}" for i in range(nxt) for ext in ("safetensors", "json")]
+        if 0 < nxt < len(self.blocks):
+            need.append(_inputs_name(nxt))
+        for name in need:
+            f = self.state_dir / name
+            if name not in files or not f.is_file():
+                self._discard_state(f"{f} is missing")
+                return 0
+            if file_sha256(f) != files[name]:
+                self._discard_state(f"{f} does not match its sha256 in {pf.name} (corrupt)")
+                return 0
+        self._committed = {k: files[k] for k in need}
+        return nxt
 
     def _save_block(
         self, i: int, results: dict[str, CompressedLinear], inputs: list[torch.Tensor]
@@ -255,17 +338,34 @@ class CalibrationEngine:
             t, m = compressed_to_tensors(name, c)
             tensors.update(t)
             meta.update(m)
-        atomic_save_tensors(tensors, self.state_dir / f"block_{i:04d}.safetensors")
-        atomic_write_json(self.state_dir / f"block_{i:04d}.json", meta)
+        written = {}
+        for fname, write in (
+            (f"block_{i:04d}.safetensors", lambda p: atomic_save_tensors(tensors, p)),
+            (f"block_{i:04d}.json", lambda p: atomic_write_json(p, meta)),
+        ):
+            write(self.state_dir / fname)
+            written[fname] = file_sha256(self.state_dir / fname)
         if i + 1 < len(self.blocks):
+            fname = _inputs_name(i + 1)
             atomic_save_tensors(
-                {f"b{j}": x for j, x in enumerate(inputs)}, self.state_dir / "inputs.safetensors"
+                {f"b{j}": x for j, x in enumerate(inputs)}, self.state_dir / fname
             )
+            written[fname] = file_sha256(self.state_dir / fname)
+        files = {k: v for k, v in self._committed.items() if k.startswith("block_")}
+        files.update(written)
         # progress.json is written last: it is the commit point of block i
         atomic_write_json(
             self._progress_file(),
-            {"fingerprint": self.fingerprint, "n_blocks": len(self.blocks), "next_block": i + 1},
+            {
+                "format": STATE_FORMAT,
+                "fingerprint": self.fingerprint,
+                "n_blocks": len(self.blocks),
+                "next_block": i + 1,
+                "files": files,
+            },
         )
+        self._committed = files
+        (self.state_dir / _inputs_name(i)).unlink(missing_ok=True)  # superseded
 
     def _load_block(self, i: int) -> dict[str, CompressedLinear]:
         assert self.state_dir is not None
@@ -295,7 +395,13 @@ class CalibrationEngine:
         """Compresses every block, given the first block's inputs and kwargs (per batch)."""
         t0 = time.perf_counter()
         result = CalibrationResult()
-        start = self._load_progress() if self.state_dir is not None else 0
+        self._committed: dict[str, str] = {}
+        self.discarded: str | None = None
+        start = 0
+        if self.state_dir is not None:
+            make_dir(self.state_dir)
+            remove_stale_temps(self.state_dir)
+            start = self._load_progress()
         kwargs = [to_device(kw, self.device) for kw in kwargs]
         for i in range(start):  # re-install finished blocks from their saved state
             block = self.blocks[i]
@@ -303,9 +409,11 @@ class CalibrationEngine:
             for name, c in self._load_block(i).items():
                 self._install(i, block, name, lin[name], c, result)
         if start > 0 and start < len(self.blocks):
-            saved = load_tensors(self.state_dir / "inputs.safetensors")
+            saved = load_tensors(self.state_dir / _inputs_name(start))
             inputs = [saved[f"b{j}"] for j in range(len(saved))]
         result.resumed_blocks = start
+        result.discarded_state = self.discarded
+        result.fingerprint = self.fingerprint
         inputs = [x if self.offload_inputs else x.to(self.device) for x in inputs]
 
         bar = tqdm(

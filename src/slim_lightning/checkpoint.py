@@ -9,12 +9,15 @@ A checkpoint directory holds:
 * ``config.json`` and the tokenizer files: the base model's Hugging Face config and tokenizer.
 * ``slim.json``: ``{"format": "slim-lightning", "version": 1, "layers": {module name:
   SLiMLinear.meta()}, "plan": method and every option, "versions": package versions,
-  "calibration": fingerprint, "results": evaluation results of the run that wrote it}``.
+  "calibration": fingerprint, "results": evaluation results of the run that wrote it,
+  "base_sha256": digest of the packed base (what fine-tuning checkpoints are tied to),
+  "files": {file name: sha256} of every other file}``, written last.
 
 The directory is written under a temporary name and renamed when complete, so a crash never leaves
 a half-written checkpoint. ``load_compressed`` builds the model skeleton from ``config.json`` on
 the meta device (no dense weights are ever allocated), swaps in empty ``SLiMLinear`` modules from
-their metadata and assigns the stored tensors.
+their metadata and assigns the stored tensors. It verifies the files' sha256 by default and
+always checks metadata against config and tensors and that every scale is finite.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def _tied_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
     return dup
 
 
+class CheckpointError(ValueError):
+    """A packed checkpoint is missing, damaged, edited or inconsistent (names the file)."""
+
+
 def save_compressed(
     model: nn.Module,
     tokenizer: Any,
@@ -74,8 +81,10 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
+    from .io import fault_point, file_sha256
     from .modules import SLiMLinear
     from .report import package_versions
+    from .training import state_hashes
 
     out_dir = Path(out_dir)
     layers = {n: m.meta() for n, m in model.named_modules() if isinstance(m, SLiMLinear)}
@@ -90,6 +99,7 @@ def save_compressed(
         "layers": layers,
         "tied": tied,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "base_sha256": state_hashes(model)["base"],
         "versions": package_versions(),
         "calibration": calibration,
         "results": _jsonable(results or {}),
@@ -103,13 +113,20 @@ def save_compressed(
             "seed": getattr(plan, "seed", None),
         }
     with atomic_dir(out_dir) as tmp:
+        fault_point(f"write {out_dir.name}/{WEIGHTS}")
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        fault_point(f"write {out_dir.name}/config.json")
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # every file's sha256, so a load can verify that nothing changed since it was written
+        meta["files"] = {
+            f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != META
+        }
+        fault_point(f"write {out_dir.name}/{META}")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return out_dir
 
@@ -123,25 +140,70 @@ def _jsonable(obj: Any) -> Any:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``slim.json``; raises a clear error for anything else."""
+    """The checkpoint's ``slim.json``; raises CheckpointError naming the file for anything else."""
     path = Path(path)
     f = path / META
     if not f.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{path} is not a slim-lightning checkpoint (no {META}); compress.py writes one to "
             "RUN_DIR/packed"
         )
-    meta = json.loads(f.read_text())
-    if meta.get("format") != FORMAT or int(meta.get("version", -1)) != VERSION:
-        raise ValueError(
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f}: not a JSON object; the checkpoint is damaged")
+    version = meta.get("version", -1)
+    if meta.get("format") != FORMAT or not isinstance(version, int) or version != VERSION:
+        raise CheckpointError(
             f"{f}: format {meta.get('format')!r} version {meta.get('version')!r}; "
             f"this slim-lightning reads {FORMAT!r} version {VERSION}"
         )
+    layers, tied = meta.get("layers"), meta.get("tied", [])
+    if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
+        raise CheckpointError(f"{f}: 'layers' must map module names to layer metadata")
+    if not isinstance(tied, list) or not all(isinstance(k, str) for k in tied):
+        raise CheckpointError(f"{f}: 'tied' must be a list of tensor names")
+    if meta.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise CheckpointError(f"{f}: dtype {meta.get('dtype')!r}; allowed float32, float16, bfloat16")
+    return meta
+
+
+def verify_files(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checks every file against the sha256 that ``slim.json`` recorded when it was written.
+
+    Returns:
+        The metadata. Raises CheckpointError naming the first missing or changed file.
+    """
+    from .io import file_sha256
+
+    path = Path(path)
+    meta = read_meta(path) if meta is None else meta
+    files = meta.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise CheckpointError(
+            f"{path / META}: no file digests (written by an older slim-lightning); load it with "
+            "verify=False to trust it as is"
+        )
+    for name, digest in files.items():
+        f = path / str(name)
+        if Path(str(name)).name != str(name) or not f.is_file():
+            raise CheckpointError(f"{f}: missing (slim.json lists it); the checkpoint is incomplete")
+        if file_sha256(f) != digest:
+            raise CheckpointError(
+                f"{f}: sha256 differs from the one recorded in {META} when it was written (the "
+                "file is corrupt or was edited); re-export it, or pass verify=False to load anyway"
+            )
     return meta
 
 
 def load_compressed(
-    path: str | Path, *, device: str | torch.device = "cpu", backend: str = "reference"
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    backend: str = "reference",
+    verify: bool = True,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Rebuilds a compressed model from a packed checkpoint (no original weights needed).
 
@@ -149,36 +211,109 @@ def load_compressed(
         path: a directory written by ``save_compressed``.
         device: where the tensors go.
         backend: ``SLiMLinear`` backend (``reference`` or ``triton``).
+        verify: check every file against its recorded sha256 first (seconds per GB).
+
+    Every load, verified or not, checks the layer metadata against ``config.json`` and against
+    the stored tensors' shapes and dtypes, and that every floating-point tensor and every decoded
+    scale is finite. Errors are ``CheckpointError`` naming the file and the tensor or layer.
 
     Returns:
         ``(model, tokenizer, meta)``: the model in eval mode, its tokenizer (None if none was
         saved) and the checkpoint's metadata.
     """
+    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .models import get_arch, get_module
     from .modules import SLiMLinear, set_backend
+    from .packed import check_meta, check_values
 
     path = Path(path)
     meta = read_meta(path)
-    config = AutoConfig.from_pretrained(path)
+    if verify:
+        verify_files(path, meta)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})") from None
     dtype = getattr(torch, meta.get("dtype", "float32"))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        get_arch(model)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path / 'config.json'}: cannot build the model ({e})") from None
     for name, layer_meta in meta["layers"].items():
-        model.set_submodule(name, SLiMLinear.from_meta(layer_meta, device="meta"))
-    sd = load_tensors(path / WEIGHTS, device=str(device))
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        where = f"{path / META}: layer {name}"
+        old = get_module(model, name)
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(
+                f"{where}: config.json's model has no linear layer there (got "
+                f"{type(old).__name__}); slim.json and config.json do not belong together"
+            )
+        try:
+            for key in ("weight", "adapter_l", "adapter_r"):
+                if key in layer_meta:
+                    check_meta(layer_meta[key])
+            if tuple(layer_meta["weight"]["shape"]) != (old.out_features, old.in_features):
+                raise ValueError(
+                    f"weight shape {layer_meta['weight']['shape']} != the model's "
+                    f"({old.out_features}, {old.in_features})"
+                )
+            new = SLiMLinear.from_meta(layer_meta, device="meta")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
+        model.set_submodule(name, new)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                if k in expected:
+                    sl = f.get_slice(k)
+                    got = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+                    if got != expected[k]:
+                        raise CheckpointError(
+                            f"{weights}: tensor {k} is {got[0]} {got[1]}, the metadata says "
+                            f"{expected[k][0]} {expected[k][1]}"
+                        )
+        sd = load_tensors(weights, device=str(device))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
+        raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: {e}") from None
     if unexpected:
-        raise ValueError(f"{path / WEIGHTS}: unexpected tensors {unexpected[:5]}")
+        raise CheckpointError(f"{weights}: unexpected tensors {unexpected[:5]}")
     missing = [k for k in missing if k not in meta.get("tied", [])]
     if missing:
-        raise ValueError(f"{path / WEIGHTS}: missing tensors {missing[:5]}")
+        raise CheckpointError(f"{weights}: missing tensors {missing[:5]}")
     for k in meta.get("tied", []):
         # re-tie: the LM head shares the embedding's tensor
         owner, _, attr = k.rpartition(".")
         src = _tied_source(model, k, sd)
         setattr(get_module(model, owner), attr, src)
+    for k, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{weights}: tensor {k} has NaN/Inf values")
+    for name, mod in model.named_modules():
+        if isinstance(mod, SLiMLinear):
+            for label, pw in (
+                ("weight", mod.packed_weight()),
+                ("adapter_l", mod.packed_adapter("l")),
+                ("adapter_r", mod.packed_adapter("r")),
+            ):
+                if pw is None:
+                    continue
+                try:
+                    check_values(pw)
+                except ValueError as e:
+                    raise CheckpointError(f"{weights}: {name}.{label}: {e}") from None
     _materialise_buffers(model, get_arch(model), device)
     model.to(device)
     set_backend(model, backend)  # type: ignore[arg-type]
@@ -186,8 +321,29 @@ def load_compressed(
     model.config.use_cache = False
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: tokenizer unreadable ({type(e).__name__}: {e})") from None
     return model, tokenizer, meta
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _st_dtype(name: str) -> Any:
+    return _ST_DTYPES.get(name, name)
 
 
 def _tied_source(model: nn.Module, key: str, sd: dict[str, torch.Tensor]) -> nn.Parameter:

@@ -28,7 +28,9 @@ def make_eval_windows(tokenizer: Any, eval_cfg: Any) -> torch.Tensor:
     """Tokenised evaluation text cut into non-overlapping windows ``(n, seqlen)``."""
     from .data import eval_tokens, eval_windows
 
-    return eval_windows(eval_tokens(tokenizer, eval_cfg), eval_cfg.seqlen, eval_cfg.max_windows)
+    return eval_windows(
+        eval_tokens(tokenizer, eval_cfg), eval_cfg.seqlen, eval_cfg.max_windows, eval_cfg.where
+    )
 
 
 def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
@@ -58,26 +60,44 @@ def _zero_shot(model: torch.nn.Module, tokenizer: Any, plan: Any, device: str) -
 
 
 def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Compresses, evaluates and exports; returns the report (also written to run_dir)."""
+    """Compresses, evaluates and exports; returns the report (also written to run_dir).
+
+    Order: validate the config -> lock the run directory (``rundir.run_session``) -> preflight
+    (model config, dimensions, tokenizer, every text; seconds) -> load weights -> dense
+    evaluation -> compression -> evaluation -> exports -> ``report.json`` with ``status: done``.
+    """
+    from .rundir import run_session
+
+    run_dir = Path(run_dir)
+    plan = build_plan(cfg)  # every value validated before anything heavy happens
+    container = OmegaConf.to_container(cfg, resolve=True)
+    with run_session(run_dir, "compress", config=container) as status:
+        return _run_compress(plan, container, run_dir, status)
+
+
+def _run_compress(
+    plan: Any, container: dict, run_dir: Path, status: dict[str, Any]
+) -> dict[str, Any]:
     import lightning as L
 
     from .evaluation import perplexity
     from .lightning_module import SLiMModule
-    from .pipeline import merge_to_dense
+    from .pipeline import is_identity, merge_to_dense
+    from .preflight import preflight
 
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plan = build_plan(cfg)  # every value validated before anything heavy happens
+    prepared = preflight(plan, compress=not is_identity(plan.spec))
     torch.manual_seed(plan.seed)
     device = resolve_device(plan.device)
-    module = SLiMModule(OmegaConf.to_container(cfg, resolve=True), str(run_dir))
+    module = SLiMModule(container, str(run_dir), prepared=prepared)
+    module.timings["preflight_s"] = time.perf_counter() - t_start
     module.load_base()
 
     eval_name = getattr(plan.eval, "name", None) or getattr(plan.eval, "source", "eval")
     report: dict[str, Any] = {
+        **status,
         "method": plan.method_name,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": container,
         "spec": asdict(plan.spec),
         "versions": package_versions(),
         "seed": plan.seed,
@@ -85,9 +105,8 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "ppl": {},
         "ppl_dense": {},
     }
-    windows = None
-    if plan.eval is not None:
-        windows = make_eval_windows(module.tokenizer, plan.eval)
+    windows = prepared.eval_windows
+    if windows is not None:
         report["eval_windows"] = list(windows.shape)
         if plan.eval_dense:
             t0 = time.perf_counter()
@@ -125,6 +144,11 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     report["size"] = linear_sizes(model) if plan.export.packed else {}
     if module.calib_result is not None:
         report["resumed_blocks"] = module.calib_result.resumed_blocks
+        report["resume"] = {
+            "resumed_blocks": module.calib_result.resumed_blocks,
+            "discarded_state": module.calib_result.discarded_state,
+            "fingerprint": module.calib_result.fingerprint,
+        }
     if plan.export.packed and report["size"]:
         from .checkpoint import save_compressed
 
@@ -138,6 +162,7 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 "ppl_dense": report["ppl_dense"],
                 "size": report["size"],
             },
+            calibration=module.fingerprint,
         )
         report["packed_dir"] = str(run_dir / "packed")
     if plan.export.hf:
@@ -153,6 +178,8 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     module.timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = module.timings
     report["memory"] = peak_memory()
+    report["status"] = "done"
+    report["finished"] = time.time()
     atomic_write_json(run_dir / "report.json", report)
     print(summary_table(report))
     print(f"report: {run_dir / 'report.json'}")

@@ -94,6 +94,10 @@ def validate_spec(spec: CompressSpec) -> None:
     check_choice("pruner.order", p.order, ("mask_then_quant", "quant_then_mask"))
     _check_int("pruner.blocksize", p.blocksize, 1)
     check_range("pruner.damp", p.damp, 0.0, 1.0, lo_open=True)
+    if p.method == "sparsegpt" and s.pattern == "nm" and p.blocksize % s.m:
+        raise ConfigError(
+            "pruner.blocksize", p.blocksize, f"a multiple of sparsity.m={s.m} (SparseGPT N:M)"
+        )
     if p.joint_quant and p.method != "sparsegpt":
         raise ConfigError("pruner.joint_quant", True, "true only with pruner=sparsegpt")
     if p.joint_quant and q.method != "absmax":

@@ -31,10 +31,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import re
-import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +44,7 @@ import torch
 
 from .errors import ConfigError, check_choice
 
+log = logging.getLogger(__name__)
 SOURCES = ("embedded", "embedded_shakespeare", "text", "wikitext2", "c4")
 # split "auto" resolves per role: (calibration split, evaluation split)
 _SPLITS = {
@@ -100,8 +102,14 @@ class TextSourceConfig:
         check_choice(f"{g}.split", self.split, ("auto", *_SPLITS[self.source][0]))
         _pos_int(f"{g}.seqlen", self.seqlen)
         if self.source == "text":
-            if not self.path or not Path(self.path).expanduser().is_file():
-                raise ConfigError(f"{g}.path", self.path, "an existing UTF-8 text file")
+            check_text_file(f"{g}.path", self.path)
+
+    @property
+    def where(self) -> str:
+        """The text's origin for messages: the file for ``text``, else source and split."""
+        if self.source == "text":
+            return f"{self._group}.path={self.path}"
+        return f"{self._group}.source={self.source} (split {self.resolved_split})"
 
     @property
     def resolved_split(self) -> str:
@@ -149,6 +157,8 @@ class EvalConfig(TextSourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.seqlen < 2:
+            raise ConfigError("eval.seqlen", self.seqlen, "an integer >= 2 (a window predicts tokens 2..seqlen)")
         if self.max_windows is not None:
             _pos_int("eval.max_windows", self.max_windows)
         from .evaluation import ZERO_SHOT_TASKS
@@ -165,6 +175,34 @@ class EvalConfig(TextSourceConfig):
             )
         if self.zero_shot_limit is not None:
             _pos_int("eval.zero_shot_limit", self.zero_shot_limit)
+
+
+def check_text_file(key: str, path: Any) -> None:
+    """Raises ConfigError naming ``key`` and the file unless it is non-empty UTF-8 text."""
+    p = Path(str(path)).expanduser() if path else None
+    if p is None or not p.is_file():
+        raise ConfigError(key, path, "an existing UTF-8 text file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, path, f"a readable UTF-8 text file ({e.strerror})") from None
+    if not data:
+        raise ConfigError(key, path, "a non-empty UTF-8 text file (this file is empty)")
+    if b"\x00" in data:
+        raise ConfigError(
+            key, path, f"a UTF-8 text file (byte {data.index(0)} is NUL: binary data?)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            key,
+            path,
+            f"a UTF-8 text file (byte {e.start} = {data[e.start : e.start + 1]!r} is not valid "
+            "UTF-8; convert it first, e.g. `iconv -f latin1 -t utf-8`)",
+        ) from None
+    if not text.strip():
+        raise ConfigError(key, path, "a text file with some text in it (only whitespace)")
 
 
 # -- raw text -------------------------------------------------------------------------------------
@@ -270,18 +308,34 @@ def tokenize_text(tokenizer: Any, text: str, cache_dir: str | None = None) -> to
     ).hexdigest()[:24]
     path = cache_root(cache_dir) / "tokens" / f"{key}.safetensors"
     if path.is_file():
-        return load_file(str(path))["ids"].long()
+        try:
+            return _read_token_cache(path)
+        except Exception as e:  # noqa: BLE001 - self-healing: a damaged entry is rebuilt
+            log.warning("token cache %s is damaged (%s); re-tokenising", path, e)
+            warnings.warn(f"token cache {path} is damaged ({e}); rebuilt", stacklevel=2)
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=path.parent)
-    os.close(fd)
+    ids32 = ids.to(torch.int32)  # vocab < 2^31: int32 halves the file
+    digest = hashlib.sha256(ids32.numpy().tobytes()).hexdigest()
     try:
-        save_file({"ids": ids.to(torch.int32)}, tmp)  # vocab < 2^31: int32 halves the file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        from .io import atomic_save_tensors
+
+        atomic_save_tensors({"ids": ids32}, path, metadata={"n": str(ids.numel()), "sha256": digest})
+    except OSError as e:  # a read-only or full cache only costs re-tokenising next time
+        log.warning("could not write token cache %s: %s", path, e)
     return ids
+
+
+def _read_token_cache(path: Path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        ids = f.get_tensor("ids")
+    if ids.dtype != torch.int32 or ids.dim() != 1 or str(ids.numel()) != meta.get("n"):
+        raise ValueError("unexpected tensor layout")
+    if hashlib.sha256(ids.numpy().tobytes()).hexdigest() != meta.get("sha256"):
+        raise ValueError("sha256 mismatch")
+    return ids.long()
 
 
 def _c4_calibration(tokenizer: Any, cfg: CalibConfig) -> torch.Tensor:
@@ -315,7 +369,10 @@ def calibration_windows(tokenizer: Any, cfg: CalibConfig) -> torch.Tensor:
     n, L = ids.numel(), cfg.seqlen
     if n < L + 1:
         raise ConfigError(
-            "calib.seqlen", L, f"at most {n - 1}: the {cfg.label} text has {n} tokens"
+            "calib.seqlen",
+            L,
+            f"at most {max(n - 1, 0)}: the calibration text {cfg.where} has only {n} tokens "
+            "(give a longer text or a smaller calib.seqlen)",
         )
     rng = random.Random(cfg.seed)  # local RNG: same windows as the reference, no global state
     starts = [rng.randint(0, n - L - 1) for _ in range(cfg.nsamples)]
@@ -327,7 +384,9 @@ def eval_tokens(tokenizer: Any, cfg: EvalConfig) -> torch.Tensor:
     return tokenize_text(tokenizer, load_text(cfg), cfg.cache_dir).unsqueeze(0)
 
 
-def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+def eval_windows(
+    tokens: torch.Tensor, seqlen: int, max_windows: int | None = None, where: str = "the text"
+) -> torch.Tensor:
     """Cuts ``tokens`` into non-overlapping windows, dropping the remainder.
 
     Args:
@@ -343,7 +402,11 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
-        raise ConfigError("eval.seqlen", seqlen, f"at most {flat.numel()} (the text's token count)")
+        raise ConfigError(
+            "eval.seqlen",
+            seqlen,
+            f"at most {flat.numel()}: the evaluation text {where} has only {flat.numel()} tokens",
+        )
     return flat[: n * seqlen].reshape(n, seqlen).long()  # (n_windows, seqlen)
 
 

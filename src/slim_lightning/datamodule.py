@@ -125,7 +125,7 @@ def make_blocks(ids: torch.Tensor, cfg: TrainDataConfig) -> tuple[torch.Tensor, 
         raise ConfigError(
             "data.seqlen",
             cfg.seqlen,
-            f"at most {ids.numel() // (cfg.val_blocks + 1)} (the {cfg.label} text has "
+            f"at most {ids.numel() // (cfg.val_blocks + 1)} (the training text {cfg.where} has "
             f"{ids.numel()} tokens and {cfg.val_blocks} blocks are held out)",
         )
     blocks = ids[: n * cfg.seqlen].reshape(n, cfg.seqlen).long()  # (n_blocks, seqlen)
@@ -166,13 +166,20 @@ class SLiMDataModule(L.LightningDataModule):
         validate: False gives no validation loader (no validation during fitting).
     """
 
-    def __init__(self, cfg: TrainDataConfig, tokenizer: Any, validate: bool = True):
+    def __init__(
+        self,
+        cfg: TrainDataConfig,
+        tokenizer: Any,
+        validate: bool = True,
+        blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.validate = validate
         self.tokenizer = tokenizer
-        self.train_blocks: torch.Tensor | None = None
-        self.val_blocks: torch.Tensor | None = None
+        # (train, val) blocks already cut by preflight, or None to tokenise in setup()
+        self.train_blocks: torch.Tensor | None = None if blocks is None else blocks[0]
+        self.val_blocks: torch.Tensor | None = None if blocks is None else blocks[1]
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenises and blocks the text once per process (idempotent)."""

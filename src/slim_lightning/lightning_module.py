@@ -34,14 +34,18 @@ class SLiMModule(L.LightningModule):
         run_dir: the run directory (resume state, checkpoints, reports).
     """
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str | None = None):
+    def __init__(self, cfg: dict[str, Any], run_dir: str | None = None, prepared: Any = None):
         super().__init__()
         self.save_hyperparameters({"cfg": cfg, "run_dir": run_dir})
+        # preflight.Prepared: the tokenizer and tokenised texts, checked before any weights load
+        self.prepared = prepared
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.plan: CompressPlan = build_plan(self.cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model: torch.nn.Module | None = None
-        self.tokenizer: Any = None
+        self.tokenizer: Any = None if prepared is None else prepared.tokenizer
+        self.model_digest: str | None = None
+        self._base_sha256: str | None = None
         self.calib_result: Any = None
         self.loaded_meta: dict[str, Any] | None = None
         self.compressed = False
@@ -82,16 +86,24 @@ class SLiMModule(L.LightningModule):
             return
         from .models import load_model
 
+        from .models import weights_digest
+
         t0 = time.perf_counter()
-        self.model, self.tokenizer = load_model(self.plan.model)
+        self.model, self.tokenizer = load_model(self.plan.model, tokenizer=self.tokenizer)
         self.timings["load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.model_digest = weights_digest(self.plan.model, self.model)
+        self.timings["digest_s"] = time.perf_counter() - t0
 
     def load_packed(self, path: str | Path) -> None:
         """Replaces the model by the packed checkpoint at ``path`` (``checkpoint.load_compressed``)."""
         from .checkpoint import load_compressed
 
         t0 = time.perf_counter()
-        self.model, tokenizer, self.loaded_meta = load_compressed(path, device="cpu")
+        verified = self.prepared is not None and self.prepared.compressed_meta is not None
+        self.model, tokenizer, self.loaded_meta = load_compressed(
+            path, device="cpu", verify=not verified
+        )
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.model.eval()
         if hasattr(self.model, "config"):
@@ -112,6 +124,8 @@ class SLiMModule(L.LightningModule):
         """The calibration windows, int64 ``(nsamples, seqlen)`` (tokenised once, cached)."""
         from .data import calibration_windows
 
+        if self.prepared is not None and self.prepared.calib_ids is not None:
+            return self.prepared.calib_ids
         return calibration_windows(self.tokenizer, self.plan.calib)
 
     def compress(self) -> None:
@@ -123,9 +137,15 @@ class SLiMModule(L.LightningModule):
         t0 = time.perf_counter()
         ids = self.calibration_ids()
         self.timings["calib_data_s"] = time.perf_counter() - t0
+        self._check_ckpt_fingerprint(ids)
         t0 = time.perf_counter()
         self.calib_result = compress_model(
-            self.model, self.plan, ids, self.run_dir, packed=self.plan.export.packed
+            self.model,
+            self.plan,
+            ids,
+            self.run_dir,
+            packed=self.plan.export.packed,
+            model_digest=self.model_digest,
         )
         self.timings["compress_s"] = time.perf_counter() - t0
 
@@ -135,8 +155,49 @@ class SLiMModule(L.LightningModule):
         assert self.run_dir is not None, "a distributed run needs run_dir"
         out = self.run_dir / COMPRESSED_DIR
         results = {"layers_summary": self.compression_summary()}
-        save_compressed(self.model, self.tokenizer, out, plan=self.plan, results=results)
+        save_compressed(
+            self.model,
+            self.tokenizer,
+            out,
+            plan=self.plan,
+            results=results,
+            calibration=self.fingerprint,
+        )
         return out
+
+    def _check_ckpt_fingerprint(self, ids: torch.Tensor) -> None:
+        """Refuses, before compressing, a ckpt_path trained on another compression setup."""
+        from .errors import ConfigError
+        from .pipeline import plan_fingerprint
+
+        base = None if self.prepared is None else self.prepared.ckpt_base
+        if not base or not base.get("fingerprint") or self.model_digest is None:
+            return
+        fp = plan_fingerprint(self.plan, ids, self.model_digest, self.plan.export.packed)
+        if fp != base["fingerprint"]:
+            raise ConfigError(
+                "ckpt_path",
+                self.cfg.get("ckpt_path"),
+                f"a checkpoint of a run with this model, data and method (its compression "
+                f"fingerprint {base['fingerprint']} != {fp} of this run)",
+            )
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The compression fingerprint (model weights, data, options) of this run's base."""
+        if self.calib_result is not None and self.calib_result.fingerprint:
+            return self.calib_result.fingerprint
+        if self.loaded_meta is not None:
+            return self.loaded_meta.get("calibration")
+        return None
+
+    def base_sha256(self) -> str:
+        """sha256 of the packed base (every SLiMLinear buffer but the adapters'); computed once."""
+        if self._base_sha256 is None:
+            from .training import state_hashes
+
+            self._base_sha256 = state_hashes(self.model)["base"]
+        return self._base_sha256
 
     def setup(self, stage: str | None = None) -> None:
         """Load-or-compress exactly once per process; for ``fit`` also marks what trains."""
@@ -280,8 +341,21 @@ class SLiMModule(L.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["slim_trainable"] = sorted(keep)
+        # the adapters only make sense on the base they were trained on: resuming checks it
+        checkpoint["slim_base"] = {
+            "base_sha256": self.base_sha256(),
+            "fingerprint": self.fingerprint,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        base = checkpoint.get("slim_base")
+        if not isinstance(base, dict) or base.get("base_sha256") != self.base_sha256():
+            got = base.get("base_sha256", "none")[:12] if isinstance(base, dict) else "none"
+            raise ValueError(
+                f"ckpt_path: the checkpoint's adapters were trained on another compressed base "
+                f"(base sha256 {got} != {self.base_sha256()[:12]} of this run); resume with the "
+                "same compressed.path (or the same model, data and method options)"
+            )
         want = {n for n, p in self.named_parameters() if p.requires_grad}
         have = set(checkpoint.get("state_dict", {}))
         if want and want != have:

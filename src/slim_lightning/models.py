@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from .errors import ConfigError, check_choice
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = ("embedded:smollm2",)
+log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -224,6 +226,9 @@ class ModelConfig:
 
 
 # -- loading --------------------------------------------------------------------------------------
+# Order of a run: ``load_config`` (config.json / GGUF header: architecture, dimensions) and
+# ``load_tokenizer`` are cheap and run before anything heavy, so a bad ``model.path`` fails in
+# seconds; ``load_model`` then loads the weights and refuses NaN/Inf tensors by name.
 def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
     import transformers
 
@@ -256,6 +261,31 @@ def rebuild_plain(model: nn.Module) -> nn.Module:
     return plain
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``ModelConfig.path`` points, resolved: ``kind`` is tiny | gguf | dir | hub."""
+
+    kind: str
+    location: str  # directory (gguf, dir), hub id (hub, gguf on the hub) or "" (tiny)
+    gguf_file: str | None = None
+
+
+def model_source(cfg: ModelConfig) -> ModelSource:
+    """Resolves ``cfg.path`` without loading anything."""
+    if cfg.random_init:
+        return ModelSource("tiny", "")
+    path, gguf = cfg.path, cfg.gguf_file
+    if path.startswith("embedded:"):
+        local = embedded_smollm2_path()
+        return ModelSource("gguf", str(local.parent), local.name)
+    local = Path(path).expanduser()
+    if path.endswith(".gguf") and local.is_file():
+        return ModelSource("gguf", str(local.parent), local.name)
+    if local.exists():
+        return ModelSource("gguf" if gguf else "dir", str(local), gguf)
+    return ModelSource("gguf" if gguf else "hub", path, gguf)
+
+
 def _gguf_cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
     import transformers
 
@@ -265,21 +295,204 @@ def _gguf_cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
     return cache_root(cfg.cache_dir) / "gguf" / f"{gguf.stem}-{digest}"
 
 
-def _load_gguf(cfg: ModelConfig, directory: str, file: str) -> tuple[nn.Module, Any]:
+def _gguf_cache(cfg: ModelConfig, src: ModelSource) -> Path | None:
+    local = Path(src.location) / (src.gguf_file or "")
+    if not (cfg.cache_gguf and local.is_file()):
+        return None
+    return _gguf_cache_dir(cfg, local)
+
+
+def _probe_hub(cfg: ModelConfig) -> None:
+    """Fails in seconds, naming ``model.path``, when a hub id cannot be reached or does not exist.
+
+    A hub id whose config is already in the local Hugging Face cache passes without network.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            "model.path",
+            cfg.path,
+            "a local directory or a hub id already in the Hugging Face cache (HF_HUB_OFFLINE is "
+            "set and this id is not cached)",
+        )
+    import urllib.error
+    import urllib.request
+
+    url = f"{constants.ENDPOINT}/{cfg.path}/resolve/{cfg.revision or 'main'}/config.json"
+    req = urllib.request.Request(url, method="HEAD")
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+    except Exception:  # noqa: BLE001 - a token is optional
+        pass
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ConfigError(
+                "model.path",
+                cfg.path,
+                f"a hub repository you can access (HTTP {e.code}: gated or private; run "
+                "`huggingface-cli login` or set HF_TOKEN)",
+            ) from None
+        if e.code == 404:
+            raise ConfigError(
+                "model.path", cfg.path, "an existing hub repository with config.json (HTTP 404)"
+            ) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(
+            "model.path",
+            cfg.path,
+            f"a reachable hub id: {constants.ENDPOINT} cannot be reached ({reason}); check the "
+            "network, or download the model and pass its local directory",
+        ) from None
+
+
+def load_config(cfg: ModelConfig) -> Any:
+    """The model's Hugging Face config, without loading weights (seconds even for 70B).
+
+    Raises:
+        ConfigError: ``model.path`` when the directory has no ``config.json``, the config is
+            unreadable, the hub cannot be reached, or the architecture is not supported.
+    """
+    from transformers import AutoConfig
+
+    src = model_source(cfg)
+    if src.kind == "tiny":
+        tiny = dict(cfg.tiny or {})
+        tiny.pop("seed", None)
+        return tiny_config(**tiny)
+    kw: dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
+    try:
+        if src.kind == "gguf":
+            cache = _gguf_cache(cfg, src)
+            if cache is not None and (cache / "config.json").is_file():
+                try:
+                    config = AutoConfig.from_pretrained(str(cache), **kw)
+                except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt on load
+                    config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+            else:
+                if src.kind == "gguf" and not Path(src.location).exists():
+                    _probe_hub(replace_path(cfg, src.location))
+                gkw = {"revision": cfg.revision} if cfg.revision else {}
+                config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, **gkw)
+        elif src.kind == "dir":
+            d = Path(src.location)
+            if not (d / "config.json").is_file():
+                have = sorted(p.name for p in d.iterdir())[:8] if d.is_dir() else []
+                raise ConfigError(
+                    "model.path",
+                    cfg.path,
+                    "a Hugging Face model directory containing config.json, or a .gguf file "
+                    f"(found: {', '.join(have) or 'nothing'})",
+                )
+            config = AutoConfig.from_pretrained(str(d), **kw)
+        else:
+            _probe_hub(cfg)
+            if cfg.revision:
+                kw["revision"] = cfg.revision
+            config = AutoConfig.from_pretrained(cfg.path, **kw)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed JSON, unknown model_type, bad GGUF, ...
+        raise ConfigError(
+            "model.path", cfg.path, f"a readable model config ({type(e).__name__}: {e})"
+        ) from None
+    key = cfg.arch if cfg.arch != "auto" else getattr(config, "model_type", None)
+    if key not in ARCHS:
+        raise ConfigError(
+            "model.path",
+            cfg.path,
+            f"a model of a supported architecture ({', '.join(sorted(ARCHS))}); its model_type "
+            f"is {key!r}",
+        )
+    return config
+
+
+def replace_path(cfg: ModelConfig, path: str) -> ModelConfig:
+    """``cfg`` with another ``path`` (no validation)."""
+    new = copy.copy(cfg)
+    object.__setattr__(new, "path", path)
+    return new
+
+
+def linear_shapes(config: Any, arch: ArchSpec) -> dict[str, tuple[int, int]]:
+    """``{linear name in block 0: (d_out, d_in)}`` from a config, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for i, block in enumerate(get_blocks(model, arch)):
+        for name, lin in block_linears(block, arch).items():
+            out[f"{arch.blocks_path}.{i}.{name}"] = (lin.out_features, lin.in_features)
+    return out
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The model's tokenizer only (before any weights), with a clear error naming model.path."""
+    from transformers import AutoTokenizer
+
+    src = model_source(cfg)
+    if src.kind == "tiny":
+        return byte_tokenizer()
+    kw: dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
+    if cfg.revision and src.kind in ("hub", "gguf"):
+        kw["revision"] = cfg.revision
+    try:
+        if src.kind == "gguf":
+            cache = _gguf_cache(cfg, src)
+            if cache is not None and (cache / "tokenizer_config.json").is_file():
+                try:
+                    return AutoTokenizer.from_pretrained(str(cache), trust_remote_code=False)
+                except Exception:  # noqa: BLE001 - damaged cache: read the GGUF itself
+                    pass
+            return AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file, **kw)
+        return AutoTokenizer.from_pretrained(src.location, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(
+            "model.path",
+            cfg.path,
+            f"a model with a loadable tokenizer (tokenizer.json or tokenizer.model): "
+            f"{type(e).__name__}: {str(e)[:300]}",
+        ) from None
+
+
+def _load_gguf(cfg: ModelConfig, src: ModelSource) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(directory).expanduser() / file
-    cache = _gguf_cache_dir(cfg, local) if (cfg.cache_gguf and local.is_file()) else None
+    cache = _gguf_cache(cfg, src)
     if cache is not None and (cache / "config.json").is_file():
-        return _load_hf(cfg, str(cache), revision=None)
-    kw: dict[str, Any] = {"gguf_file": file}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(cache), trust_remote_code=False, **_dtype_kw(DTYPES[cfg.dtype])
+            )
+            check_finite(model, f"the GGUF conversion cache {cache}")
+            return model
+        except Exception as e:  # noqa: BLE001 - self-healing: rebuild a damaged cache entry
+            log.warning("rebuilding the damaged GGUF conversion cache %s (%s)", cache, e)
+            shutil.rmtree(cache, ignore_errors=True)
+    kw: dict[str, Any] = {"gguf_file": src.gguf_file}
     if cfg.revision:
         kw["revision"] = cfg.revision
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
-    quantised = AutoModelForCausalLM.from_pretrained(directory, **kw, **_dtype_kw(torch.float32))
+    quantised = AutoModelForCausalLM.from_pretrained(
+        src.location, **kw, **_dtype_kw(torch.float32)
+    )
     model = rebuild_plain(quantised)
     del quantised
     if cache is not None:
+        tokenizer = AutoTokenizer.from_pretrained(src.location, **kw)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
         try:
@@ -290,47 +503,93 @@ def _load_gguf(cfg: ModelConfig, directory: str, file: str) -> tuple[nn.Module, 
             pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return model, tokenizer
+    return model
 
 
-def _load_hf(cfg: ModelConfig, path: str, revision: str | None) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw: dict[str, Any] = {}
-    if revision:
-        kw["revision"] = revision
-    if cfg.trust_remote_code:
-        kw["trust_remote_code"] = True
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw, **_dtype_kw(DTYPES[cfg.dtype]))
-    return model, tokenizer
+def check_finite(model: nn.Module, source: str) -> None:
+    """Raises ValueError naming the first tensor with NaN/Inf values and where it came from."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{source}: tensor {name} {tuple(t.shape)} has {bad} NaN/Inf values; the "
+                "checkpoint is corrupt (nothing was compressed)"
+            )
 
 
-def load_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
+def load_model(cfg: ModelConfig, tokenizer: Any = None) -> tuple[nn.Module, Any]:
     """Loads ``(model, tokenizer)`` as described by ``cfg``.
+
+    Args:
+        tokenizer: an already loaded tokenizer (``load_tokenizer``) to return instead of loading
+            it again.
 
     Returns:
         A causal LM in eval mode with ``config.use_cache = False`` and weights in ``cfg.dtype``
         (on CPU), and its tokenizer. GGUF models come back as plain (dequantised) HF models.
+
+    Raises:
+        ConfigError: ``model.path`` problems (missing config.json, unreachable hub, unsupported
+            architecture); ValueError: NaN/Inf weights, naming the tensor.
     """
-    if cfg.random_init:
-        model, tokenizer = tiny_model(**(cfg.tiny or {}))
-        return _finish(model, cfg), tokenizer
-    path, gguf = cfg.path, cfg.gguf_file
-    if path.startswith("embedded:"):
-        local = embedded_smollm2_path()
-        path, gguf = str(local.parent), local.name
-    elif path.endswith(".gguf") and Path(path).expanduser().is_file():
-        local = Path(path).expanduser()
-        path, gguf = str(local.parent), local.name
-    if Path(path).expanduser().exists():
-        path = str(Path(path).expanduser())
-    if gguf:
-        model, tokenizer = _load_gguf(cfg, path, gguf)
+    from transformers import AutoModelForCausalLM
+
+    src = model_source(cfg)
+    if src.kind == "tiny":
+        model, tok = tiny_model(**(cfg.tiny or {}))
+        return _finish(model, cfg), tokenizer if tokenizer is not None else tok
+    load_config(cfg)  # fails fast, naming model.path, before any weights are read
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg)
+    if src.kind == "gguf":
+        model = _load_gguf(cfg, src)
     else:
-        model, tokenizer = _load_hf(cfg, path, cfg.revision)
+        kw: dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
+        if cfg.revision and src.kind == "hub":
+            kw["revision"] = cfg.revision
+        model = AutoModelForCausalLM.from_pretrained(
+            src.location, **kw, **_dtype_kw(DTYPES[cfg.dtype])
+        )
     get_arch(model, cfg.arch)  # fail now, not in the middle of calibration
-    return _finish(model, cfg), tokenizer
+    model = _finish(model, cfg)
+    check_finite(model, f"model.path={cfg.path}")
+    return model, tokenizer
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
+
+
+def weights_digest(cfg: ModelConfig, model: nn.Module | None = None) -> str:
+    """sha256 identifying the model's weights (the resume fingerprint includes it).
+
+    Local files (GGUF, HF directory, a hub snapshot in the local cache) are hashed by content,
+    cached by path + size + mtime under ``<cache>/digests.json`` so a 13B model is hashed once.
+    Anything else (a tiny random model) hashes the loaded ``model``'s tensors.
+    """
+    from .io import cached_file_sha256, tensors_sha256
+
+    src = model_source(cfg)
+    files: list[Path] = []
+    if src.kind == "gguf" and (Path(src.location) / (src.gguf_file or "")).is_file():
+        files = [Path(src.location) / src.gguf_file]  # type: ignore[operator]
+    elif src.kind == "dir":
+        files = sorted(p for p in Path(src.location).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    elif src.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+        if isinstance(cached, str):
+            snap = Path(cached).parent
+            files = sorted(p for p in snap.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    if files:
+        db = cache_root(cfg.cache_dir) / "digests.json"
+        for f in files:
+            h.update(f"{f.name}|{cached_file_sha256(f, db)}\n".encode())
+        return h.hexdigest()
+    if model is None:
+        raise ValueError(f"weights_digest: no local files for model.path={cfg.path!r}")
+    return tensors_sha256(model.state_dict())
 
 
 # -- tiny random models ---------------------------------------------------------------------------
@@ -347,6 +606,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
+_BYTE_VOCAB_SPECIALS = ("<pad>", "<s>", "</s>")
+
+
 def byte_tokenizer() -> Any:
     """An offline byte-level tokenizer: ids 0-2 are ``<pad> <s> </s>``, 3-258 the 256 bytes.
 
@@ -356,7 +618,7 @@ def byte_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>"]
+    specials = list(_BYTE_VOCAB_SPECIALS)
     vocab = {s: i for i, s in enumerate(specials)}
     for _b, ch in sorted(_bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
@@ -372,6 +634,35 @@ def byte_tokenizer() -> Any:
     )
 
 
+def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
+    """The Hugging Face config of :func:`tiny_model` (hidden 64, 2 layers, vocab 259)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    check_choice("model.tiny.kind", kind, ("llama", "opt"))
+    common = dict(
+        vocab_size=len(_BYTE_VOCAB_SPECIALS) + 256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+    )
+    if kind == "llama":
+        return LlamaConfig(
+            **{
+                **common,
+                "intermediate_size": 128,
+                "num_key_value_heads": 2,
+                "tie_word_embeddings": False,
+                **overrides,
+            }
+        )
+    return OPTConfig(**{**common, "ffn_dim": 128, "word_embed_proj_dim": 64, **overrides})
+
+
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> tuple[nn.Module, Any]:
     """A tiny random LLaMA or OPT (hidden 64, 2 layers, vocab 259) and a byte-level tokenizer.
 
@@ -383,37 +674,12 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> tuple[nn
     Returns:
         ``(model, tokenizer)``; the model is fp32, in eval mode, ``use_cache`` off.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import LlamaForCausalLM, OPTForCausalLM
 
-    check_choice("model.tiny.kind", kind, ("llama", "opt"))
-    tokenizer = byte_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        use_cache=False,
-    )
-    if kind == "llama":
-        config = LlamaConfig(
-            **{
-                **common,
-                "intermediate_size": 128,
-                "num_key_value_heads": 2,
-                "tie_word_embeddings": False,
-                **overrides,
-            }
-        )
-        cls = LlamaForCausalLM
-    else:
-        config = OPTConfig(**{**common, "ffn_dim": 128, "word_embed_proj_dim": 64, **overrides})
-        cls = OPTForCausalLM
+    config = tiny_config(kind, **overrides)
+    cls = LlamaForCausalLM if kind == "llama" else OPTForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)
     model.eval()
-    return model, tokenizer
+    return model, byte_tokenizer()

@@ -41,13 +41,34 @@ def install_slim_linear(
     block.set_submodule(name, new)
 
 
-def plan_fingerprint(plan: CompressPlan, calib_ids: torch.Tensor) -> str:
-    """Hash of everything that determines the compressed weights (for resume)."""
+def plan_fingerprint(
+    plan: CompressPlan, calib_ids: torch.Tensor, model_digest: str, packed: bool = True
+) -> str:
+    """Hash of everything that determines the compressed weights (keys the resume state).
+
+    Covers the compression spec, the model config and its weights' digest, the calibration
+    token ids, the seed, ``engine.batch_size`` (it sets the order of the fp32 statistic sums),
+    the device type, whether layers are installed packed (the next block's inputs differ in
+    rounding) and the torch / slim-lightning versions.
+    """
+    from . import __version__
+
     h = hashlib.sha256()
-    h.update(json.dumps(asdict(plan.spec), sort_keys=True).encode())
-    h.update(json.dumps(_plain(plan.model), sort_keys=True, default=str).encode())
-    h.update(str(plan.seed).encode())
-    h.update(calib_ids.cpu().numpy().tobytes())
+    record = {
+        "spec": asdict(plan.spec),
+        "model": _plain(plan.model),
+        "weights": model_digest,
+        "seed": plan.seed,
+        "batch_size": plan.engine.batch_size,
+        "device": torch.device(resolve_device(plan.device)).type,
+        "packed": packed,
+        "torch": torch.__version__,
+        "slim_lightning": __version__,
+    }
+    h.update(json.dumps(record, sort_keys=True, default=str).encode())
+    ids = calib_ids.detach().cpu().contiguous()
+    h.update(f"{ids.dtype}|{tuple(ids.shape)}".encode())
+    h.update(ids.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -66,6 +87,7 @@ def compress_model(
     *,
     packed: bool = True,
     keep_layers: bool = False,
+    model_digest: str | None = None,
 ) -> CalibrationResult:
     """Compresses ``model`` in place with the plan's spec, one decoder block at a time.
 
@@ -74,7 +96,11 @@ def compress_model(
         calib_ids: int64 ``(nsamples, seqlen)`` calibration windows.
         run_dir: where resume state goes (``run_dir/calib_state``); None disables resume.
         packed: install ``SLiMLinear`` modules (True) or merge into dense weights (False).
+        model_digest: digest of the uncompressed weights (``models.weights_digest``); computed
+            from ``model``'s tensors when None.
     """
+    from .io import tensors_sha256
+
     from .core.compress import compress_linear
     from .models import get_arch, get_blocks
 
@@ -95,7 +121,9 @@ def compress_model(
         install_fn=install_slim_linear if packed else merge_install,
         device=device,
         state_dir=state_dir,
-        fingerprint=plan_fingerprint(plan, calib_ids),
+        fingerprint=plan_fingerprint(
+            plan, calib_ids, model_digest or tensors_sha256(model.state_dict()), packed
+        ),
         seed=plan.seed,
         progress=plan.engine.progress,
         offload_inputs=plan.engine.offload_inputs,

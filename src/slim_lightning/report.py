@@ -147,7 +147,13 @@ def plot_layers(reports: list[dict[str, Any]], path: str | Path) -> Path | None:
             ax.legend(fontsize=7)
     axes[-1].set_xlabel("linear layer (in model order)")
     fig.tight_layout()
+    import io
+
+    from .io import atomic_write_bytes
+
     path = Path(path)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path

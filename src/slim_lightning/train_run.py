@@ -82,24 +82,49 @@ def _eval_name(plan: Any) -> str:
 
 
 def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Compresses (or loads), evaluates, optionally fine-tunes the adapters; returns the report."""
+    """Compresses (or loads), evaluates, optionally fine-tunes the adapters; returns the report.
+
+    The run directory is held by ``rundir.run_session`` (lock, ``status`` in report.json) and
+    ``preflight`` checks the model, the compressed checkpoint, ``ckpt_path`` and every text before
+    any weights load.
+    """
+    from .rundir import run_session
+    from .training import build_train_plan
+
+    run_dir = Path(run_dir)
+    tp = build_train_plan(cfg)  # every value validated before anything heavy happens
+    container = OmegaConf.to_container(cfg, resolve=True)
+    keep = (tp.compressed_path, tp.ckpt_path)
+    with run_session(run_dir, "train", config=container, keep=keep) as status:
+        return _run_train(tp, cfg, container, run_dir, status)
+
+
+def _run_train(
+    tp: Any, cfg: DictConfig, container: dict, run_dir: Path, status: dict[str, Any]
+) -> dict[str, Any]:
     import lightning as L
 
-    from .compress_run import linear_sizes, make_eval_windows
+    from .compress_run import linear_sizes
     from .datamodule import SLiMDataModule
     from .lightning_module import SLiMModule
-    from .training import adapter_throughput, build_train_plan, dense_lora_copy
+    from .pipeline import is_identity
+    from .preflight import preflight
+    from .training import adapter_throughput, dense_lora_copy
 
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tp = build_train_plan(cfg)  # every value validated before anything heavy happens
     plan = tp.plan
+    prepared = preflight(
+        plan,
+        compress=tp.compressed_path is None and not is_identity(plan.spec),
+        data=tp.data if tp.peft else None,
+        compressed_path=tp.compressed_path,
+        ckpt_path=tp.ckpt_path,
+    )
     L.seed_everything(plan.seed, workers=True, verbose=False)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    module = SLiMModule(container, str(run_dir))
+    module = SLiMModule(container, str(run_dir), prepared=prepared)
+    module.timings["preflight_s"] = time.perf_counter() - t_start
     tokenizer = module.get_tokenizer()
-    windows = make_eval_windows(tokenizer, plan.eval) if plan.eval is not None else None
+    windows = prepared.eval_windows
     loggers = build_loggers(tp.logger, run_dir)
     callbacks = build_callbacks(cfg, run_dir, tp.peft)
     val_every = tp.train.val_every_n_steps * tp.trainer.accumulate_grad_batches
@@ -114,6 +139,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     eval_name = _eval_name(plan) if plan.eval is not None else None
     report: dict[str, Any] = {
+        **status,
         "method": plan.method_name,
         "peft": tp.peft,
         "config": container,
@@ -137,7 +163,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         module.setup("validate")  # nothing to evaluate: compress (fit's setup does it otherwise)
 
     if tp.peft:
-        dm = SLiMDataModule(tp.data, tokenizer, validate=bool(val_every))
+        dm = SLiMDataModule(
+            tp.data, tokenizer, validate=bool(val_every), blocks=prepared.train_blocks
+        )
         accumulate = tp.trainer.accumulate_grad_batches
         steps = tp.trainer.max_steps or tp.data.num_steps(trainer.world_size, accumulate)
         trainer.fit_loop.epoch_loop.max_steps = steps
@@ -184,8 +212,17 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             results = {
                 k: report[k] for k in ("ppl_before", "ppl_after", "peft", "train") if k in report
             }
-            save_compressed(model, tokenizer, run_dir / "packed", plan=plan, results=results)
+            save_compressed(
+                model,
+                tokenizer,
+                run_dir / "packed",
+                plan=plan,
+                results=results,
+                calibration=module.fingerprint,
+            )
             report["packed_dir"] = str(run_dir / "packed")
+        report["status"] = "done"
+        report["finished"] = time.time()
         atomic_write_json(run_dir / "report.json", report)
         _log_final(loggers, report, tp, run_dir)
         print(summary_table({**report, "ppl_dense": {}}))
