@@ -5,6 +5,7 @@ kernels run in Triton's interpreter (slow, so kernel tests use small shapes).
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The composed Hydra config ``conf/<config_name>.yaml`` with ``overrides`` (compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture
+def compose_cfg():
+    """``compose_cfg("compress", ["debug=default", ...])``: see :func:`compose_config`."""
+    return compose_config
+
+
+def pytest_configure(config):
+    # `-m gpu` on a machine without CUDA must fail loudly, not report "skipped" and exit 0
+    markexpr = config.getoption("markexpr", default="") or ""
+    selects_gpu = "gpu" in markexpr and "not gpu" not in markexpr
+    if selects_gpu and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"-m {markexpr!r} selects the GPU tests, but no CUDA device is visible "
+            "(torch.cuda.is_available() is False); run them on a GPU machine"
+        )

@@ -466,7 +466,9 @@ class CalibrationEngine:
         result: CalibrationResult,
     ) -> None:
         full = f"{self.block_prefix}.{i}.{name}"
-        self.install_fn(block, name, linear, _to_dev(c, linear.weight.device))
+        on_dev = _to_dev(c, linear.weight.device)
+        self.install_fn(block, name, linear, on_dev)
+        c.metrics.update(on_dev.metrics)  # install may add metrics (packed bits per weight)
         if self.keep_layers:
             result.layers[full] = c
         result.reports.append(

@@ -369,7 +369,10 @@ def load_config(cfg: ModelConfig) -> Any:
     if src.kind == "tiny":
         tiny = dict(cfg.tiny or {})
         tiny.pop("seed", None)
-        return tiny_config(**tiny)
+        try:
+            return tiny_config(**tiny)
+        except Exception as e:  # noqa: BLE001 - transformers' own config validation
+            raise ConfigError("model.tiny", cfg.tiny, f"a valid tiny model config ({e})") from None
     kw: dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
     try:
         if src.kind == "gguf":

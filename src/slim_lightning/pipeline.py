@@ -37,8 +37,29 @@ def install_slim_linear(
 
     bias = None if linear.bias is None else linear.bias.detach().float()
     new = SLiMLinear.from_compressed(c, bias)
+    c.metrics["bits_per_weight"] = packed_bits_per_weight(new)
     new.to(linear.weight.device)
     block.set_submodule(name, new)
+
+
+def packed_bits_per_weight(layer: nn.Module) -> float:
+    """Bits per dense weight of a packed ``SLiMLinear``: 8 x its stored bytes / (d_out x d_in).
+
+    Every stored byte counts (codes, N:M positions or bitmap, row offsets, scales, adapters and
+    their scales, padding): the one accounting of size that reports use.
+    """
+    return 8.0 * layer.packed_nbytes() / (layer.in_features * layer.out_features)
+
+
+def merge_install_counted(
+    block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear
+) -> None:
+    """``merge_install`` that still reports the packed size the layer would have."""
+    from .modules import SLiMLinear
+
+    if c.weight_q is not None or c.mask is not None or c.lora_l is not None:
+        c.metrics["bits_per_weight"] = packed_bits_per_weight(SLiMLinear.from_compressed(c))
+    merge_install(block, name, linear, c)
 
 
 def plan_fingerprint(
@@ -118,7 +139,7 @@ def compress_model(
         tuple(arch.linear_names),
         plan.spec,
         compress_linear,
-        install_fn=install_slim_linear if packed else merge_install,
+        install_fn=install_slim_linear if packed else merge_install_counted,
         device=device,
         state_dir=state_dir,
         fingerprint=plan_fingerprint(
