@@ -9,11 +9,14 @@ It ignores error propagation between blocks: use it to rank options, confirm win
     python benchmarks/layer_proxy.py calib.nsamples=16 -- "method=slim" "method=slim_q" \
         "method=slim_q lowrank.quant_in_scale=true"
 
-The statistics are cached in /tmp (keyed by the common overrides before ``--``).
+The statistics are cached as safetensors under the project cache (``$SLIM_LIGHTNING_CACHE`` or
+``~/.cache/slim_lightning``/layer_proxy, keyed by a hash of the common overrides before ``--``):
+no pickles, no predictable names in a shared /tmp.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -83,17 +86,46 @@ def evaluate(weights: dict, stats: dict, overrides: list[str]) -> dict[str, floa
     return {"out_err": num / den, "bits": bits / numel, "s": time.perf_counter() - t0}
 
 
+def _save_cache(path: Path, weights: dict, stats: dict) -> None:
+    from slim_lightning.io import atomic_save_tensors
+
+    flat = {}
+    for k, w in weights.items():
+        st = stats[k]
+        flat[f"{k}|w"] = w
+        flat[f"{k}|sq"], flat[f"{k}|abs"], flat[f"{k}|h"] = st.sq_sum, st.abs_sum, st.hessian
+        flat[f"{k}|n"] = torch.tensor([st.n_tokens], dtype=torch.int64)
+    atomic_save_tensors(flat, path)
+
+
+def _load_cache(path: Path) -> tuple[dict, dict]:
+    from slim_lightning.core.types import LayerStats
+    from slim_lightning.io import load_tensors
+
+    flat = load_tensors(path)
+    keys = sorted({k.rsplit("|", 1)[0] for k in flat})
+    weights = {k: flat[f"{k}|w"] for k in keys}
+    stats = {
+        k: LayerStats(flat[f"{k}|sq"], flat[f"{k}|abs"], int(flat[f"{k}|n"][0]), flat[f"{k}|h"])
+        for k in keys
+    }
+    return weights, stats
+
+
 def main() -> None:
     argv = sys.argv[1:]
     sep = argv.index("--") if "--" in argv else len(argv)
     common, variants = argv[:sep], argv[sep + 1 :]
     torch.manual_seed(0)
-    cache = Path("/tmp/layer_proxy_" + "_".join(common).replace("/", "-") + ".pt")
+    from slim_lightning.data import cache_root
+
+    key = hashlib.sha256("\x00".join(common).encode()).hexdigest()[:24]
+    cache = cache_root() / "layer_proxy" / f"{key}.safetensors"
     if cache.exists():  # statistics depend only on the model and calibration overrides
-        weights, stats = torch.load(cache, weights_only=False)
+        weights, stats = _load_cache(cache)
     else:
         weights, stats = collect(common)
-        torch.save((weights, stats), cache)
+        _save_cache(cache, weights, stats)
     for v in variants:
         r = evaluate(weights, stats, common + v.split())
         print(f"| {v} | {r['out_err']:.5f} | {r['bits']:.3f} | {r['s']:.0f} |", flush=True)

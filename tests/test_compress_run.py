@@ -105,6 +105,19 @@ def test_every_method_runs(method, tmp_path):
     else:
         assert ppl != report["ppl_dense"]["embedded"]
         assert (tmp_path / "packed" / "slim.json").is_file()
+        # bits per weight are the packed bytes: every stored byte of every format counted
+        model, _, _ = load_compressed(tmp_path / "packed")
+        mods = dict(model.named_modules())
+        assert len(report["layers"]) == 14
+        for lay in report["layers"]:
+            m = mods[lay["name"]]
+            assert isinstance(m, SLiMLinear)
+            stored = sum(t.numel() * t.element_size() for n, t in m.named_buffers() if n != "bias")
+            if m.adapter_bits is None and m.rank:
+                stored += 4 * (m.lora_l.numel() + m.lora_r.numel())
+            assert lay["bits_per_weight"] * lay["d_in"] * lay["d_out"] / 8 == pytest.approx(
+                stored, rel=1e-12
+            ), lay["name"]
 
 
 def test_cli_entry_point_and_run_dir(tmp_path):

@@ -300,8 +300,15 @@ def test_bad_text_files_are_refused_at_config_time(tmp_path, content, problem, g
         (["eval.seqlen=2000"], "eval.seqlen"),  # not even one window
         (["calib.seqlen=4096"], "calib.seqlen"),  # past max_position_embeddings
         (["method=slim", "sparsity.m=5", "sparsity.n=2"], "sparsity.m"),  # 64 % 5 != 0
-        (["sparsity=4of8", "+model.tiny.hidden_size=36", "+model.tiny.num_attention_heads=3",
-          "+model.tiny.num_key_value_heads=1"], "sparsity.m"),
+        (
+            [
+                "sparsity=4of8",
+                "+model.tiny.hidden_size=36",
+                "+model.tiny.num_attention_heads=3",
+                "+model.tiny.num_key_value_heads=1",
+            ],
+            "sparsity.m",
+        ),
     ],
 )
 def test_impossible_sizes_are_refused_before_weights_load(tmp_path, no_weights, overrides, key):

@@ -310,8 +310,10 @@ class CalibrationEngine:
             return 0
         nxt = prog.get("next_block")
         files = prog.get("files")
-        if not isinstance(nxt, int) or not 0 <= nxt <= len(self.blocks) or not isinstance(
-            files, dict
+        if (
+            not isinstance(nxt, int)
+            or not 0 <= nxt <= len(self.blocks)
+            or not isinstance(files, dict)
         ):
             self._discard_state(f"{pf} is malformed")
             return 0
@@ -347,9 +349,7 @@ class CalibrationEngine:
             written[fname] = file_sha256(self.state_dir / fname)
         if i + 1 < len(self.blocks):
             fname = _inputs_name(i + 1)
-            atomic_save_tensors(
-                {f"b{j}": x for j, x in enumerate(inputs)}, self.state_dir / fname
-            )
+            atomic_save_tensors({f"b{j}": x for j, x in enumerate(inputs)}, self.state_dir / fname)
             written[fname] = file_sha256(self.state_dir / fname)
         files = {k: v for k, v in self._committed.items() if k.startswith("block_")}
         files.update(written)

@@ -151,7 +151,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged"
+        ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{f}: not a JSON object; the checkpoint is damaged")
     version = meta.get("version", -1)
@@ -161,12 +163,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"this slim-lightning reads {FORMAT!r} version {VERSION}"
         )
     layers, tied = meta.get("layers"), meta.get("tied", [])
-    if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
+    if (
+        not isinstance(layers, dict)
+        or not layers
+        or not all(isinstance(v, dict) for v in layers.values())
+    ):
         raise CheckpointError(f"{f}: 'layers' must map module names to layer metadata")
     if not isinstance(tied, list) or not all(isinstance(k, str) for k in tied):
         raise CheckpointError(f"{f}: 'tied' must be a list of tensor names")
     if meta.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
-        raise CheckpointError(f"{f}: dtype {meta.get('dtype')!r}; allowed float32, float16, bfloat16")
+        raise CheckpointError(
+            f"{f}: dtype {meta.get('dtype')!r}; allowed float32, float16, bfloat16"
+        )
     return meta
 
 
@@ -189,7 +197,9 @@ def verify_files(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     for name, digest in files.items():
         f = path / str(name)
         if Path(str(name)).name != str(name) or not f.is_file():
-            raise CheckpointError(f"{f}: missing (slim.json lists it); the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{f}: missing (slim.json lists it); the checkpoint is incomplete"
+            )
         if file_sha256(f) != digest:
             raise CheckpointError(
                 f"{f}: sha256 differs from the one recorded in {META} when it was written (the "
@@ -238,7 +248,9 @@ def load_compressed(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})"
+        ) from None
     dtype = getattr(torch, meta.get("dtype", "float32"))
     try:
         with torch.device("meta"):
@@ -324,7 +336,9 @@ def load_compressed(
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: tokenizer unreadable ({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"{path}: tokenizer unreadable ({type(e).__name__}: {e})"
+            ) from None
     return model, tokenizer, meta
 
 

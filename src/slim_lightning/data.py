@@ -158,7 +158,9 @@ class EvalConfig(TextSourceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.seqlen < 2:
-            raise ConfigError("eval.seqlen", self.seqlen, "an integer >= 2 (a window predicts tokens 2..seqlen)")
+            raise ConfigError(
+                "eval.seqlen", self.seqlen, "an integer >= 2 (a window predicts tokens 2..seqlen)"
+            )
         if self.max_windows is not None:
             _pos_int("eval.max_windows", self.max_windows)
         from .evaluation import ZERO_SHOT_TASKS
@@ -301,7 +303,6 @@ def tokenize_text(tokenizer: Any, text: str, cache_dir: str | None = None) -> to
         int64 ``(N,)``. The cache file is ``<cache>/tokens/<key>.safetensors`` (int32 ids), keyed
         by the tokenizer fingerprint and the text's sha256; written to a temp name then renamed.
     """
-    from safetensors.torch import load_file, save_file
 
     key = hashlib.sha256(
         (tokenizer_fingerprint(tokenizer) + hashlib.sha256(text.encode()).hexdigest()).encode()
@@ -319,7 +320,9 @@ def tokenize_text(tokenizer: Any, text: str, cache_dir: str | None = None) -> to
     try:
         from .io import atomic_save_tensors
 
-        atomic_save_tensors({"ids": ids32}, path, metadata={"n": str(ids.numel()), "sha256": digest})
+        atomic_save_tensors(
+            {"ids": ids32}, path, metadata={"n": str(ids.numel()), "sha256": digest}
+        )
     except OSError as e:  # a read-only or full cache only costs re-tokenising next time
         log.warning("could not write token cache %s: %s", path, e)
     return ids

@@ -84,9 +84,7 @@ class SLiMModule(L.LightningModule):
         """Loads the uncompressed model and tokenizer once (CPU)."""
         if self.model is not None:
             return
-        from .models import load_model
-
-        from .models import weights_digest
+        from .models import load_model, weights_digest
 
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(self.plan.model, tokenizer=self.tokenizer)

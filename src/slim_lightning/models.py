@@ -381,11 +381,15 @@ def load_config(cfg: ModelConfig) -> Any:
                 try:
                     config = AutoConfig.from_pretrained(str(cache), **kw)
                 except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt on load
-                    config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file)
+                    config = AutoConfig.from_pretrained(
+                        src.location, gguf_file=src.gguf_file, trust_remote_code=False
+                    )
             else:
                 if src.kind == "gguf" and not Path(src.location).exists():
                     _probe_hub(replace_path(cfg, src.location))
-                gkw = {"revision": cfg.revision} if cfg.revision else {}
+                gkw: dict[str, Any] = {"trust_remote_code": False}
+                if cfg.revision:
+                    gkw["revision"] = cfg.revision
                 config = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, **gkw)
         elif src.kind == "dir":
             d = Path(src.location)
@@ -486,12 +490,10 @@ def _load_gguf(cfg: ModelConfig, src: ModelSource) -> nn.Module:
         except Exception as e:  # noqa: BLE001 - self-healing: rebuild a damaged cache entry
             log.warning("rebuilding the damaged GGUF conversion cache %s (%s)", cache, e)
             shutil.rmtree(cache, ignore_errors=True)
-    kw: dict[str, Any] = {"gguf_file": src.gguf_file}
+    kw: dict[str, Any] = {"gguf_file": src.gguf_file, "trust_remote_code": False}
     if cfg.revision:
         kw["revision"] = cfg.revision
-    quantised = AutoModelForCausalLM.from_pretrained(
-        src.location, **kw, **_dtype_kw(torch.float32)
-    )
+    quantised = AutoModelForCausalLM.from_pretrained(src.location, **kw, **_dtype_kw(torch.float32))
     model = rebuild_plain(quantised)
     del quantised
     if cache is not None:

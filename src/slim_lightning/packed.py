@@ -650,7 +650,10 @@ def expected_tensors(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
             raise ValueError(f"scale dtype {sdt!r}; allowed: {', '.join(_DTYPES)}")
         shape = tuple(meta["tensors"].get("scale", {}).get("shape", ()))
         per_group = (rows, math.ceil(cols / g))
-        out["scale"] = ((1, 1) if shape == (1, 1) else per_group, _dtype_name(_BITS_DTYPE[_DTYPES[sdt]]))
+        out["scale"] = (
+            (1, 1) if shape == (1, 1) else per_group,
+            _dtype_name(_BITS_DTYPE[_DTYPES[sdt]]),
+        )
         if "in_scale" in meta["tensors"]:
             idt = dtypes.get("in_scale")
             if idt not in _DTYPES:

@@ -120,9 +120,8 @@ def compress_model(
         model_digest: digest of the uncompressed weights (``models.weights_digest``); computed
             from ``model``'s tensors when None.
     """
-    from .io import tensors_sha256
-
     from .core.compress import compress_linear
+    from .io import tensors_sha256
     from .models import get_arch, get_blocks
 
     arch = get_arch(model)

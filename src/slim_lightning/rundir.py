@@ -38,7 +38,8 @@ OUTPUTS = ("report.json", "packed", "hf", "compressed", "layers.png", "rank_hash
 
 
 class RunDirBusy(RuntimeError):
-    """Another live process holds the run directory's lock."""
+    """The run directory cannot be used: another live process holds its lock, or it cannot be
+    created or written."""
 
 
 def global_rank() -> int:
@@ -60,7 +61,15 @@ def _holder(fd: int) -> str:
 
 def acquire(run_dir: Path) -> int:
     """Takes the run directory's exclusive lock; returns its fd (held until closed)."""
-    make_dir(run_dir)
+    try:
+        make_dir(run_dir)
+    except OSError as e:
+        raise RunDirBusy(
+            f"hydra.run.dir: cannot create the run directory {run_dir} ({e.strerror}); choose a "
+            "writable directory"
+        ) from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirBusy(f"hydra.run.dir: {run_dir} is not writable; choose another directory")
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(run_dir / LOCK, flags, 0o666)
