@@ -118,6 +118,52 @@ def test_every_method_runs(method, tmp_path):
             assert lay["bits_per_weight"] * lay["d_in"] * lay["d_out"] / 8 == pytest.approx(
                 stored, rel=1e-12
             ), lay["name"]
+        assert_sizes_match_file(report, tmp_path / "packed")
+
+
+def assert_sizes_match_file(report: dict, packed: Path) -> None:
+    """report.json's and slim.json's sizes are the written file's bytes."""
+    from safetensors import safe_open
+
+    size = report["size"]
+    assert size == json.loads((packed / "slim.json").read_text())["size"]
+    assert size["checkpoint_bytes"] == (packed / "model.safetensors").stat().st_size
+    layers = {lay["name"] for lay in report["layers"]}
+    lin = rest = 0
+    with safe_open(str(packed / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            n = f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            if k.rpartition(".")[0] in layers:
+                lin += n
+            else:
+                rest += n
+    assert (size["linears_bytes"], size["rest_bytes"]) == (lin, rest)
+    assert size["checkpoint_bytes"] > lin + rest  # plus the JSON header, nothing else
+
+
+@pytest.mark.parametrize("sparsity", ["2of4", "4of8", "unstructured50", "dense"])
+def test_16bit_export_stores_each_thing_once_and_reloads_exactly(sparsity, tmp_path):
+    """fp adapters and uncompressed tensors in bf16, 4-bit adapters as codes only; the loaded
+    checkpoint computes exactly what the run evaluated."""
+    from safetensors import safe_open
+
+    for method in ("slim", "slim_q"):
+        run = tmp_path / method
+        cfg = make_cfg([f"method={method}", f"sparsity={sparsity}", "export.dtype=bfloat16"])
+        report = run_compress(cfg, run)
+        assert_sizes_match_file(report, run / "packed")
+        with safe_open(str(run / "packed" / "model.safetensors"), framework="pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        assert all(v == "BF16" for k, v in dtypes.items() if k.endswith(("weight", "bias")))
+        loras = {k: v for k, v in dtypes.items() if ".lora_" in k}
+        if method == "slim":  # fp adapters: stored once, in 16 bits
+            assert loras and set(loras.values()) == {"BF16"}
+        else:  # 4-bit adapters: only their codes and scales are stored
+            assert not loras and any(".adapter_l_values" in k for k in dtypes)
+        model, tok, meta = load_compressed(run / "packed")
+        assert meta["dtype"] == "bfloat16" and next(model.parameters()).dtype == torch.float32
+        windows = make_eval_windows(tok, build_plan(cfg).eval)
+        assert perplexity(model, windows, progress=False)["ppl"] == report["ppl"]["embedded"]
 
 
 def test_cli_entry_point_and_run_dir(tmp_path):

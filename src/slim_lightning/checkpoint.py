@@ -23,6 +23,7 @@ always checks metadata against config and tensors and that every scale is finite
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,15 @@ def save_compressed(
     plan: Any = None,
     results: dict[str, Any] | None = None,
     calibration: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Writes ``model`` (with ``SLiMLinear`` layers installed) as a packed checkpoint.
+
+    Each thing is stored once: packed weights and quantised adapters as their codes and scales
+    (the fp32 adapter parameters are rebuilt from them on load, bit-exactly; off-grid parameters
+    are re-quantised first, which is what the forward computes anyway), fp adapters at their
+    ``adapter_dtype``, everything else (embeddings, norms, lm_head, biases) at ``dtype``.
+    ``slim.json`` records the sizes measured from the written file.
 
     Args:
         model: a Hugging Face causal LM whose compressed linears are ``SLiMLinear`` modules.
@@ -75,6 +83,8 @@ def save_compressed(
         plan: the ``CompressPlan`` (method and every option are recorded).
         results: evaluation results to record (e.g. the run's ``ppl``).
         calibration: calibration-data fingerprint.
+        dtype: storage dtype of the uncompressed tensors (default: the model's own). Lossless
+            when the values were rounded to it (``models.round_uncompressed``; the pipeline does).
 
     Returns:
         ``out_dir`` as a Path.
@@ -87,18 +97,42 @@ def save_compressed(
     from .training import state_hashes
 
     out_dir = Path(out_dir)
-    layers = {n: m.meta() for n, m in model.named_modules() if isinstance(m, SLiMLinear)}
-    if not layers:
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, SLiMLinear)}
+    if not mods:
         raise ValueError("save_compressed: the model has no SLiMLinear layers (nothing is packed)")
+    compute = str(next(model.parameters()).dtype).removeprefix("torch.")
+    store = dtype or compute
+    if store not in _FLOAT:
+        raise ValueError(f"save_compressed: dtype {store!r}; allowed: {', '.join(_FLOAT)}")
+    for m in mods.values():
+        if not m.adapters_on_grid():
+            m.requantize_adapters()
+    layers = {n: m.meta() for n, m in mods.items()}
     sd = model.state_dict()
     tied = _tied_keys(model, sd)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k not in tied}
+    tensors = {}
+    for k, v in sd.items():
+        if k in tied:
+            continue
+        owner, _, attr = k.rpartition(".")
+        mod = mods.get(owner)
+        if mod is not None and attr in ("lora_l", "lora_r"):
+            if mod.adapter_bits is not None:
+                continue  # rebuilt from the packed codes on load
+            v = v.to(_FLOAT[mod.adapter_dtype])
+        elif mod is not None and attr == "bias":
+            v = v.to(_FLOAT[store])
+            layers[owner]["bias_dtype"] = store
+        elif mod is None and v.is_floating_point():
+            v = v.to(_FLOAT[store])
+        tensors[k] = v.detach().to("cpu").contiguous()
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "layers": layers,
         "tied": tied,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": store,
+        "compute_dtype": compute,
         "base_sha256": state_hashes(model)["base"],
         "versions": package_versions(),
         "calibration": calibration,
@@ -122,6 +156,7 @@ def save_compressed(
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        meta["size"] = written_sizes(tmp / WEIGHTS, model, mods, tied)
         # every file's sha256, so a load can verify that nothing changed since it was written
         meta["files"] = {
             f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != META
@@ -129,6 +164,57 @@ def save_compressed(
         fault_point(f"write {out_dir.name}/{META}")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return out_dir
+
+
+_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def written_sizes(
+    weights: Path, model: nn.Module, mods: dict[str, nn.Module], tied: list[str]
+) -> dict[str, Any]:
+    """Sizes measured from the written safetensors file, against the model's 16-bit bytes.
+
+    ``linears``: every tensor stored under a compressed layer (packed weight, adapters, scales,
+    bias) vs that layer's weight and bias at 16 bits; ``rest``: everything else (embeddings,
+    norms, lm_head) vs its 16-bit bytes; ``checkpoint``: the whole file (header included) vs
+    the whole model at 16 bits.
+    """
+    from safetensors import safe_open
+
+    lin = rest = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            n = math.prod(sl.get_shape()) * _st_dtype(sl.get_dtype()).itemsize
+            if k.rpartition(".")[0] in mods:
+                lin += n
+            else:
+                rest += n
+    lin16 = sum(
+        2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+        for m in mods.values()
+    )
+    rest16 = 0
+    for k, v in model.state_dict().items():
+        if k not in tied and k.rpartition(".")[0] not in mods and v.is_floating_point():
+            rest16 += 2 * v.numel()
+    file_bytes = weights.stat().st_size
+    weights_numel = sum(m.in_features * m.out_features for m in mods.values())
+    return {
+        "checkpoint_bytes": file_bytes,
+        "checkpoint_fp16_bytes": lin16 + rest16,
+        "checkpoint_ratio_vs_fp16": file_bytes / (lin16 + rest16),
+        "linears_bytes": lin,
+        "linears_fp16_bytes": lin16,
+        "linears_ratio_vs_fp16": lin / lin16,
+        "linears_bits_per_weight": 8 * lin / weights_numel,
+        "rest_bytes": rest,
+        "rest_fp16_bytes": rest16,
+        # the summary table's keys: the compressed linears
+        "packed_bytes": lin,
+        "dense_fp16_bytes": lin16,
+        "ratio_vs_fp16": lin / lin16,
+    }
 
 
 def _jsonable(obj: Any) -> Any:
@@ -214,6 +300,7 @@ def load_compressed(
     device: str | torch.device = "cpu",
     backend: str = "reference",
     verify: bool = True,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Rebuilds a compressed model from a packed checkpoint (no original weights needed).
 
@@ -222,6 +309,8 @@ def load_compressed(
         device: where the tensors go.
         backend: ``SLiMLinear`` backend (``reference`` or ``triton``).
         verify: check every file against its recorded sha256 first (seconds per GB).
+        dtype: dtype of the uncompressed tensors and activations (default: the dtype the run
+            computed in, so the run's perplexity is reproduced; the file may store 16 bits).
 
     Every load, verified or not, checks the layer metadata against ``config.json`` and against
     the stored tensors' shapes and dtypes, and that every floating-point tensor and every decoded
@@ -251,7 +340,11 @@ def load_compressed(
         raise CheckpointError(
             f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})"
         ) from None
-    dtype = getattr(torch, meta.get("dtype", "float32"))
+    if dtype is None:
+        dtype = meta.get("compute_dtype", meta.get("dtype", "float32"))
+    dtype = _FLOAT[dtype] if isinstance(dtype, str) and dtype in _FLOAT else dtype
+    if dtype not in _FLOAT.values():
+        raise ValueError(f"load_compressed: dtype {dtype!r}; allowed: {', '.join(_FLOAT)}")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
@@ -286,12 +379,18 @@ def load_compressed(
                 if k in expected:
                     sl = f.get_slice(k)
                     got = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
-                    if got != expected[k]:
+                    both_float = isinstance(got[1], torch.dtype) and (
+                        got[1].is_floating_point and expected[k][1].is_floating_point
+                    )
+                    if got[0] != expected[k][0] or (got[1] != expected[k][1] and not both_float):
                         raise CheckpointError(
                             f"{weights}: tensor {k} is {got[0]} {got[1]}, the metadata says "
                             f"{expected[k][0]} {expected[k][1]}"
                         )
         sd = load_tensors(weights, device=str(device))
+        for k, v in sd.items():  # 16-bit storage -> the compute dtype (exact: an upcast)
+            if k in expected and v.dtype != expected[k][1] and v.is_floating_point():
+                sd[k] = v.to(expected[k][1])
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
@@ -302,7 +401,11 @@ def load_compressed(
         raise CheckpointError(f"{weights}: {e}") from None
     if unexpected:
         raise CheckpointError(f"{weights}: unexpected tensors {unexpected[:5]}")
-    missing = [k for k in missing if k not in meta.get("tied", [])]
+    rebuilt = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, SLiMLinear) and mod.adapter_bits is not None and mod.rank:
+            rebuilt |= {f"{name}.lora_l", f"{name}.lora_r"}
+    missing = [k for k in missing if k not in meta.get("tied", []) and k not in rebuilt]
     if missing:
         raise CheckpointError(f"{weights}: missing tensors {missing[:5]}")
     for k in meta.get("tied", []):
@@ -315,6 +418,8 @@ def load_compressed(
             raise CheckpointError(f"{weights}: tensor {k} has NaN/Inf values")
     for name, mod in model.named_modules():
         if isinstance(mod, SLiMLinear):
+            if mod.rank and mod.adapter_bits is not None and mod.lora_l.is_meta:
+                mod.rebuild_adapter_params()  # fp32 masters from the stored 4-bit codes
             for label, pw in (
                 ("weight", mod.packed_weight()),
                 ("adapter_l", mod.packed_adapter("l")),

@@ -34,7 +34,8 @@ def make_eval_windows(tokenizer: Any, eval_cfg: Any) -> torch.Tensor:
 
 
 def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
-    """Packed bytes of the compressed linears vs their fp16 size."""
+    """Packed bytes of the compressed linears vs their fp16 size, from the modules in memory
+    (an estimate used only when nothing is written; written runs report the file's bytes)."""
     from .modules import SLiMLinear
 
     packed = dense = 0
@@ -150,21 +151,19 @@ def _run_compress(
             "fingerprint": module.calib_result.fingerprint,
         }
     if plan.export.packed and report["size"]:
-        from .checkpoint import save_compressed
+        from .checkpoint import read_meta, save_compressed
 
         save_compressed(
             model,
             module.tokenizer,
             run_dir / "packed",
             plan=plan,
-            results={
-                "ppl": report["ppl"],
-                "ppl_dense": report["ppl_dense"],
-                "size": report["size"],
-            },
+            results={"ppl": report["ppl"], "ppl_dense": report["ppl_dense"]},
             calibration=module.fingerprint,
+            dtype=module.export_dtype,
         )
         report["packed_dir"] = str(run_dir / "packed")
+        report["size"] = read_meta(run_dir / "packed")["size"]  # measured from the file
     if plan.export.hf:
         if plan.export.packed:
             merge_to_dense(model)

@@ -31,6 +31,15 @@ class ExportConfig:
 
     hf: bool = False
     packed: bool = True
+    # storage dtype of what stays uncompressed (embeddings, norms, lm_head, biases, fp adapters):
+    # auto = the original checkpoint's dtype (float16 for GGUF files, which hold no 16-bit dtype)
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("export.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
+        for key in ("hf", "packed"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"export.{key}", getattr(self, key), "true or false")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class SLiMModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None if prepared is None else prepared.tokenizer
         self.model_digest: str | None = None
+        self.export_dtype = "float32"  # storage dtype of the uncompressed tensors (load_base)
         self._base_sha256: str | None = None
         self.calib_result: Any = None
         self.loaded_meta: dict[str, Any] | None = None
@@ -84,7 +85,7 @@ class SLiMModule(L.LightningModule):
         """Loads the uncompressed model and tokenizer once (CPU)."""
         if self.model is not None:
             return
-        from .models import load_model, weights_digest
+        from .models import load_model, round_uncompressed, source_dtype, weights_digest
 
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(self.plan.model, tokenizer=self.tokenizer)
@@ -92,6 +93,14 @@ class SLiMModule(L.LightningModule):
         t0 = time.perf_counter()
         self.model_digest = weights_digest(self.plan.model, self.model)
         self.timings["digest_s"] = time.perf_counter() - t0
+        dtype = self.plan.export.dtype
+        if dtype == "auto":
+            config = None if self.prepared is None else self.prepared.config
+            dtype = source_dtype(self.plan.model, config)
+        self.export_dtype = dtype
+        # everything exported uncompressed is rounded to its storage dtype now, so the dense
+        # evaluation, the compression and the compressed evaluation all see the stored values
+        round_uncompressed(self.model, dtype)
 
     def load_packed(self, path: str | Path) -> None:
         """Replaces the model by the packed checkpoint at ``path`` (``checkpoint.load_compressed``)."""
@@ -103,6 +112,7 @@ class SLiMModule(L.LightningModule):
             path, device="cpu", verify=not verified
         )
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        self.export_dtype = self.loaded_meta.get("dtype", "float32")
         self.model.eval()
         if hasattr(self.model, "config"):
             self.model.config.use_cache = False
@@ -144,6 +154,7 @@ class SLiMModule(L.LightningModule):
             self.run_dir,
             packed=self.plan.export.packed,
             model_digest=self.model_digest,
+            export_dtype=self.export_dtype,
         )
         self.timings["compress_s"] = time.perf_counter() - t0
 
@@ -160,6 +171,7 @@ class SLiMModule(L.LightningModule):
             plan=self.plan,
             results=results,
             calibration=self.fingerprint,
+            dtype=self.export_dtype,
         )
         return out
 
@@ -171,7 +183,9 @@ class SLiMModule(L.LightningModule):
         base = None if self.prepared is None else self.prepared.ckpt_base
         if not base or not base.get("fingerprint") or self.model_digest is None:
             return
-        fp = plan_fingerprint(self.plan, ids, self.model_digest, self.plan.export.packed)
+        fp = plan_fingerprint(
+            self.plan, ids, self.model_digest, self.plan.export.packed, self.export_dtype
+        )
         if fp != base["fingerprint"]:
             raise ConfigError(
                 "ckpt_path",

@@ -561,6 +561,53 @@ def load_model(cfg: ModelConfig, tokenizer: Any = None) -> tuple[nn.Module, Any]
     return model, tokenizer
 
 
+def source_dtype(cfg: ModelConfig, config: Any = None) -> str:
+    """The dtype the original checkpoint stores its weights in (``export.dtype=auto``).
+
+    HF directories and hub ids: ``config.json``'s ``dtype`` / ``torch_dtype`` (float32 when
+    absent); GGUF files: float16 (GGUF stores no 16-bit dtype of the source model and its 4/8-bit
+    blocks dequantise with fp16 scales); the tiny random model: float32.
+    """
+    src = model_source(cfg)
+    if src.kind == "tiny":
+        return "float32"
+    if src.kind == "gguf":
+        return "float16"
+    config = load_config(cfg) if config is None else config
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dt).removeprefix("torch.") if dt is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+@torch.no_grad()
+def round_uncompressed(model: nn.Module, dtype: str) -> int:
+    """Rounds every floating tensor that is exported uncompressed to ``dtype`` (kept in place in
+    the model's own dtype), so the run evaluates exactly what the packed checkpoint stores.
+
+    The block linears' weights (compressed later) and non-persistent buffers are left alone.
+
+    Returns:
+        The number of tensors rounded.
+    """
+    if dtype == "float32":
+        return 0
+    arch = get_arch(model)
+    skip = set()
+    for i, block in enumerate(get_blocks(model, arch)):
+        for name in block_linears(block, arch):
+            skip.add(f"{arch.blocks_path}.{i}.{name}.weight")
+    dt = DTYPES[dtype]
+    n = 0
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in skip or not t.is_floating_point() or id(t) in seen:
+            continue
+        seen.add(id(t))
+        t.data.copy_(t.data.to(dt).to(t.dtype))
+        n += 1
+    return n
+
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
 
 

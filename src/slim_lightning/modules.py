@@ -27,6 +27,7 @@ from slim_lightning.core.types import CompressedLinear
 from slim_lightning.packed import PackedWeight, fake_quant_absmax, pack_absmax
 
 Backend = Literal["reference", "triton"]
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 META_VERSION = 1
 
 
@@ -85,6 +86,13 @@ class SLiMLinear(nn.Module):
         self.out_features = int(meta["out_features"])
         self.rank = int(meta["rank"])
         self.adapter_bits = meta["adapter_bits"]
+        # storage dtype of fp adapters (their values are exactly representable in it; the
+        # parameters stay fp32 for training); quantised adapters are stored as their codes
+        self.adapter_dtype = str(meta.get("adapter_dtype", "float32"))
+        if self.adapter_dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"adapter_dtype {self.adapter_dtype!r}; allowed: {', '.join(_FLOAT_DTYPES)}"
+            )
         self._weight_meta = _strip_tensors(meta["weight"])
         pw = PackedWeight.empty(meta["weight"], device)
         if pw.shape != (self.out_features, self.in_features):
@@ -130,7 +138,13 @@ class SLiMLinear(nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_compressed(
-        cls, c: CompressedLinear, bias: torch.Tensor | None = None, *, n: int = 2, m: int = 4
+        cls,
+        c: CompressedLinear,
+        bias: torch.Tensor | None = None,
+        *,
+        n: int = 2,
+        m: int = 4,
+        adapter_dtype: str = "float32",
     ) -> SLiMLinear:
         """Packs a ``CompressedLinear`` (the weight's format is chosen by ``PackedWeight``).
 
@@ -139,6 +153,8 @@ class SLiMLinear(nn.Module):
                 -> dense; ``lora_l`` None -> no adapters; ``lora_l_q`` None -> fp32 adapters).
             bias: optional ``(d_out,)`` bias, copied and frozen.
             n, m: the N:M pattern tried first for a masked weight (else ``unstructured``).
+            adapter_dtype: storage dtype of fp adapters (``float32``, ``float16``, ``bfloat16``);
+                their values are rounded to it so that what is stored is what is computed.
         """
         if c.weight_q is not None:
             pw = PackedWeight.from_quant(c.weight_q, c.mask, n=n, m=m)
@@ -157,6 +173,7 @@ class SLiMLinear(nn.Module):
             "out_features": d_out,
             "rank": rank,
             "adapter_bits": c.lora_l_q.bits if quant_ad else None,
+            "adapter_dtype": "float32" if quant_ad or not rank else adapter_dtype,
             "has_bias": bias is not None,
             "weight": pw.meta(),
         }
@@ -194,6 +211,7 @@ class SLiMLinear(nn.Module):
                 else:
                     mod.lora_l.copy_(c.lora_l)
                     mod.lora_r.copy_(c.lora_r)
+                    mod.round_fp_adapters()
             if bias is not None:
                 mod.bias.copy_(bias.detach())
         return mod
@@ -205,7 +223,7 @@ class SLiMLinear(nn.Module):
 
     def meta(self) -> dict:
         """JSON-able description: shapes, formats, bits, group sizes, rank, adapter quantisation."""
-        out = {"version": META_VERSION, **self._meta_static}
+        out = {"version": META_VERSION, **self._meta_static, "adapter_dtype": self.adapter_dtype}
         out["weight"] = self._packed_meta(self._weight_meta, "weight", self._weight_fields)
         if self.bias is not None:
             out["bias_dtype"] = str(self.bias.dtype).removeprefix("torch.")
@@ -307,6 +325,33 @@ class SLiMLinear(nn.Module):
         return w
 
     @torch.no_grad()
+    def round_fp_adapters(self) -> None:
+        """Rounds fp adapter parameters to their storage dtype (no-op for fp32 / quantised)."""
+        if self.rank and not self._q_ad and self.adapter_dtype != "float32":
+            dt = _FLOAT_DTYPES[self.adapter_dtype]
+            for p in (self.lora_l, self.lora_r):
+                p.copy_(p.to(dt).to(p.dtype))
+
+    @torch.no_grad()
+    def rebuild_adapter_params(self) -> None:
+        """Sets quantised adapters' fp32 parameters to their packed codes (bit-exact; a packed
+        checkpoint stores only the codes and scales)."""
+        if not self._q_ad:
+            return
+        for side in ("l", "r"):
+            value = self.packed_adapter(side).to_dense().T.contiguous()
+            setattr(self, f"lora_{side}", nn.Parameter(value))
+
+    def adapters_on_grid(self) -> bool:
+        """True when quantised adapter parameters equal their packed codes (always for fp)."""
+        if not self._q_ad:
+            return True
+        return all(
+            torch.equal(getattr(self, f"lora_{s}").detach(), self.packed_adapter(s).to_dense().T)
+            for s in ("l", "r")
+        )
+
+    @torch.no_grad()
     def requantize_adapters(self) -> None:
         """Re-quantises the adapter parameters into the packed buffers and snaps them to the grid.
 
@@ -331,13 +376,15 @@ class SLiMLinear(nn.Module):
         """Bytes stored for serving: packed weight + scales + adapters (bias excluded).
 
         Quantised adapters count their packed codes and scales (the fp32 training parameters are
-        a fine-tuning copy, not counted); fp adapters count their fp32 parameters.
+        a fine-tuning copy, rebuilt from the codes on load, not stored); fp adapters count their
+        values at ``adapter_dtype`` (what a packed checkpoint stores).
         """
         total = self.packed_weight().nbytes()
         if self._q_ad:
             total += self.packed_adapter("l").nbytes() + self.packed_adapter("r").nbytes()
         elif self.rank:
-            total += sum(p.numel() * p.element_size() for p in (self.lora_l, self.lora_r))
+            size = _FLOAT_DTYPES[self.adapter_dtype].itemsize
+            total += size * self.rank * (self.in_features + self.out_features)
         return total
 
     # -- forward -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict
@@ -30,13 +31,22 @@ def is_identity(spec: CompressSpec) -> bool:
 
 
 def install_slim_linear(
-    block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear
+    block: nn.Module,
+    name: str,
+    linear: nn.Linear,
+    c: CompressedLinear,
+    adapter_dtype: str = "float32",
 ) -> None:
-    """Replaces ``block.<name>`` by a packed ``SLiMLinear`` built from ``c`` (reference backend)."""
+    """Replaces ``block.<name>`` by a packed ``SLiMLinear`` built from ``c`` (reference backend).
+
+    fp adapters are rounded to ``adapter_dtype`` (their storage dtype) before anything uses them.
+    """
     from .modules import SLiMLinear
 
     bias = None if linear.bias is None else linear.bias.detach().float()
-    new = SLiMLinear.from_compressed(c, bias)
+    new = SLiMLinear.from_compressed(c, bias, adapter_dtype=adapter_dtype)
+    if new.rank and new.adapter_bits is None:  # the next blocks see the stored adapters
+        c.lora_l, c.lora_r = new.lora_l.detach().clone(), new.lora_r.detach().clone()
     c.metrics["bits_per_weight"] = packed_bits_per_weight(new)
     new.to(linear.weight.device)
     block.set_submodule(name, new)
@@ -63,7 +73,11 @@ def merge_install_counted(
 
 
 def plan_fingerprint(
-    plan: CompressPlan, calib_ids: torch.Tensor, model_digest: str, packed: bool = True
+    plan: CompressPlan,
+    calib_ids: torch.Tensor,
+    model_digest: str,
+    packed: bool = True,
+    export_dtype: str = "float32",
 ) -> str:
     """Hash of everything that determines the compressed weights (keys the resume state).
 
@@ -83,6 +97,7 @@ def plan_fingerprint(
         "batch_size": plan.engine.batch_size,
         "device": torch.device(resolve_device(plan.device)).type,
         "packed": packed,
+        "export_dtype": export_dtype,
         "torch": torch.__version__,
         "slim_lightning": __version__,
     }
@@ -109,6 +124,7 @@ def compress_model(
     packed: bool = True,
     keep_layers: bool = False,
     model_digest: str | None = None,
+    export_dtype: str = "float32",
 ) -> CalibrationResult:
     """Compresses ``model`` in place with the plan's spec, one decoder block at a time.
 
@@ -119,6 +135,8 @@ def compress_model(
         packed: install ``SLiMLinear`` modules (True) or merge into dense weights (False).
         model_digest: digest of the uncompressed weights (``models.weights_digest``); computed
             from ``model``'s tensors when None.
+        export_dtype: storage dtype of fp adapters (and of the uncompressed tensors, which the
+            caller has already rounded with ``models.round_uncompressed``).
     """
     from .core.compress import compress_linear
     from .io import tensors_sha256
@@ -138,11 +156,19 @@ def compress_model(
         tuple(arch.linear_names),
         plan.spec,
         compress_linear,
-        install_fn=install_slim_linear if packed else merge_install_counted,
+        install_fn=(
+            functools.partial(install_slim_linear, adapter_dtype=export_dtype)
+            if packed
+            else merge_install_counted
+        ),
         device=device,
         state_dir=state_dir,
         fingerprint=plan_fingerprint(
-            plan, calib_ids, model_digest or tensors_sha256(model.state_dict()), packed
+            plan,
+            calib_ids,
+            model_digest or tensors_sha256(model.state_dict()),
+            packed,
+            export_dtype,
         ),
         seed=plan.seed,
         progress=plan.engine.progress,

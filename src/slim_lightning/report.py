@@ -109,6 +109,17 @@ def summary_table(report: dict[str, Any]) -> str:
             )
         )
         rows.append(("size ratio vs fp16", "1", fmt_num(size["ratio_vs_fp16"])))
+        if "checkpoint_bytes" in size:
+            rows.append(
+                (
+                    "checkpoint file (MiB)",
+                    fmt_num(size["checkpoint_fp16_bytes"] / 2**20),
+                    fmt_num(size["checkpoint_bytes"] / 2**20),
+                )
+            )
+            rows.append(
+                ("checkpoint ratio vs fp16", "1", fmt_num(size["checkpoint_ratio_vs_fp16"]))
+            )
     t = report.get("timings", {})
     rows.append(("compression wall time (s)", "-", fmt_num(t.get("compress_s"))))
     rows.append(("peak memory (GiB)", "-", fmt_num(report.get("memory", {}).get("peak_rss_gib"))))

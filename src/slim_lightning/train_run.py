@@ -207,7 +207,7 @@ def _run_train(
     report["memory"] = peak_memory()
     if trainer.is_global_zero:
         if plan.export.packed and report["size"]:
-            from .checkpoint import save_compressed
+            from .checkpoint import read_meta, save_compressed
 
             results = {
                 k: report[k] for k in ("ppl_before", "ppl_after", "peft", "train") if k in report
@@ -219,8 +219,10 @@ def _run_train(
                 plan=plan,
                 results=results,
                 calibration=module.fingerprint,
+                dtype=module.export_dtype,
             )
             report["packed_dir"] = str(run_dir / "packed")
+            report["size"] = read_meta(run_dir / "packed")["size"]  # measured from the file
         report["status"] = "done"
         report["finished"] = time.time()
         atomic_write_json(run_dir / "report.json", report)

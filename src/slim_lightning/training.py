@@ -383,13 +383,16 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def requantize_all(model: nn.Module) -> int:
-    """Snaps every quantised adapter back to its 4-bit grid; returns the number of layers."""
+    """Snaps every quantised adapter back to its 4-bit grid and every fp adapter to its storage
+    dtype, so the packed checkpoint holds exactly the model that was evaluated; returns the
+    number of layers."""
     from .modules import SLiMLinear
 
     n = 0
     for mod in model.modules():
         if isinstance(mod, SLiMLinear):
             mod.requantize_adapters()
+            mod.round_fp_adapters()  # fp adapters: onto their storage dtype
             n += 1
     return n
 
