@@ -133,7 +133,45 @@ def run(
             # adapter path: the t round trip (write + read) counted too
             gbs_sl = (w_bytes + a_bytes + io + 4 * m * rank) / tsl / 1e6
             rows.append((n, k, m, t16, tbf, ts, tsl, gbs_s, gbs_sl))
+    run.last = {"rows": rows, "gpu": name, "peak_gbs": peak_gbs}  # type: ignore[attr-defined]
     return _report(rows, name, peak_gbs, rank_ratio, smoke)
+
+
+def results_json(rows: list, gpu: str, gpu_tests: str | None) -> dict:
+    """The ``kernels/results/<gpu>-<date>.json`` record (the GPU issue's format)."""
+    import triton
+
+    out_rows = []
+    for n, k, m, t16, tbf, ts, tsl, gs, gsl in rows:
+        out_rows.append(
+            {
+                "shape": f"{n}x{k}",
+                "batch": m,
+                "us": 1e3 * ts,
+                "us_with_adapters": 1e3 * tsl,
+                "us_fp16": 1e3 * t16,
+                "us_bf16": 1e3 * tbf,
+                "x_fp16": t16 / ts,
+                "x_fp16_with_adapters": t16 / tsl,
+                "gbs": gs,
+                "gbs_with_adapters": gsl,
+            }
+        )
+    return {
+        "gpu": gpu,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "kernel_configs": (
+            "interpreter"
+            if os.environ.get("TRITON_INTERPRET") == "1"
+            else "fixed"
+            if os.environ.get("SLIM_KERNEL_FIXED") == "1"
+            else "autotuned"
+        ),
+        "gpu_tests": gpu_tests,
+        "rows": out_rows,
+    }
 
 
 def _report(rows, name, peak, rank_ratio, smoke) -> str:
@@ -176,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank-ratio", type=float, default=0.1)
     ap.add_argument("--peak-gbs", type=float, default=None, help="override the peak bandwidth")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU/interpreter code-path check")
+    ap.add_argument("--json", default=None, help="also write the results record to this file")
+    ap.add_argument("--gpu-tests", default=None, help="'N passed, M failed, K skipped' to record")
     a = ap.parse_args(argv)
     shapes = _parse_shapes(a.shapes)
     if a.smoke and a.shapes == "llama2":
@@ -183,7 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in a.batches.split(",")]
     if any(k % 4 for _, k in shapes) or not all(math.isfinite(b) and b > 0 for b in batches):
         raise SystemExit("shapes need d_in % 4 == 0 and batches must be positive")
-    print(run(shapes, batches, a.rank_ratio, a.peak_gbs, a.smoke))
+    print(run(shapes, batches, a.rank_ratio, a.peak_gbs, a.smoke), flush=True)
+    if a.json:
+        import json
+        from pathlib import Path
+
+        last = run.last  # type: ignore[attr-defined]
+        rec = results_json(last["rows"], last["gpu"], a.gpu_tests)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rec, indent=2) + "\n")
+        print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def _acc_dense4(
     (N, ceil(KDIM/GROUP)), optional column divisor ins (KDIM,)."""
     mask_m = offs_m < M
     mask_n = offs_n < N
+    rows_n = offs_n.to(tl.int64)  # int64 offsets: M x stride overflows int32 past ~2^31
+    rows_m = offs_m.to(tl.int64)
     n_bytes = (KDIM + 1) // 2
     for kb in range(0, n_bytes, BLOCK_KB):
         offs_b = kb + tl.arange(0, BLOCK_KB)  # (BKB,) byte = columns 2b (low), 2b+1 (high)
@@ -79,12 +81,12 @@ def _acc_dense4(
         ok_lo = k_lo < KDIM
         ok_hi = k_hi < KDIM  # the high nibble of an odd row's last byte is padding
         wmask = mask_n[:, None] & ok_lo[None, :]
-        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :], mask=wmask, other=0).to(
+        wb = tl.load(w_ptr + rows_n[:, None] * stride_wn + offs_b[None, :], mask=wmask, other=0).to(
             tl.int32
         )  # (BN, BKB)
         q_lo = ((wb & 0xF) ^ 8) - 8  # sign-extend two's-complement nibbles
         q_hi = ((wb >> 4) ^ 8) - 8
-        s_row = s_ptr + offs_n[:, None] * stride_sn
+        s_row = s_ptr + rows_n[:, None] * stride_sn
         s_lo = tl.load(s_row + (k_lo // GROUP)[None, :], mask=wmask, other=0.0).to(tl.float32)
         s_hi = tl.load(
             s_row + (k_hi // GROUP)[None, :], mask=mask_n[:, None] & ok_hi[None, :], other=0.0
@@ -94,7 +96,7 @@ def _acc_dense4(
         if HAS_INS:
             w_lo = w_lo / tl.load(ins_ptr + k_lo, mask=ok_lo, other=1.0).to(tl.float32)[None, :]
             w_hi = w_hi / tl.load(ins_ptr + k_hi, mask=ok_hi, other=1.0).to(tl.float32)[None, :]
-        a_row = a_ptr + offs_m[:, None] * stride_am
+        a_row = a_ptr + rows_m[:, None] * stride_am
         a_lo = tl.load(a_row + k_lo[None, :], mask=mask_m[:, None] & ok_lo[None, :], other=0.0)
         a_hi = tl.load(a_row + k_hi[None, :], mask=mask_m[:, None] & ok_hi[None, :], other=0.0)
         if USE_DOT:
@@ -154,7 +156,7 @@ def _dense4_kernel(
         USE_DOT,
         PREC,
     )
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
@@ -203,16 +205,18 @@ def _slim24_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    rows_m = offs_m.to(tl.int64)  # int64 offsets: M x stride overflows int32 past ~2^31
+    rows_n = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_groups = K // 4
     for g0 in range(0, n_groups, BLOCK_G):
         offs_g = g0 + tl.arange(0, BLOCK_G)  # (BG,) groups of 4 columns
         nmask = mask_n[:, None] & (offs_g < n_groups)[None, :]  # (BN, BG)
-        vb = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_g[None, :], mask=nmask, other=0).to(
+        vb = tl.load(v_ptr + rows_n[:, None] * stride_vn + offs_g[None, :], mask=nmask, other=0).to(
             tl.int32
         )  # one byte = the group's two kept codes
         mb = tl.load(
-            meta_ptr + offs_n[:, None] * stride_metan + (offs_g // 2)[None, :], mask=nmask, other=0
+            meta_ptr + rows_n[:, None] * stride_metan + (offs_g // 2)[None, :], mask=nmask, other=0
         ).to(tl.int32)  # one byte = positions of groups 2i, 2i+1
         nib = (mb >> ((offs_g & 1) * 4)[None, :]) & 0xF
         p0 = nib & 3
@@ -223,7 +227,7 @@ def _slim24_kernel(
         col1 = offs_g[None, :] * 4 + p1
         if SCALE_MODE == 1:
             s = tl.load(
-                s_ptr + offs_n[:, None] * stride_sn + (offs_g * 4 // W_GROUP)[None, :],
+                s_ptr + rows_n[:, None] * stride_sn + (offs_g * 4 // W_GROUP)[None, :],
                 mask=nmask,
                 other=0.0,
             ).to(tl.float32)
@@ -237,14 +241,14 @@ def _slim24_kernel(
             for j in tl.static_range(4):
                 wj = tl.where(p0 == j, w0, 0.0) + tl.where(p1 == j, w1, 0.0)  # (BN, BG)
                 xj = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + (offs_g * 4 + j)[None, :],
+                    x_ptr + rows_m[:, None] * stride_xm + (offs_g * 4 + j)[None, :],
                     mask=mask_m[:, None] & (offs_g < n_groups)[None, :],
                     other=0.0,
                 )  # (BM, BG)
                 acc += tl.dot(xj, tl.trans(wj.to(xj.dtype)), input_precision=PREC)
         else:
             # each kept value's index picks its activation: x[m, col]
-            x_row = x_ptr + offs_m[:, None, None] * stride_xm
+            x_row = x_ptr + rows_m[:, None, None] * stride_xm
             xmask = mask_m[:, None, None] & nmask[None, :, :]
             x0 = tl.load(x_row + col0[None, :, :], mask=xmask, other=0.0).to(tl.float32)
             x1 = tl.load(x_row + col1[None, :, :], mask=xmask, other=0.0).to(tl.float32)
@@ -275,7 +279,7 @@ def _slim24_kernel(
         )
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y = y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -321,24 +325,71 @@ def _dense4_configs(small: bool) -> list[triton.Config]:
     ]
 
 
-_FIXED_SLIM24 = {"BLOCK_N": 16, "BLOCK_G": 16, "BLOCK_RB": 16}  # interpreter: small tiles
+# Largest fp32 register tile a config may hold per program: the GEMV path materialises
+# (BLOCK_M, BLOCK_N, BLOCK_G) products, the dot path (BLOCK_N, BLOCK_G) expanded weights plus
+# (BLOCK_M, BLOCK_N) accumulators. Past ~8K fp32 values per program the registers spill.
+MAX_TILE = 8192
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the autotuner: drops configs whose register tile would spill
+    for this launch's ``BLOCK_M`` (keeps at least the smallest one)."""
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+
+    def tile(c) -> int:
+        kw = c.kwargs
+        inner = kw.get("BLOCK_G", kw.get("BLOCK_KB", 0))
+        if bm <= SMALL_M:
+            return bm * kw["BLOCK_N"] * inner
+        return kw["BLOCK_N"] * inner + bm * kw["BLOCK_N"]
+
+    kept = [c for c in configs if tile(c) <= MAX_TILE]
+    return kept or [min(configs, key=tile)]
+
+
+# Fixed configs: the interpreter (small tiles; autotuning several configs crashes there) and
+# SLIM_KERNEL_FIXED=1 on a GPU (autotuning off: one compile per path, for tests and first
+# measurements)
+_FIXED_SLIM24 = {"BLOCK_N": 16, "BLOCK_G": 16, "BLOCK_RB": 16}
 _FIXED_DENSE4 = {"BLOCK_N": 16, "BLOCK_KB": 32}
+_FIXED_GPU = {
+    ("slim24", True): {"BLOCK_N": 16, "BLOCK_G": 64, "BLOCK_RB": 32, "num_warps": 4},
+    ("slim24", False): {"BLOCK_N": 64, "BLOCK_G": 32, "BLOCK_RB": 32, "num_warps": 4},
+    ("dense4", True): {"BLOCK_N": 16, "BLOCK_KB": 64, "num_warps": 4},
+    ("dense4", False): {"BLOCK_N": 64, "BLOCK_KB": 64, "num_warps": 4},
+}
+
+
+def fixed_mode() -> bool:
+    """``SLIM_KERNEL_FIXED=1``: no autotuning on a GPU (read at call time)."""
+    return os.environ.get("SLIM_KERNEL_FIXED", "0") == "1"
 
 
 @functools.cache
 def _autotuned(name: str, small: bool):
-    """Autotuned wrapper of a kernel (built on first use on a GPU, one per path)."""
-    if name == "slim24":
-        return triton.autotune(configs=_slim24_configs(small), key=["M", "N", "K"])(_slim24_kernel)
-    return triton.autotune(configs=_dense4_configs(small), key=["M", "N", "K"])(_dense4_kernel)
+    """Autotuned wrapper of a kernel (built on first use on a GPU, one per path).
+
+    The key is the M bucket (``BLOCK_M``: 1, 2, 4, 8, 16, 32, 64), N and K, so a new prompt
+    length re-uses the bucket's tuning instead of re-tuning; ``prune_configs`` drops configs
+    that would spill for the bucket.
+    """
+    kernel = _slim24_kernel if name == "slim24" else _dense4_kernel
+    configs = _slim24_configs(small) if name == "slim24" else _dense4_configs(small)
+    return triton.autotune(
+        configs=configs,
+        key=["BLOCK_M", "N", "K"],
+        prune_configs_by={"early_config_prune": prune_configs},
+    )(kernel)
 
 
 def _get_kernel(name: str, small: bool):
-    """The jit kernel with a fixed config under the interpreter (autotuning several configs
-    crashes there), the autotuned kernel on a GPU."""
+    """``(kernel, fixed launch kwargs)``: the jit kernel with a fixed config under the
+    interpreter or with ``SLIM_KERNEL_FIXED=1``, else the autotuned kernel."""
+    jit = {"slim24": _slim24_kernel, "dense4": _dense4_kernel}[name]
     if _interpreting():
-        fixed = _FIXED_SLIM24 if name == "slim24" else _FIXED_DENSE4
-        return {"slim24": _slim24_kernel, "dense4": _dense4_kernel}[name], dict(fixed)
+        return jit, dict(_FIXED_SLIM24 if name == "slim24" else _FIXED_DENSE4)
+    if fixed_mode():
+        return jit, dict(_FIXED_GPU[(name, small)])
     return _autotuned(name, small), {}
 
 

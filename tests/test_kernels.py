@@ -251,3 +251,107 @@ def test_gpu_grouped_scales_bf16():
         x = torch.randn(m, 4096, generator=gen).to(DEV, torch.bfloat16)
         y = slim24_matmul(x, v, meta, scale, group, in_scale=ins)
         _close(y, slim24_matmul_ref(x, v, meta, scale, group, in_scale=ins))
+
+
+# ---------------------------------------------------------------------------------------------
+# The default method's layer (group-128 weight scales, 4-bit adapters with in_scale) end to end
+# through SLiMLinear, at the batch sizes around the path switch and past the tile sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_layer(n: int, k: int, gen: torch.Generator) -> SLiMLinear:
+    """A slim_q-shaped SLiMLinear: 2:4 codes, fp16-exact group-128 scales, rank-10% 4-bit
+    adapters (groups of 128) with fp16 in_scale vectors, a bias."""
+    from slim_lightning.core.types import CompressedLinear, QuantTensor
+
+    score = torch.rand(n, k // 4, 4, generator=gen)
+    keep = torch.topk(score, 2, -1).indices
+    mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, k)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8) * mask
+    scale = (torch.rand(n, -(-k // 128), generator=gen) * 0.02 + 0.002).half().float()
+    wq = QuantTensor(q=q, scale=scale, group_size=128, bits=4)
+    r = max(1, round(0.1 * min(n, k)))
+
+    def adapter(rows, cols):
+        ins = (torch.rand(cols, generator=gen) + 0.5).half().float()
+        w = torch.randn(rows, cols, generator=gen) * 0.05
+        qt = absmax_quant(w * ins, 4, 128)
+        return QuantTensor(
+            q=qt.q, scale=qt.scale.half().float(), group_size=128, bits=4, in_scale=ins
+        )
+
+    lq, rq = adapter(r, k), adapter(n, r)
+    c = CompressedLinear(
+        weight=wq.dequantize() * mask,
+        weight_q=wq,
+        mask=mask,
+        lora_l=lq.dequantize().T.contiguous(),
+        lora_r=rq.dequantize().T.contiguous(),
+        lora_l_q=lq,
+        lora_r_q=rq,
+    )
+    return SLiMLinear.from_compressed(c, torch.randn(n, generator=gen) * 0.1)
+
+
+def test_default_layer_builder_is_the_kernel_path():
+    mod = _default_layer(32, 256, torch.Generator().manual_seed(0))
+    from slim_lightning.kernels.ops import triton_unsupported_reason
+
+    assert triton_unsupported_reason(mod) is None
+    assert mod.packed_weight().group_size == 128 and mod.adapter_bits == 4
+    assert mod.packed_adapter("l").float_field("in_scale") is not None
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_default_layer_triton_matches_reference_interpreter(m):
+    gen = torch.Generator().manual_seed(m)
+    mod = _default_layer(24, 256, gen).to(DEV)
+    x = torch.randn(m, 256, generator=gen).to(DEV, torch.float16)
+    with torch.no_grad():
+        ref = mod(x)
+        mod.backend = "triton"
+        _close(mod(x), ref)
+
+
+def test_config_pruning_drops_spilling_tiles_for_the_m_bucket():
+    from slim_lightning.kernels import sparse24 as k
+
+    small = k._slim24_configs(True)
+    for bm in (1, 8):
+        kept = k.prune_configs(small, {}, BLOCK_M=bm)
+        assert kept and all(
+            bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_G"] <= k.MAX_TILE for c in kept
+        )
+    assert len(k.prune_configs(small, {}, BLOCK_M=8)) < len(small)
+    big = k._slim24_configs(False)
+    assert k.prune_configs(big, {}, BLOCK_M=64)  # never empty
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(11008, 4096), (4096, 11008)])
+@pytest.mark.parametrize("m", [1, 8, 9, 15, 16, 64, 65, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_default_method_layer_end_to_end(n, k, m, dtype):
+    gen = torch.Generator().manual_seed(n + m)
+    mod = _default_layer(n, k, gen).to(DEV)
+    x = torch.randn(2, m, k, generator=gen).to(DEV, dtype)  # (batch, seq, d_in)
+    with torch.no_grad():
+        ref = mod(x)  # reference backend in the same dtype
+        mod.backend = "triton"
+        _close(mod(x), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_int64_offsets_past_2_31_elements():
+    # M x K past 2^31 elements of x: int32 row offsets would wrap
+    gen = torch.Generator().manual_seed(5)
+    n, k = 16, 4096
+    m = (2**31) // k + 64
+    v, meta, scale, group, _ = _rand_24(n, k, gen)
+    x = torch.zeros(m, k, device=DEV, dtype=torch.float16)
+    x[-3:] = torch.randn(3, k, generator=gen).to(DEV, torch.float16)
+    y = slim24_matmul(x, v, meta, scale, group)
+    _close(y[-3:], slim24_matmul_ref(x[-3:], v, meta, scale, group))
+    assert not y[:-3].any()
