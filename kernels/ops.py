@@ -47,6 +47,27 @@ def _kernel_adapters(mod) -> tuple:
     return cache["adapters"]
 
 
+def slim_base_triton(mod, x: torch.Tensor) -> torch.Tensor:
+    """The packed base alone on the 2:4 kernel: ``x (Q(W)*M)^T`` (no adapters, no bias); the
+    training path adds those through autograd."""
+    why = triton_unsupported_reason(mod)
+    if why is not None:
+        raise ValueError(f"SLiMLinear triton backend: unsupported layer: {why}")
+    k, n = mod.in_features, mod.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    pw = mod.packed_weight()
+    y = slim24_matmul(
+        x2,
+        pw.tensors["values"],
+        pw.tensors["meta"],
+        pw.float_field("scale"),
+        pw.group_size,
+        in_scale=pw.float_field("in_scale"),
+    )
+    return y.reshape(*lead, n)
+
+
 def slim_linear_triton(mod, x: torch.Tensor) -> torch.Tensor:
     """``SLiMLinear`` forward on the kernels (inference): ``x (..., d_in)`` -> ``(..., d_out)``.
 

@@ -74,3 +74,27 @@ def test_batching_does_not_change_the_result():
 def test_rejects_bad_windows():
     with pytest.raises(ValueError, match="seqlen"):
         perplexity(Uniform(3), torch.zeros(4, 1, dtype=torch.long), progress=False)
+
+
+def test_training_nll_equals_per_window_nll_and_its_gradient():
+    from slim_lightning.evaluation import per_window_nll, training_nll
+    from slim_lightning.models import tiny_model
+
+    model, _ = tiny_model("llama")
+    ids = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, fn in (("full", per_window_nll), ("chunked", training_nll)):
+        model.zero_grad()
+        kw = {"chunk_tokens": 16} if name == "chunked" else {}
+        nll, n = fn(model, ids, **kw)
+        nll.backward()
+        out[name] = (
+            nll.detach(),
+            n,
+            model.lm_head.weight.grad.clone(),
+            model.model.layers[0].mlp.up_proj.weight.grad.clone(),
+        )
+    assert out["full"][1] == out["chunked"][1] == 2 * 39
+    for a, b in zip(out["full"], out["chunked"]):
+        if torch.is_tensor(a):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -106,6 +106,7 @@ def test_meta_fields(layers):
 def test_load_state_dict_invalidates_dense_cache(layers):
     a = SLiMLinear.from_compressed(layers["slim_q"], None)
     b = SLiMLinear.from_compressed(_compressed(SPECS["slim_q"], seed=1), None)
+    a.cache_dense = True  # the opt-in cache must not serve a stale weight
     x = torch.randn(3, 576)
     ya, yb = a(x), b(x)
     a.load_state_dict(b.state_dict())
@@ -205,9 +206,74 @@ def test_module_built_under_inference_mode_runs_outside_it(layers):
     c = layers["slim_q"]
     with torch.inference_mode():
         mod = SLiMLinear.from_compressed(c, None)
+    mod.cache_dense = True
     x = torch.randn(2, 576)
     with torch.no_grad():
         y = mod(x)
         torch.testing.assert_close(y, x @ c.effective_weight().T, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         assert torch.equal(mod(x), y)
+
+
+# -- lean runtime: only packed bytes stay resident ------------------------------------------------
+@pytest.mark.parametrize("name", ["slim_q", "slim_fp_adapters", "unstructured", "adapter_in_scale"])
+def test_lean_path_gradients_equal_the_dense_reference(layers, name):
+    """The just-in-time path (default) gives the dense-cache path's outputs and gradients (input
+    and adapters) to fp32 round-off, and keeps nothing dense afterwards."""
+    c = layers[name]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 576, generator=g)
+    up = torch.randn(4, 48, generator=g)
+    grads = {}
+    for cached in (True, False):
+        mod = SLiMLinear.from_compressed(c, torch.randn(48, generator=torch.Generator()))
+        mod.cache_dense = cached
+        xi = x.clone().requires_grad_(True)
+        y = mod(xi)
+        (y * up).sum().backward()
+        grads[cached] = (y.detach(), xi.grad, *(p.grad for p in mod.parameters()))
+        if not cached:
+            assert mod._dense_cache == {} and mod._adapter_cache == {}
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_path_saves_no_dense_tensor_for_backward(layers):
+    mod = SLiMLinear.from_compressed(layers["slim_q"], None)
+    dense_numel = mod.in_features * mod.out_features
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    x = torch.randn(2, 576, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mod(x).sum().backward()
+    assert saved and max(saved) < dense_numel  # activations and adapters, never a dense weight
+
+
+def test_lean_path_works_with_gradient_checkpointing(layers):
+    from torch.utils.checkpoint import checkpoint
+
+    mod = SLiMLinear.from_compressed(layers["slim_q"], None)
+    x = torch.randn(3, 576, requires_grad=True)
+    checkpoint(mod, x, use_reentrant=False).pow(2).sum().backward()
+    g1 = (x.grad.clone(), mod.lora_l.grad.clone())
+    x.grad = None
+    mod.zero_grad()
+    mod(x).pow(2).sum().backward()
+    torch.testing.assert_close(g1[0], x.grad)
+    torch.testing.assert_close(g1[1], mod.lora_l.grad)
+
+
+def test_set_dense_cache_and_auto_backend(layers):
+    from slim_lightning.modules import set_dense_cache
+
+    model = torch.nn.Sequential(SLiMLinear.from_compressed(layers["slim_q"], None))
+    assert set_dense_cache(model, True) == 1 and model[0].cache_dense
+    model[0](torch.randn(1, 576))
+    assert model[0]._dense_cache
+    set_dense_cache(model, False)
+    assert model[0]._dense_cache == {} and not model[0].cache_dense
+    assert set_backend(model, "auto") == 0 and model[0].backend == "reference"  # CPU

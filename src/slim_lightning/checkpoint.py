@@ -298,7 +298,7 @@ def load_compressed(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
-    backend: str = "reference",
+    backend: str = "auto",
     verify: bool = True,
     dtype: str | torch.dtype | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -307,7 +307,8 @@ def load_compressed(
     Args:
         path: a directory written by ``save_compressed``.
         device: where the tensors go.
-        backend: ``SLiMLinear`` backend (``reference`` or ``triton``).
+        backend: ``SLiMLinear`` backend: ``auto`` (triton on CUDA where the kernels support the
+            layer, else reference), ``reference`` or ``triton``.
         verify: check every file against its recorded sha256 first (seconds per GB).
         dtype: dtype of the uncompressed tensors and activations (default: the dtype the run
             computed in, so the run's perplexity is reproduced; the file may store 16 bits).

@@ -56,6 +56,9 @@ class CompressPlan:
     seed: int = 0
     device: str = "auto"
     eval_dense: bool = True
+    # keep a dequantised dense copy of every compressed layer (CPU speed for the memory of the
+    # dense model); off, only packed weights stay resident and are dequantised just in time
+    dense_cache: bool = False
 
 
 def _is_int(v: Any) -> bool:
@@ -189,6 +192,9 @@ def build_plan(cfg: Any) -> CompressPlan:
         raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")
     seed = cfg.get("seed", 0)
     _check_int("seed", seed, 0)
+    dense_cache = cfg.get("dense_cache", False)
+    if not isinstance(dense_cache, bool):
+        raise ConfigError("dense_cache", dense_cache, "true or false")
     return CompressPlan(
         model=instantiate_group(cfg, "model"),
         calib=instantiate_group(cfg, "calib"),
@@ -200,6 +206,7 @@ def build_plan(cfg: Any) -> CompressPlan:
         seed=seed,
         device=device,
         eval_dense=bool(cfg.get("eval_dense", True)),
+        dense_cache=dense_cache,
     )
 
 

@@ -50,6 +50,47 @@ def per_window_nll(
     return (nll.sum() if reduction == "sum" else nll), b * (t - 1)
 
 
+def training_nll(
+    model: nn.Module, batch: torch.Tensor, chunk_tokens: int = 256
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL for training, without materialising full-vocabulary logits.
+
+    The decoder runs once; the LM head and the fp32 log-softmax run on ``chunk_tokens`` rows at
+    a time under activation checkpointing, so at most one chunk of ``(chunk, vocab)`` fp32
+    logits exists at a time (forward and backward) instead of ``(b*T, vocab)`` logits plus
+    their softmax. Same value as :func:`per_window_nll` up to fp32 summation order. Models
+    without a plain ``model.model`` + ``lm_head`` split fall back to :func:`per_window_nll`.
+
+    Returns:
+        ``(nll, n_tokens)``: 0-dim fp32 sum and ``b * (T - 1)``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from .models import ARCHS
+
+    base = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if base is None or not isinstance(head, nn.Linear) or model_type not in ARCHS:
+        return per_window_nll(model, batch)
+    b, t = batch.shape
+    hidden = base(input_ids=batch, use_cache=False)[0]  # (b, T, H)
+    h = hidden[:, :-1, :].reshape(b * (t - 1), hidden.shape[-1])  # (b*(T-1), H)
+    target = batch[:, 1:].reshape(-1)
+
+    def chunk_nll(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(hc).float(), tc, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_tokens):
+        hc, tc = h[s : s + chunk_tokens], target[s : s + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(chunk_nll, hc, tc, use_reentrant=False)
+        else:
+            total = total + chunk_nll(hc, tc)
+    return total, b * (t - 1)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -215,6 +215,9 @@ class SLiMModule(L.LightningModule):
         """Load-or-compress exactly once per process; for ``fit`` also marks what trains."""
         if not self.compressed:
             self._load_or_compress()
+            from .modules import set_dense_cache
+
+            set_dense_cache(self.model, self.plan.dense_cache)
         if stage == "fit":
             self.prepare_training()
 
@@ -323,10 +326,10 @@ class SLiMModule(L.LightningModule):
         self._t_batch = time.perf_counter()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        from .evaluation import per_window_nll
+        from .evaluation import training_nll
 
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch  # (b, seqlen)
-        nll, n = per_window_nll(self.model, ids)
+        nll, n = training_nll(self.model, ids)  # chunked LM head: no full fp32 logits
         loss = nll / n
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -43,6 +43,29 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _PackedBaseMatmul(torch.autograd.Function):
+    """``y = x (Q(W)*M)^T`` for a frozen packed weight: nothing dense is saved for the backward.
+
+    forward: dequantise (or run ``base_fn``, e.g. the Triton kernel) then multiply; backward:
+    dequantise again and return ``grad_x = grad_y (Q(W)*M)``. No gradient for the weight (it is
+    a set of integer buffers).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mod: SLiMLinear, base_fn=None) -> torch.Tensor:
+        ctx.mod = mod
+        if base_fn is not None:
+            return base_fn(mod, x)
+        return nn.functional.linear(x, mod.dense_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        w = ctx.mod.dense_weight().to(grad.dtype)  # (d_out, d_in), freed after this call
+        return grad @ w, None, None
+
+
 def _version_key(*tensors: torch.Tensor | None) -> tuple:
     """Identity of tensors' contents: storage pointer, in-place version counter, device, dtype.
 
@@ -69,9 +92,11 @@ class SLiMLinear(nn.Module):
         in_features, out_features: ``d_in``, ``d_out``.
         rank: adapter rank (0 = no adapters).
         adapter_bits: adapter code width or None (fp32 adapters).
-        backend: ``reference`` or ``triton`` (settable).
-        cache_dense: the reference backend caches the dequantised dense weight per dtype (memory
-            of a dense layer; set False to dequantise on every call).
+        backend: ``reference`` or ``triton`` (settable; ``set_backend(model, "auto")`` picks
+            triton on CUDA for the layers the kernels support).
+        cache_dense: opt-in (default False): the reference backend keeps the dequantised dense
+            weight per dtype, trading the memory of a dense layer for CPU speed
+            (``set_dense_cache``). Off, only the packed buffers stay resident.
     """
 
     def __init__(self, meta: dict, device: torch.device | str | None = None):
@@ -130,7 +155,9 @@ class SLiMLinear(nn.Module):
         else:
             self.register_buffer("bias", None)
         self.backend: Backend = "reference"
-        self.cache_dense = True
+        # opt-in: keep a dequantised dense copy per dtype (CPU speed for the memory of a dense
+        # layer); off, the weight is dequantised just in time and only packed bytes stay resident
+        self.cache_dense = False
         self._dense_cache: dict = {}
         self._adapter_cache: dict = {}
         self._kernel_cache: dict = {}  # the triton backend's packed adapters
@@ -286,7 +313,7 @@ class SLiMLinear(nn.Module):
         """Effective ``(L (d_in, r), R (r, d_out))`` as the forward uses them (autograd-connected).
 
         Quantised adapters: fake-quantised values with a straight-through gradient. Under
-        ``torch.no_grad`` the values are cached until the parameters change.
+        ``torch.no_grad`` with ``cache_dense`` the values are cached until the parameters change.
         """
         if self.rank == 0:
             return None
@@ -301,6 +328,11 @@ class SLiMLinear(nn.Module):
             left = _FakeQuantSTE.apply(self.lora_l.t(), bits, g_l, ins_l).t().contiguous()
             right = _FakeQuantSTE.apply(self.lora_r.t(), bits, g_r, ins_r).t().contiguous()
             return left, right
+        if not self.cache_dense:  # lean: transient values, nothing adapter-sized kept
+            with torch.no_grad():
+                left = fake_quant_absmax(self.lora_l.t(), bits, g_l, ins_l).t()
+                right = fake_quant_absmax(self.lora_r.t(), bits, g_r, ins_r).t()
+            return left.contiguous(), right.contiguous()
         key = _version_key(self.lora_l, self.lora_r, ins_l, ins_r)
         if self._adapter_cache.get("key") != key:
             with torch.no_grad():
@@ -389,7 +421,13 @@ class SLiMLinear(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., d_in)`` -> ``(..., d_out)`` in ``x``'s dtype."""
+        """``x (..., d_in)`` -> ``(..., d_out)`` in ``x``'s dtype.
+
+        The packed base is a frozen function of the buffers: its product runs through
+        ``_PackedBaseMatmul``, which dequantises the weight just in time in the forward and again
+        in the backward (``grad_x = grad_y W``), so nothing dense outlives one layer call unless
+        ``cache_dense`` is on. The adapters are ordinary autograd (STE when quantised).
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SLiMLinear: input last dim {x.shape[-1]} != {self.in_features}")
         if self.backend == "triton":
@@ -399,7 +437,14 @@ class SLiMLinear(nn.Module):
                 f"SLiMLinear.backend: got {self.backend!r}; allowed: reference, triton"
             )
         dtype = x.dtype
-        y = nn.functional.linear(x, self._cached_dense(dtype))
+        if self.cache_dense:
+            y = nn.functional.linear(x, self._cached_dense(dtype))
+        else:
+            y = _PackedBaseMatmul.apply(x, self)
+        return self._add_adapters_and_bias(x, y)
+
+    def _add_adapters_and_bias(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
         lr = self.adapters()
         if lr is not None:
             y = y + (x @ lr[0].to(dtype)) @ lr[1].to(dtype)
@@ -407,15 +452,21 @@ class SLiMLinear(nn.Module):
             y = y + self.bias.to(dtype)
         return y
 
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        from slim_lightning.kernels.ops import slim_linear_triton
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        adapters = self.rank and (self.lora_l.requires_grad or self.lora_r.requires_grad)
+        return bool(x.requires_grad or adapters)
 
-        if torch.is_grad_enabled() and self.rank and self.lora_l.requires_grad:
-            raise RuntimeError(
-                "SLiMLinear: the triton backend is inference-only; train with backend='reference' "
-                "or run under torch.no_grad() / torch.inference_mode()"
-            )
-        return slim_linear_triton(self, x)
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        from slim_lightning.kernels.ops import slim_base_triton, slim_linear_triton
+
+        if not self._needs_grad(x):
+            return slim_linear_triton(self, x)  # fused: 2:4 base + adapters + bias
+        # training: the base through the kernel (backward: grad_y W, dequantised just in time),
+        # the adapters through autograd so their gradients (STE) flow
+        y = _PackedBaseMatmul.apply(x, self, slim_base_triton)
+        return self._add_adapters_and_bias(x, y)
 
     # -- housekeeping ------------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):
@@ -451,20 +502,45 @@ def _tensor_meta(tensors: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def set_backend(model: nn.Module, name: Backend, *, strict: bool = True) -> int:
+def set_dense_cache(model: nn.Module, on: bool) -> int:
+    """Turns the reference backend's dense-weight cache on or off for every ``SLiMLinear``.
+
+    On trades memory (a dense copy of every layer, per dtype) for CPU speed; off (the default)
+    frees the copies. Returns the number of layers.
+    """
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, SLiMLinear):
+            mod.cache_dense = bool(on)
+            if not on:
+                mod._dense_cache = {}
+            n += 1
+    return n
+
+
+def set_backend(model: nn.Module, name: str, *, strict: bool = True) -> int:
     """Sets ``backend`` on every ``SLiMLinear`` in ``model``.
 
     Args:
         model: any module tree.
-        name: ``reference`` or ``triton``.
+        name: ``reference``, ``triton`` or ``auto`` (triton on CUDA for every layer the kernels
+            support, reference elsewhere; never raises for unsupported layers).
         strict: with ``triton``, raise if a layer's format has no kernel; with False such layers
             stay on ``reference``.
 
     Returns:
-        Number of layers switched to ``name``.
+        Number of layers switched to ``name`` (to triton, for ``auto``).
     """
+    if name == "auto":
+        on_cuda = any(
+            b.is_cuda for m in model.modules() if isinstance(m, SLiMLinear) for b in m.buffers()
+        )
+        if not on_cuda:
+            set_backend(model, "reference")
+            return 0
+        return set_backend(model, "triton", strict=False)
     if name not in ("reference", "triton"):
-        raise ValueError(f"backend: got {name!r}; allowed: reference, triton")
+        raise ValueError(f"backend: got {name!r}; allowed: reference, triton, auto")
     layers = [(k, v) for k, v in model.named_modules() if isinstance(v, SLiMLinear)]
     unsupported: dict[str, str] = {}
     if name == "triton":
