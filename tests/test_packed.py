@@ -256,3 +256,24 @@ def test_4of8_mask_packs_as_bitmap_unless_nm_is_forced():
     forced = PackedWeight.from_quant(c.weight_q, c.mask, fmt="nm", n=4, m=8)
     assert auto.format == "unstructured" and forced.format == "nm"
     assert torch.equal(auto.to_dense(), c.weight) and torch.equal(forced.to_dense(), c.weight)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("group", [None, 8, 16, 7, 96])
+@pytest.mark.parametrize("in_scale", [False, True])
+def test_nm_fast_dequant_is_bit_exact(n, m, group, in_scale):
+    """The lean runtime's N:M dequantisation equals QuantTensor.dequantize bit for bit."""
+    g = torch.Generator().manual_seed(n * 100 + m + (group or 0))
+    rows, cols = 12, 96
+    score = torch.rand(rows, cols // m, m, generator=g)
+    keep = torch.topk(score, n, -1).indices
+    mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, keep, True).reshape(rows, cols)
+    q = torch.randint(-8, 8, (rows, cols), generator=g, dtype=torch.int8) * mask
+    if group is None:
+        scale, gs = torch.tensor([[0.0123]]), cols
+    else:
+        scale, gs = torch.rand(rows, -(-cols // group), generator=g).half().float() + 0.01, group
+    ins = (torch.rand(cols, generator=g) + 0.5).half().float() if in_scale else None
+    qt = QuantTensor(q=q, scale=scale, group_size=gs, bits=4, in_scale=ins)
+    pw = PackedWeight.from_quant(qt, mask, fmt="nm", n=n, m=m)
+    assert torch.equal(pw.to_dense(), qt.dequantize())

@@ -546,7 +546,36 @@ class PackedWeight:
         """fp32 ``(rows, cols)``, bit-exactly ``QuantTensor.dequantize()`` of the packed codes."""
         if self.bits is None:
             return self.codes_and_mask()[0]
+        if self.format == "nm":
+            return self._dequant_nm()
         return self.quant_tensor().dequantize(torch.float32)
+
+    def _dequant_nm(self) -> torch.Tensor:
+        """N:M fast path (the lean runtime calls it every forward and backward): scales only the
+        kept values, then scatters them; the same fp32 operations per element as
+        ``QuantTensor.dequantize`` (``q * scale``, then ``/ in_scale``), so bit-identical."""
+        rows, cols = self.shape
+        n, m, t = self.n, self.m, self.tensors
+        n_groups = cols // m
+        k = n_groups * n
+        kept = _unpack_codes(t["values"], self.bits, k).to(torch.float32)  # (rows, k)
+        pos = unpack_uint(t["meta"], meta_bits(m), k).to(torch.int64)  # (rows, k)
+        col = pos + (torch.arange(k, device=pos.device) // n * m)[None, :]  # (rows, k)
+        scale = _bits_f(t["scale"], _DTYPES[self.dtypes["scale"]]).to(torch.float32)
+        if tuple(scale.shape) == (1, 1):
+            kept = kept * scale
+        elif self.group_size % m == 0:  # whole groups of m per scale: a contiguous expand
+            per = self.group_size // m * n  # kept values per scale group
+            kept = kept * scale.repeat_interleave(per, dim=1)[:, :k]
+        else:
+            kept = kept * torch.gather(scale, 1, col // self.group_size)
+        ins = t.get("in_scale")
+        if ins is not None:
+            ins = _bits_f(ins, _DTYPES[self.dtypes["in_scale"]]).to(torch.float32).reshape(-1)
+            kept = kept / ins[col]
+        out = torch.zeros(rows, cols, dtype=torch.float32, device=kept.device)
+        out.scatter_(1, col, kept)
+        return out
 
     def nbytes(self) -> int:
         """Bytes of every stored tensor (values, metadata, bitmap, offsets, scales)."""
