@@ -324,9 +324,9 @@ def load_compressed(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .formats import check_meta, check_values
     from .models import get_arch, get_module
     from .modules import SLiMLinear, set_backend
-    from .packed import check_meta, check_values
 
     path = Path(path)
     meta = read_meta(path)

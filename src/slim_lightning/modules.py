@@ -2,7 +2,7 @@
 
 ``y = x (Q(W) * M)^T + (x L) R + bias``
 
-* The sparse quantised weight is a ``PackedWeight`` (``slim_lightning.packed``) held as persistent
+* The sparse quantised weight is a ``PackedWeight`` (``slim_lightning.formats``) held as persistent
   integer buffers ``weight_<field>`` (never trainable; ``.to(dtype)`` cannot touch them).
 * Adapters ``lora_l (d_in, r)`` and ``lora_r (r, d_out)`` are fp32 ``nn.Parameter`` s (the only
   parameters, so DDP / optimisers see only them). When the adapters are quantised
@@ -23,8 +23,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from slim_lightning.core.quant import fake_quant_absmax
 from slim_lightning.core.types import CompressedLinear
-from slim_lightning.packed import PackedWeight, fake_quant_absmax, pack_absmax
+from slim_lightning.formats import PackedWeight, pack_absmax
 
 Backend = Literal["reference", "triton"]
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -233,6 +233,24 @@ def absmax_quant(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quant
     return QuantTensor(q=q.contiguous(), scale=scale, group_size=g, bits=bits)
 
 
+def fake_quant_absmax(
+    w: torch.Tensor, bits: int, group_size: int, in_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """AbsMax fake quantisation along columns (the rounding of ``absmax_quant``).
+
+    With ``in_scale`` (``(cols,)``) the columns are multiplied by it before quantisation and
+    divided back after, as ``core.lowrank.quantize_adapters`` does. Returns the dequantised matrix
+    in ``w``'s dtype; idempotent on values already on such a grid (scales are fp16-representable
+    and ``max |q| = 2**(bits-1)-1`` in every nonzero group, so re-quantising finds the same codes).
+    """
+    if in_scale is None:
+        return absmax_quant(w, bits, group_size).dequantize(w.dtype)
+    ins = in_scale.to(w.device, torch.float32)
+    qt = absmax_quant(w.to(torch.float32) * ins[None, :], bits, group_size)
+    qt.in_scale = ins
+    return qt.dequantize(w.dtype)
+
+
 def apply_mask(qt: QuantTensor, mask: torch.Tensor | None) -> QuantTensor:
     """Zeroes ``q`` where ``mask`` (bool, True = kept) is False; returns a new QuantTensor."""
     if mask is None:

@@ -1,0 +1,391 @@
+"""Packed storage of a compressed weight matrix: the on-disk / in-memory contract.
+
+A ``PackedWeight`` stores one ``(rows, cols)`` matrix (a linear weight ``(d_out, d_in)``, or an
+adapter ``L^T (r, d_in)`` / ``R^T (d_out, r)``) in one of three formats. It only imports torch and
+the ``QuantTensor`` contract; ``to_dense()`` reproduces ``QuantTensor.dequantize()`` (and so
+``CompressedLinear.weight``) bit-exactly, and ``nbytes()`` counts every stored byte, padding
+included.
+
+Integer codes (4-bit two's complement nibbles, low nibble first, or ``int8``) and floating-point
+fields (stored as their bit patterns: fp16 -> ``int16``, fp32 -> ``int32``) follow
+``formats.bitpack``.
+
+Formats (``format`` field; all tensors are row-major and contiguous), one module each, listed in
+``FORMATS``:
+
+* ``nm`` (``formats.nm``) -- N:M sparse along columns: ``values`` + per-value position ``meta``.
+* ``unstructured`` (``formats.unstructured``) -- any mask: ``bitmask`` + row-major ``values`` +
+  ``row_offsets``.
+* ``dense`` (``formats.dense``) -- no sparsity: ``values``.
+
+Quantisation fields (all formats, only when ``bits`` is not None):
+    * ``scale``: fp16/fp32 bit patterns, ``(1, 1)`` (one scale per tensor: SLiM-Quant) or
+      ``(rows, ceil(cols / group_size))`` (group AbsMax; the last group may be shorter).
+    * ``in_scale`` (optional): fp16/fp32 bit patterns ``(cols,)``, the SLiM-Quant^O per-input-channel
+      divisor. Dequantised value: ``q[i, j] * scale[i, j // group_size] / in_scale[j]`` (fp32).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from slim_lightning.core.types import QuantTensor
+from slim_lightning.formats import dense, nm, unstructured
+from slim_lightning.formats.bitpack import (
+    _BITS_DTYPE,
+    _DTYPES,
+    _bits_f,
+    _check_codes,
+    _dtype_name,
+    _f_bits,
+    _lossless_dtype,
+    meta_bits,
+)
+from slim_lightning.formats.nm import dequant_nm
+
+Format = Literal["nm", "unstructured", "dense"]
+
+# format name -> its module; each provides ``encode(x, mask, *, n, m, bits) -> (tensors, nnz)``
+# and ``decode(tensors, shape, *, n, m, bits) -> (codes or fp32 values, mask or None)``
+FORMATS: dict[str, ModuleType] = {"nm": nm, "unstructured": unstructured, "dense": dense}
+
+
+def _format_module(fmt: str) -> ModuleType:
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(
+            f"unknown packed format {fmt!r}; allowed: nm, unstructured, dense"
+        ) from None
+
+
+@dataclass
+class PackedWeight:
+    """One packed ``(rows, cols)`` matrix: format parameters plus its tensors (module docstring).
+
+    Attributes:
+        format: ``nm``, ``unstructured`` or ``dense``.
+        shape: ``(rows, cols)`` of the dense matrix.
+        bits: code width 2..8, or None for fp32 values.
+        n, m: N:M pattern (``nm`` only; 0 otherwise).
+        group_size: columns per scale group (``cols`` for one scale per row or per tensor).
+        nnz: number of stored values (kept entries, including N:M filler positions).
+        dtypes: logical dtype name of every floating-point field stored as bits
+            (``values`` when unquantised, ``scale``, ``in_scale``).
+        tensors: the stored tensors by field name.
+    """
+
+    format: Format
+    shape: tuple[int, int]
+    bits: int | None
+    tensors: dict[str, torch.Tensor]
+    n: int = 0
+    m: int = 0
+    group_size: int = 0
+    nnz: int = 0
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_quant(
+        cls,
+        qt: QuantTensor,
+        mask: torch.Tensor | None = None,
+        *,
+        fmt: Format | None = None,
+        n: int = 2,
+        m: int = 4,
+    ) -> PackedWeight:
+        """Packs a QuantTensor (codes 0 where ``mask`` is False).
+
+        Args:
+            qt: the quantised matrix.
+            mask: bool kept entries, or None (dense).
+            fmt: force a format; default: ``dense`` without mask, ``nm`` (``n:m``) when the mask
+                fits it, else ``unstructured``.
+            n, m: the N:M pattern tried / used.
+        """
+        q = qt.q
+        rows, cols = q.shape
+        fmt = _choose_format(mask, cols, n, m) if fmt is None else fmt
+        _check_codes(q, qt.bits)
+        t, nnz = _format_module(fmt).encode(q, mask, n=n, m=m, bits=qt.bits)
+        scale = qt.scale.to(torch.float32)
+        n_groups = math.ceil(cols / qt.group_size)
+        if scale.shape not in ((1, 1), (rows, n_groups)):
+            raise ValueError(
+                f"scale shape {tuple(scale.shape)} is neither (1, 1) nor (rows, ceil(cols / g)) "
+                f"= ({rows}, {n_groups})"
+            )
+        dtypes = {"scale": _dtype_name(_lossless_dtype(scale))}
+        t["scale"] = _f_bits(scale, _DTYPES[dtypes["scale"]])
+        if qt.in_scale is not None:
+            ins = qt.in_scale.to(torch.float32).reshape(-1)
+            if ins.numel() != cols:
+                raise ValueError(f"in_scale has {ins.numel()} entries, expected cols={cols}")
+            dtypes["in_scale"] = _dtype_name(_lossless_dtype(ins))
+            t["in_scale"] = _f_bits(ins, _DTYPES[dtypes["in_scale"]])
+        return cls(
+            format=fmt,
+            shape=(rows, cols),
+            bits=qt.bits,
+            tensors=t,
+            n=n if fmt == "nm" else 0,
+            m=m if fmt == "nm" else 0,
+            group_size=int(qt.group_size),
+            nnz=nnz,
+            dtypes=dtypes,
+        )
+
+    @classmethod
+    def from_float(
+        cls,
+        w: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        fmt: Format | None = None,
+        n: int = 2,
+        m: int = 4,
+    ) -> PackedWeight:
+        """Packs an unquantised matrix: its fp32 values (0 where ``mask`` is False), no scales."""
+        w = w.detach().to(torch.float32)
+        rows, cols = w.shape
+        fmt = _choose_format(mask, cols, n, m) if fmt is None else fmt
+        t, nnz = _format_module(fmt).encode(w, mask, n=n, m=m, bits=None)
+        return cls(
+            format=fmt,
+            shape=(rows, cols),
+            bits=None,
+            tensors=t,
+            n=n if fmt == "nm" else 0,
+            m=m if fmt == "nm" else 0,
+            group_size=cols,
+            nnz=nnz,
+            dtypes={"values": "float32"},
+        )
+
+    # -- decoding ------------------------------------------------------------------------------
+    def codes_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense ``(rows, cols)`` int8 codes (fp32 values when unquantised) and the stored mask.
+
+        The mask is None for ``dense``.
+        """
+        decode = _format_module(self.format).decode
+        return decode(self.tensors, self.shape, n=self.n, m=self.m, bits=self.bits)
+
+    def quant_tensor(self) -> QuantTensor:
+        """The stored matrix as a QuantTensor (quantised formats only)."""
+        if self.bits is None:
+            raise ValueError("quant_tensor: this PackedWeight is not quantised")
+        q, _ = self.codes_and_mask()
+        ins = self.tensors.get("in_scale")
+        return QuantTensor(
+            q=q,
+            scale=_bits_f(self.tensors["scale"], _DTYPES[self.dtypes["scale"]]),
+            group_size=self.group_size,
+            bits=self.bits,
+            in_scale=None if ins is None else _bits_f(ins, _DTYPES[self.dtypes["in_scale"]]),
+        )
+
+    def mask(self) -> torch.Tensor | None:
+        """bool ``(rows, cols)`` stored positions, or None for ``dense``."""
+        return self.codes_and_mask()[1]
+
+    def to_dense(self) -> torch.Tensor:
+        """fp32 ``(rows, cols)``, bit-exactly ``QuantTensor.dequantize()`` of the packed codes."""
+        if self.bits is None:
+            return self.codes_and_mask()[0]
+        if self.format == "nm":  # fast path: scale only the kept values (``nm.dequant_nm``)
+            t = self.tensors
+            ins = t.get("in_scale")
+            return dequant_nm(
+                t["values"],
+                t["meta"],
+                _bits_f(t["scale"], _DTYPES[self.dtypes["scale"]]),
+                None if ins is None else _bits_f(ins, _DTYPES[self.dtypes["in_scale"]]),
+                shape=self.shape,
+                n=self.n,
+                m=self.m,
+                bits=self.bits,
+                group_size=self.group_size,
+            )
+        return self.quant_tensor().dequantize(torch.float32)
+
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor (values, metadata, bitmap, offsets, scales)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    # -- metadata ------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        """JSON-able description; ``PackedWeight.empty(meta)`` rebuilds correctly shaped tensors."""
+        return {
+            "format": self.format,
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "n": self.n,
+            "m": self.m,
+            "group_size": self.group_size,
+            "nnz": self.nnz,
+            "dtypes": dict(self.dtypes),
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in self.tensors.items()
+            },
+        }
+
+    @classmethod
+    def empty(cls, meta: dict, device: torch.device | str | None = None) -> PackedWeight:
+        """Uninitialised tensors with the shapes and dtypes recorded in ``meta``."""
+        tensors = {
+            k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device=device)
+            for k, v in meta["tensors"].items()
+        }
+        return cls(
+            format=meta["format"],
+            shape=(int(meta["shape"][0]), int(meta["shape"][1])),
+            bits=meta["bits"],
+            tensors=tensors,
+            n=int(meta["n"]),
+            m=int(meta["m"]),
+            group_size=int(meta["group_size"]),
+            nnz=int(meta["nnz"]),
+            dtypes=dict(meta["dtypes"]),
+        )
+
+    def float_field(self, name: str) -> torch.Tensor | None:
+        """A floating-point field (``scale``, ``in_scale``) in its logical dtype (a view of the
+        stored bits), or None when absent."""
+        t = self.tensors.get(name)
+        return None if t is None else t.view(_DTYPES[self.dtypes[name]])
+
+
+def expected_tensors(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{field: (shape, dtype name)}`` that ``meta``'s format parameters imply.
+
+    Used to check a loaded checkpoint: a ``meta()`` whose ``tensors`` disagree with its format,
+    shape, bits, n, m, group size or nnz was damaged or edited.
+
+    Raises:
+        ValueError: the parameters themselves are impossible (e.g. ``n > m``, ``cols % m``).
+    """
+    fmt, bits = meta["format"], meta["bits"]
+    rows, cols = (int(x) for x in meta["shape"])
+    n, m, g, nnz = (int(meta[k]) for k in ("n", "m", "group_size", "nnz"))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"shape {meta['shape']} is not a positive matrix shape")
+    if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 8):
+        raise ValueError(f"bits={bits!r}; allowed: 2..8 or null")
+
+    def codes(k_shape: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
+        if bits is None:
+            return k_shape, "int32"
+        if bits <= 4:
+            return (*k_shape[:-1], math.ceil(k_shape[-1] / 2)), "uint8"
+        return k_shape, "int8"
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    if fmt == "nm":
+        if not (1 <= n <= m <= 256) or cols % m:
+            raise ValueError(f"n={n}, m={m} do not fit {cols} columns (need 1 <= n <= m, m | cols)")
+        k = cols // m * n
+        if nnz != rows * k:
+            raise ValueError(f"nnz={nnz} != rows * cols / m * n = {rows * k}")
+        out["values"] = codes((rows, k))
+        out["meta"] = ((rows, math.ceil(k * meta_bits(m) / 8)), "uint8")
+    elif fmt == "unstructured":
+        if not 0 <= nnz <= rows * cols:
+            raise ValueError(f"nnz={nnz} outside [0, {rows * cols}]")
+        out["bitmask"] = ((rows, math.ceil(cols / 8)), "uint8")
+        out["values"] = codes((nnz,))
+        out["row_offsets"] = ((rows + 1,), "int32")
+    elif fmt == "dense":
+        if nnz != rows * cols:
+            raise ValueError(f"nnz={nnz} != rows * cols = {rows * cols}")
+        out["values"] = codes((rows, cols))
+    else:
+        raise ValueError(f"format {fmt!r}; allowed: nm, unstructured, dense")
+    dtypes = meta.get("dtypes", {})
+    if bits is not None:
+        if not 1 <= g:
+            raise ValueError(f"group_size={g} must be >= 1")
+        sdt = dtypes.get("scale")
+        if sdt not in _DTYPES:
+            raise ValueError(f"scale dtype {sdt!r}; allowed: {', '.join(_DTYPES)}")
+        shape = tuple(meta["tensors"].get("scale", {}).get("shape", ()))
+        per_group = (rows, math.ceil(cols / g))
+        out["scale"] = (
+            (1, 1) if shape == (1, 1) else per_group,
+            _dtype_name(_BITS_DTYPE[_DTYPES[sdt]]),
+        )
+        if "in_scale" in meta["tensors"]:
+            idt = dtypes.get("in_scale")
+            if idt not in _DTYPES:
+                raise ValueError(f"in_scale dtype {idt!r}; allowed: {', '.join(_DTYPES)}")
+            out["in_scale"] = ((cols,), _dtype_name(_BITS_DTYPE[_DTYPES[idt]]))
+    elif dtypes.get("values", "float32") != "float32":
+        raise ValueError(f"unquantised values dtype {dtypes.get('values')!r}; allowed: float32")
+    return out
+
+
+def check_meta(meta: dict) -> None:
+    """Raises ValueError unless ``meta["tensors"]`` is exactly what the format parameters imply."""
+    want = expected_tensors(meta)
+    have = {
+        k: (tuple(int(x) for x in v["shape"]), str(v["dtype"])) for k, v in meta["tensors"].items()
+    }
+    if have != want:
+        diff = sorted(
+            f"{k}: stored {have.get(k)} expected {want.get(k)}"
+            for k in set(have) | set(want)
+            if have.get(k) != want.get(k)
+        )
+        raise ValueError("packed tensors do not match the format parameters: " + "; ".join(diff))
+
+
+def check_values(pw: PackedWeight) -> None:
+    """Raises ValueError if a stored scale / fp value is NaN/Inf or a row offset is inconsistent."""
+    for name in ("scale", "in_scale", "values"):
+        if name == "values" and pw.bits is not None:
+            continue
+        t = pw.float_field(name) if name != "values" else pw.float_field("values")
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t.float())
+        if name == "in_scale":
+            bad |= t == 0
+        if bool(bad.any()):
+            raise ValueError(f"{name} has {int(bad.sum())} NaN/Inf (or zero divisor) entries")
+    off = pw.tensors.get("row_offsets")
+    if off is not None:
+        o = off.to(torch.int64)
+        if int(o[0]) != 0 or int(o[-1]) != pw.nnz or bool((o[1:] < o[:-1]).any()):
+            raise ValueError("row_offsets are not a monotone prefix sum ending at nnz")
+
+
+def _choose_format(mask: torch.Tensor | None, cols: int, n: int, m: int) -> Format:
+    """``dense`` without a mask; ``nm`` when every group of ``m`` keeps at most ``n``; else
+    ``unstructured``."""
+    if mask is None:
+        return "dense"
+    if cols % m == 0 and bool((mask.reshape(mask.shape[0], -1, m).sum(-1) <= n).all()):
+        return "nm"
+    return "unstructured"
+
+
+def pack_absmax(
+    w: torch.Tensor, bits: int, group_size: int, in_scale: torch.Tensor | None = None
+) -> PackedWeight:
+    """AbsMax-quantises ``w (rows, cols)`` along columns (optionally in the ``in_scale``-scaled
+    domain, as ``core.quant.fake_quant_absmax``) and packs it in the ``dense`` format."""
+    from slim_lightning.core.quant import absmax_quant
+
+    w = w.detach().to(torch.float32)
+    ins = None if in_scale is None else in_scale.to(w.device, torch.float32)
+    qt = absmax_quant(w if ins is None else w * ins[None, :], bits, group_size)
+    qt.in_scale = ins
+    return PackedWeight.from_quant(qt, fmt="dense")

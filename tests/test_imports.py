@@ -1,0 +1,67 @@
+"""Import purity: the compression core, the packed formats and the kernels stay lean.
+
+Each module is imported in a fresh interpreter (so this test process's own imports do not matter)
+and must not pull in the training / config / model stack.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = ("lightning", "hydra", "omegaconf", "transformers")
+
+MODULES = (
+    "slim_lightning.core.types",
+    "slim_lightning.core.quant",
+    "slim_lightning.core.prune",
+    "slim_lightning.core.sparsegpt",
+    "slim_lightning.core.lowrank",
+    "slim_lightning.core.compress",
+    "slim_lightning.formats",
+    "slim_lightning.formats.bitpack",
+    "slim_lightning.formats.nm",
+    "slim_lightning.formats.unstructured",
+    "slim_lightning.formats.dense",
+    "slim_lightning.formats.packed",
+    "slim_lightning.packed",
+    "slim_lightning.kernels.reference",
+    "slim_lightning.kernels.sparse24",
+    "slim_lightning.kernels.ops",
+)
+
+# imports the modules one by one and reports, after each, the forbidden packages loaded so far
+_SCRIPT = """
+import importlib, json, sys
+forbidden, modules = json.loads(sys.argv[1])
+report = {}
+for name in modules:
+    importlib.import_module(name)
+    report[name] = sorted(
+        f for f in forbidden if any(k == f or k.startswith(f + ".") for k in sys.modules)
+    )
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def import_report() -> dict[str, list[str]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps([FORBIDDEN, MODULES])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_imports_no_heavy_stack(import_report, module):
+    # cumulative: the first module that shows a forbidden package is the one that imported it
+    assert module in import_report
+    assert import_report[module] == [], f"importing {module} loaded {import_report[module]}"
