@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from .core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
 from .errors import ConfigError, check_choice, check_range
 
@@ -82,7 +83,7 @@ def _make(cls: type, group: str, values: dict) -> Any:
 def validate_spec(spec: CompressSpec) -> None:
     """Raises ConfigError for any impossible compression setting."""
     q, s, p, lr = spec.quant, spec.sparsity, spec.pruner, spec.lowrank
-    check_choice("quant.method", q.method, ("none", "slim_quant", "absmax"))
+    check_choice("quant.method", q.method, tuple(QUANTIZERS))
     if q.method != "none":
         _check_int("quant.bits", q.bits, 2, 8)
     if not (_is_int(q.group_size) and (q.group_size == -1 or q.group_size >= 1)):
@@ -102,22 +103,24 @@ def validate_spec(spec: CompressSpec) -> None:
     if s.pattern == "unstructured":
         check_range("sparsity.ratio", s.ratio, 0.0, 1.0, lo_open=True, hi_open=True)
 
-    check_choice("pruner.method", p.method, ("magnitude", "wanda", "sparsegpt"))
+    check_choice("pruner.method", p.method, tuple(PRUNERS))
     check_choice("pruner.order", p.order, ("mask_then_quant", "quant_then_mask"))
     _check_int("pruner.blocksize", p.blocksize, 1)
     check_range("pruner.damp", p.damp, 0.0, 1.0, lo_open=True)
-    if p.method == "sparsegpt" and s.pattern == "nm" and p.blocksize % s.m:
+    pruner = PRUNERS[p.method]
+    if pruner.prune is not None and s.pattern == "nm" and p.blocksize % s.m:
         raise ConfigError(
-            "pruner.blocksize", p.blocksize, f"a multiple of sparsity.m={s.m} (SparseGPT N:M)"
+            "pruner.blocksize", p.blocksize, f"a multiple of sparsity.m={s.m} (column blocks)"
         )
-    if p.joint_quant and p.method != "sparsegpt":
-        raise ConfigError("pruner.joint_quant", True, "true only with pruner=sparsegpt")
+    if p.joint_quant and not pruner.joint_quant:
+        joint = ", ".join(k for k, v in PRUNERS.items() if v.joint_quant)
+        raise ConfigError("pruner.joint_quant", True, f"true only with pruner={joint}")
     if p.joint_quant and q.method != "absmax":
         raise ConfigError(
             "quant.method", q.method, "absmax with pruner.joint_quant=true (OPTQ grid)"
         )
 
-    check_choice("lowrank.method", lr.method, ("none", "slim", "naive"))
+    check_choice("lowrank.method", lr.method, tuple(ADAPTERS))
     check_range("lowrank.rank_ratio", lr.rank_ratio, 0.0, 1.0, lo_open=True)
     check_choice("lowrank.rank_rounding", lr.rank_rounding, ("none", "up", "down"))
     _check_int("lowrank.rank_multiple", lr.rank_multiple, 1)

@@ -22,12 +22,10 @@ from .core.types import CompressedLinear, CompressSpec
 
 
 def is_identity(spec: CompressSpec) -> bool:
-    """True for the ``dense`` method: nothing is pruned, quantised or added."""
-    return (
-        spec.sparsity.pattern == "dense"
-        and spec.quant.method == "none"
-        and spec.lowrank.method == "none"
-    )
+    """True for the ``dense`` method: nothing is pruned, quantised or added (the core's rule)."""
+    from .core.compress import is_identity as core_identity
+
+    return core_identity(spec)
 
 
 def install_slim_linear(

@@ -1,1 +1,7 @@
-"""Pure-torch compression core."""
+"""Pure-torch compression core.
+
+Importing any ``slim_lightning.core`` module imports the method modules below, so the
+registries in ``core.registry`` (pruners, quantisers, adapter methods) are always complete.
+"""
+
+from slim_lightning.core import lowrank, prune, quant, sparsegpt  # noqa: F401  (registration)

@@ -23,7 +23,7 @@ from slim_lightning.core.lowrank import (
 )
 from slim_lightning.core.prune import make_mask
 from slim_lightning.core.quant import apply_mask, quantize_weight
-from slim_lightning.core.sparsegpt import sparsegpt
+from slim_lightning.core.registry import ADAPTERS, PRUNERS
 from slim_lightning.core.types import (
     CompressedLinear,
     CompressSpec,
@@ -94,6 +94,17 @@ def bits_per_weight(
     return total / numel
 
 
+def is_identity(spec: CompressSpec) -> bool:
+    """True when ``spec`` changes nothing: dense, unquantised, no adapters, no joint OPTQ."""
+    sp, q, pr, lr = spec.sparsity, spec.quant, spec.pruner, spec.lowrank
+    return (
+        sp.pattern == "dense"
+        and q.method == "none"
+        and not ADAPTERS.get_entry(lr.method).enabled
+        and not (PRUNERS.get_entry(pr.method).joint_quant and pr.joint_quant)
+    )
+
+
 def weighted_rel_error(w: torch.Tensor, w_hat: torch.Tensor, s: torch.Tensor) -> float:
     """Saliency-weighted relative error ``||(W - W_hat) diag(s)||_F / ||W diag(s)||_F``."""
     num = torch.linalg.norm((w - w_hat) * s[None, :])
@@ -124,14 +135,13 @@ def _sparse_part(
     """
     q, sp, pr = spec.quant, spec.sparsity, spec.pruner
     alpha = math.nan
-    if pr.method == "sparsegpt":
+    entry = PRUNERS.get_entry(pr.method)
+    if entry.prune is not None:  # prunes and updates the kept weights itself (SparseGPT/OBS)
         if pr.order == "quant_then_mask":
             raise ValueError(
-                "pruner.order=quant_then_mask is not supported with sparsegpt (its "
+                f"pruner.order=quant_then_mask is not supported with {pr.method} (its "
                 "weight updates leave the grid); use pruner.joint_quant instead"
             )
-        if stats.hessian is None:
-            raise ValueError("sparsegpt needs LayerStats.hessian (CompressSpec.needs_hessian)")
         if pr.joint_quant and q.method == "none":
             raise ValueError(
                 "pruner.joint_quant needs quant.method absmax or slim_quant (OPTQ "
@@ -141,17 +151,7 @@ def _sparse_part(
         if sp.pattern == "dense" and joint is None:
             base, new_mask = w, None
         else:
-            base, new_mask, qt = sparsegpt(
-                w,
-                stats.hessian.to(w.device),
-                stats.n_tokens,
-                sp,
-                blocksize=pr.blocksize,
-                damp=pr.damp,
-                quant=joint,
-                mask=mask,
-                info=info,
-            )
+            base, new_mask, qt = entry.prune(w, stats, sp, pr, joint, mask, info)
             if joint is not None:
                 return base, qt, new_mask, alpha
         mask = new_mask if mask is None else mask
@@ -196,7 +196,7 @@ def compress_linear(
     """
     W = weight.detach().to(torch.float32)
     d_out, d_in = W.shape
-    q, sp, pr, lr = spec.quant, spec.sparsity, spec.pruner, spec.lowrank
+    sp, lr = spec.sparsity, spec.lowrank
     stat = stats.channel_stat("sq").to(W.device)
     metrics: dict[str, float] = {}
     try:
@@ -206,13 +206,7 @@ def compress_linear(
         s_err = torch.ones_like(stat)
         metrics["err_uniform_weights"] = 1.0
 
-    identity = (
-        sp.pattern == "dense"
-        and q.method == "none"
-        and lr.method == "none"
-        and not (pr.method == "sparsegpt" and pr.joint_quant)
-    )
-    if identity:  # the `dense` method: weight returned unchanged
+    if is_identity(spec):  # the `dense` method: weight returned unchanged
         metrics.update(
             sparsity=0.0,
             rank=0.0,
@@ -235,12 +229,10 @@ def compress_linear(
 
     left = right = lq = rq = None
     rank, rounds = 0, 0
-    if lr.method != "none":
+    if ADAPTERS.get_entry(lr.method).enabled:
         rank = adapter_rank(d_in, d_out, lr)
-        s_lr = (
-            saliency(stats.channel_stat(lr.stat).to(W.device), lr.stat)
-            if lr.method == "slim"
-            else None
+        s_lr = ADAPTERS.get_entry(lr.method).weights(
+            stats.channel_stat(lr.stat).to(W.device), lr.stat
         )
         n_rounds = max(1, lr.refit_rounds) if lr.refit else 1
 

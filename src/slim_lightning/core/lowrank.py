@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from slim_lightning.core.quant import absmax_quant
+from slim_lightning.core.registry import register_adapter_method
 from slim_lightning.core.types import LowRankSpec, QuantTensor
 
 
@@ -238,3 +239,19 @@ def quantize_adapters_searched(
         if best is None or err < best[0]:
             best = (err, lq, rq, float(p))
     return best[1], best[2], best[3]
+
+
+# -- adapter methods (registry): how the SVD of the residual is weighted ------------------------
+@register_adapter_method("slim")
+def _slim_weights(stat: torch.Tensor, kind: str) -> torch.Tensor:
+    """SLiM-LoRA: the residual is decomposed in the saliency-scaled domain."""
+    return saliency(stat, kind)  # type: ignore[arg-type]
+
+
+@register_adapter_method("naive")
+def _naive_weights(stat: torch.Tensor, kind: str) -> None:
+    """Naive-LoRA: plain SVD of the residual."""
+    return None
+
+
+register_adapter_method("none", enabled=False)(None)

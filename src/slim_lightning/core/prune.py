@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import torch
 
+from slim_lightning.core.registry import PRUNERS, register_pruner
 from slim_lightning.core.types import PrunerSpec, SparsitySpec
 
 
-def magnitude_score(w: torch.Tensor) -> torch.Tensor:
+@register_pruner("magnitude")
+def magnitude_score(w: torch.Tensor, stat: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``(d_out, d_in)`` score ``|W|``."""
     return w.detach().abs().to(torch.float32)
 
 
+@register_pruner("wanda", needs_stat=True)
 def wanda_score(w: torch.Tensor, stat: torch.Tensor) -> torch.Tensor:
     """Wanda score ``|W_ij| * sqrt(stat_j)``.
 
@@ -117,16 +120,12 @@ def make_mask(
     """
     if spec.pattern == "dense":
         return None
-    if pruner.method == "magnitude":
-        score = magnitude_score(w)
-    elif pruner.method == "wanda":
-        if stat is None:
-            raise ValueError("make_mask: the wanda pruner needs the channel statistic `stat`")
-        score = wanda_score(w, stat)
-    elif pruner.method == "sparsegpt":
-        raise ValueError("make_mask: sparsegpt masks are chosen by sparsegpt.sparsegpt()")
-    else:
+    entry = PRUNERS.get_entry(pruner.method)
+    if entry.score is None:
         raise ValueError(
-            f"pruner.method: got {pruner.method!r}; allowed: magnitude, wanda, sparsegpt"
+            f"make_mask: {pruner.method} masks are chosen by the pruner itself (registry "
+            "entry with `prune`), not from a score"
         )
-    return mask_from_score(score, spec)
+    if entry.needs_stat and stat is None:
+        raise ValueError(f"make_mask: the {pruner.method} pruner needs the channel statistic")
+    return mask_from_score(entry.score(w, stat), spec)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from slim_lightning.core.registry import QUANTIZERS, register_quantizer
 from slim_lightning.core.types import QuantSpec, QuantTensor
 
 ErrorModel = Literal["reference", "exact"]
@@ -282,18 +283,25 @@ def quantize_weight(
     Returns:
         ``(QuantTensor or None for method none, alpha or nan)``.
     """
-    if spec.method == "none":
-        return None, math.nan
-    if spec.method == "slim_quant":
-        qt = slim_quant(
-            w, spec.bits, spec.error_model, stat, spec.outlier_ratio, spec.outlier_scale
-        )
-        alpha = float(qt.scale.item()) * qmax_of(spec.bits)
-        return apply_mask(qt, mask), alpha
-    if spec.method == "absmax":
-        wm = w if mask is None else w * mask.to(w.device)
-        return apply_mask(absmax_quant(wm, spec.bits, spec.group_size), mask), math.nan
-    raise ValueError(f"quant.method: got {spec.method!r}; allowed: none, slim_quant, absmax")
+    return QUANTIZERS.get_entry(spec.method).fn(w, spec, stat, mask)
+
+
+@register_quantizer("none")
+def _quantize_none(w, spec: QuantSpec, stat, mask) -> tuple[None, float]:
+    return None, math.nan
+
+
+@register_quantizer("slim_quant")
+def _quantize_slim(w, spec: QuantSpec, stat, mask) -> tuple[QuantTensor, float]:
+    qt = slim_quant(w, spec.bits, spec.error_model, stat, spec.outlier_ratio, spec.outlier_scale)
+    alpha = float(qt.scale.item()) * qmax_of(spec.bits)
+    return apply_mask(qt, mask), alpha
+
+
+@register_quantizer("absmax")
+def _quantize_absmax(w, spec: QuantSpec, stat, mask) -> tuple[QuantTensor, float]:
+    wm = w if mask is None else w * mask.to(w.device)
+    return apply_mask(absmax_quant(wm, spec.bits, spec.group_size), mask), math.nan
 
 
 def fake_quant(w: torch.Tensor, spec: QuantSpec, *, stat=None, mask=None) -> torch.Tensor:

@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from slim_lightning.core.quant import _quantize_with_scale, qmax_of, round_scale
-from slim_lightning.core.types import QuantSpec, QuantTensor, SparsitySpec
+from slim_lightning.core.registry import register_pruner
+from slim_lightning.core.types import LayerStats, PrunerSpec, QuantSpec, QuantTensor, SparsitySpec
 
 _MAX_DAMP_RETRIES = 3  # damping x10 per retry: damp, 10 damp, 100 damp, 1000 damp
 
@@ -182,3 +183,29 @@ def _current_columns(W, W1, Err1, Hinv, i1, i, a, b):
     if b > i2:
         parts.append(W[:, i2:b] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:b])
     return torch.cat(parts, dim=1)
+
+
+@register_pruner("sparsegpt", kind="prune", needs_hessian=True, joint_quant=True)
+def prune_sparsegpt(
+    w: torch.Tensor,
+    stats: LayerStats,
+    sparsity: SparsitySpec,
+    pruner: PrunerSpec,
+    joint: QuantSpec | None,
+    mask: torch.Tensor | None,
+    info: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None, QuantTensor | None]:
+    """The registry's weight-updating pruner protocol for SparseGPT (+ OPTQ when ``joint``)."""
+    if stats.hessian is None:
+        raise ValueError("sparsegpt needs LayerStats.hessian (CompressSpec.needs_hessian)")
+    return sparsegpt(
+        w,
+        stats.hessian.to(w.device),
+        stats.n_tokens,
+        sparsity,
+        blocksize=pruner.blocksize,
+        damp=pruner.damp,
+        quant=joint,
+        mask=mask,
+        info=info,
+    )

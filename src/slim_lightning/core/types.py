@@ -82,7 +82,7 @@ class QuantSpec:
     code) or ``exact`` (true rounding to the grid). ``outlier_ratio`` > 0 enables SLiM-Quant^O.
     """
 
-    method: Literal["none", "slim_quant", "absmax"] = "slim_quant"
+    method: str = "slim_quant"  # a key of core.registry.QUANTIZERS
     bits: int = 4
     group_size: int = 128
     error_model: Literal["reference", "exact"] = "reference"
@@ -118,7 +118,7 @@ class PrunerSpec:
     order: ``mask_then_quant`` (reference: mask from full-precision W) or ``quant_then_mask``.
     """
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: str = "wanda"  # a key of core.registry.PRUNERS
     order: Literal["mask_then_quant", "quant_then_mask"] = "mask_then_quant"
     blocksize: int = 128
     damp: float = 0.01
@@ -144,7 +144,7 @@ class LowRankSpec:
     stat: which channel statistic gives the saliency (``sq`` -> s = sqrt(mean x^2), ``abs``).
     """
 
-    method: Literal["none", "slim", "naive"] = "slim"
+    method: str = "slim"  # a key of core.registry.ADAPTERS
     rank_ratio: float = 0.1
     rank_rounding: Literal["none", "up", "down"] = "none"
     rank_multiple: int = 1
@@ -172,7 +172,11 @@ class CompressSpec:
 
     @property
     def needs_hessian(self) -> bool:
-        return self.pruner.method == "sparsegpt" and (
+        """True when the pruner (``core.registry.PRUNERS``) needs ``X^T X`` for this spec."""
+        from slim_lightning.core.registry import PRUNERS
+
+        entry = PRUNERS.get(self.pruner.method)
+        return bool(entry and entry.needs_hessian) and (
             self.sparsity.pattern != "dense" or self.pruner.joint_quant
         )
 
