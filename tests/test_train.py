@@ -16,7 +16,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from slim_lightning.errors import ConfigError
 from slim_lightning.training import build_train_plan
@@ -129,9 +128,10 @@ def test_lr_schedule_warmup_then_linear_decay():
 # -- module -----------------------------------------------------------------------------------
 def tiny_module(tmp_path, extra: list[str] = ()):
     from slim_lightning.lightning_module import SLiMModule
+    from slim_lightning.training import build_train_plan
 
-    cfg = make_cfg([*DEBUG, "+peft=true", *extra])
-    return SLiMModule(OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+    tp = build_train_plan(make_cfg([*DEBUG, "+peft=true", *extra]))
+    return SLiMModule(tp.plan, str(tmp_path), train=tp)
 
 
 def test_setup_is_idempotent_and_trains_only_adapters(tmp_path):

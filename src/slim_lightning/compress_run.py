@@ -12,8 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import build_plan, resolve_device
-from .io import atomic_dir, atomic_write_json
-from .report import package_versions, peak_memory, plot_layers, summarize_layers, summary_table
+from .report import package_versions, plot_layers, summarize_layers
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +78,17 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def _run_compress(
     plan: Any, container: dict, run_dir: Path, status: dict[str, Any]
 ) -> dict[str, Any]:
-    import lightning as L
-
     from .evaluation import perplexity
+    from .export import write_hf, write_packed, write_report
     from .lightning_module import SLiMModule
-    from .pipeline import is_identity, merge_to_dense
+    from .pipeline import is_identity
     from .preflight import preflight
 
     t_start = time.perf_counter()
     prepared = preflight(plan, compress=not is_identity(plan.spec))
     torch.manual_seed(plan.seed)
     device = resolve_device(plan.device)
-    module = SLiMModule(container, str(run_dir), prepared=prepared)
+    module = SLiMModule(plan, str(run_dir), prepared=prepared)
     module.timings["preflight_s"] = time.perf_counter() - t_start
     module.load_base()
 
@@ -107,6 +105,8 @@ def _run_compress(
         "ppl_dense": {},
     }
     windows = prepared.eval_windows
+    zs_tasks = tuple(getattr(plan.eval, "zero_shot", ()) or ()) if plan.eval is not None else ()
+    # one perplexity loop (evaluation.perplexity) for the dense and the compressed model
     if windows is not None:
         report["eval_windows"] = list(windows.shape)
         if plan.eval_dense:
@@ -114,27 +114,15 @@ def _run_compress(
             dense = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
             module.timings["eval_dense_s"] = time.perf_counter() - t0
             report["ppl_dense"][eval_name] = dense["ppl"]
-
-    zs_tasks = tuple(getattr(plan.eval, "zero_shot", ()) or ()) if plan.eval is not None else ()
     if zs_tasks and plan.eval_dense:
         report["zero_shot_dense"] = _zero_shot(module.model, module.tokenizer, plan, device)
 
-    trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=plan.engine.progress,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir),
-    )
+    module.setup("validate")  # the LightningModule's setup compresses (pipeline.load_or_compress)
     if windows is not None:
         t0 = time.perf_counter()
-        trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
-        module.timings["eval_s"] = time.perf_counter() - t0 - module.timings.get("compress_s", 0.0)
-        report["ppl"][eval_name] = module.last_val["val/ppl"]
-    else:
-        module.setup("validate")
+        out = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
+        module.timings["eval_s"] = time.perf_counter() - t0
+        report["ppl"][eval_name] = out["ppl"]
     model = module.model.to("cpu")
     if zs_tasks:
         report["zero_shot"] = _zero_shot(model, module.tokenizer, plan, device)
@@ -151,9 +139,7 @@ def _run_compress(
             "fingerprint": module.calib_result.fingerprint,
         }
     if plan.export.packed and report["size"]:
-        from .checkpoint import read_meta, save_compressed
-
-        save_compressed(
+        report["size"] = write_packed(  # sizes measured from the written file
             model,
             module.tokenizer,
             run_dir / "packed",
@@ -163,23 +149,10 @@ def _run_compress(
             dtype=module.export_dtype,
         )
         report["packed_dir"] = str(run_dir / "packed")
-        report["size"] = read_meta(run_dir / "packed")["size"]  # measured from the file
     if plan.export.hf:
-        if plan.export.packed:
-            merge_to_dense(model)
-        with atomic_dir(run_dir / "hf") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            module.tokenizer.save_pretrained(tmp)
+        write_hf(model, module.tokenizer, run_dir / "hf", packed=plan.export.packed)
         report["hf_dir"] = str(run_dir / "hf")
     plot = plot_layers(reports, run_dir / "layers.png")
     if plot is not None:
         report["plot"] = str(plot)
-    module.timings["total_s"] = time.perf_counter() - t_start
-    report["timings"] = module.timings
-    report["memory"] = peak_memory()
-    report["status"] = "done"
-    report["finished"] = time.time()
-    atomic_write_json(run_dir / "report.json", report)
-    print(summary_table(report))
-    print(f"report: {run_dir / 'report.json'}")
-    return report
+    return write_report(report, run_dir, module.timings, t_start)

@@ -1,54 +1,69 @@
 """The one LightningModule behind both entry points.
 
-``setup()`` loads the base model and either loads a compressed checkpoint (``compressed.path``) or
-runs the one-shot compression; it is idempotent (Lightning calls it on every process and stage).
-Under several processes rank zero compresses and writes the packed checkpoint, the other ranks
-wait at a barrier and load it, so all ranks hold bit-identical compressed weights.
-``compress.py`` is this setup plus ``trainer.validate``; ``train.py`` adds fitting of the
-adapters: the packed base is a set of frozen buffers (exactly sparse, on its grid), only the
-adapters (optionally norms / embeddings / lm_head) are parameters that train, and Lightning
-checkpoints hold only those parameters plus the optimiser state.
+``setup()`` gets the run's compressed model from ``pipeline.load_or_compress`` (load
+``compressed.path``, or load the base and compress it) and keeps only what Lightning needs around
+it: idempotence (Lightning calls it on every process and stage) and, under several processes,
+rank zero compresses and writes the packed checkpoint while the other ranks wait at a barrier
+and load it, so all ranks hold bit-identical compressed weights. The module takes the typed plan
+built once at the entry point (no DictConfig inside). ``train.py`` adds fitting of the adapters:
+the packed base is a set of frozen buffers (exactly sparse, on its grid), only the adapters
+(optionally norms / embeddings / lm_head) are parameters that train, and Lightning checkpoints
+hold only those parameters plus the optimiser state and the digest of the base.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from .config import CompressPlan, build_plan
+from .config import CompressPlan
 
 COMPRESSED_DIR = "compressed"  # run_dir/compressed: the one-shot result (shared by DDP ranks)
+
+
+def plan_hparams(plan: Any) -> dict[str, Any]:
+    """A JSON-able view of a (train) plan for ``save_hyperparameters``."""
+    return json.loads(json.dumps(asdict(plan), default=str))
 
 
 class SLiMModule(L.LightningModule):
     """Compress-in-setup LightningModule.
 
     Args:
-        cfg: the composed Hydra config as a plain dict (``save_hyperparameters`` gets no module).
+        plan: the validated ``CompressPlan`` (``config.build_plan``), built once by the caller.
         run_dir: the run directory (resume state, checkpoints, reports).
+        train: the ``TrainPlan`` of ``train.py`` (what trains, optimiser, ``compressed.*``,
+            ``ckpt_path``); None for compression only.
+        prepared: ``preflight.Prepared`` (tokenizer and tokenised texts, checked early).
     """
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str | None = None, prepared: Any = None):
+    def __init__(
+        self,
+        plan: CompressPlan,
+        run_dir: str | None = None,
+        *,
+        train: Any = None,
+        prepared: Any = None,
+    ):
         super().__init__()
-        self.save_hyperparameters({"cfg": cfg, "run_dir": run_dir})
-        # preflight.Prepared: the tokenizer and tokenised texts, checked before any weights load
+        self.save_hyperparameters(
+            {"plan": plan_hparams(train if train is not None else plan), "run_dir": run_dir}
+        )
+        self.plan = plan
+        self.train_plan = train
         self.prepared = prepared
-        self.cfg: DictConfig = OmegaConf.create(cfg)
-        self.plan: CompressPlan = build_plan(self.cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None if prepared is None else prepared.tokenizer
-        self.model_digest: str | None = None
-        self.export_dtype = "float32"  # storage dtype of the uncompressed tensors (load_base)
+        self.loaded: Any = None  # pipeline.Loaded: the base, then the compressed model
         self._base_sha256: str | None = None
-        self.calib_result: Any = None
-        self.loaded_meta: dict[str, Any] | None = None
         self.compressed = False
         self.compress_calls = 0
         self.timings: dict[str, float] = {}
@@ -64,99 +79,57 @@ class SLiMModule(L.LightningModule):
         # Lightning checkpoints hold only the trainable tensors: the rest comes from setup()
         self.strict_loading = False
 
-    # -- config helpers ------------------------------------------------------------------------
-    def _section(self, key: str) -> dict[str, Any]:
-        node = self.cfg.get(key)
-        return {} if node is None else OmegaConf.to_container(node, resolve=True)
-
+    # -- plan views ----------------------------------------------------------------------------
     @property
     def train_cfg(self) -> Any:
-        from .training import TrainConfig, make_dataclass
+        from .training import TrainConfig
 
-        return make_dataclass(TrainConfig, "train", self._section("train"))
+        return self.train_plan.train if self.train_plan is not None else TrainConfig()
 
     @property
     def compressed_path(self) -> str | None:
-        p = self._section("compressed").get("path")
-        return None if p is None else str(Path(p).expanduser())
+        return None if self.train_plan is None else self.train_plan.compressed_path
 
-    # -- model ------------------------------------------------------------------------------
+    @property
+    def calib_result(self) -> Any:
+        return None if self.loaded is None else self.loaded.calib_result
+
+    @property
+    def loaded_meta(self) -> dict[str, Any] | None:
+        return None if self.loaded is None else self.loaded.meta
+
+    @property
+    def export_dtype(self) -> str:
+        return "float32" if self.loaded is None else self.loaded.export_dtype
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The compression fingerprint (model weights, data, options) of this run's base."""
+        return None if self.loaded is None else self.loaded.fingerprint
+
+    # -- model ---------------------------------------------------------------------------------
+    def _adopt(self, loaded: Any) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer if loaded.tokenizer is not None else self.tokenizer
+        self.timings.update(loaded.timings)
+
     def load_base(self) -> None:
-        """Loads the uncompressed model and tokenizer once (CPU)."""
-        if self.model is not None:
-            return
-        from .models import load_model, round_uncompressed, source_dtype, weights_digest
+        """Loads the uncompressed model once (``pipeline.load_base``), e.g. for a dense
+        evaluation before ``setup`` compresses it."""
+        if self.model is None:
+            from .pipeline import load_base
 
-        t0 = time.perf_counter()
-        self.model, self.tokenizer = load_model(self.plan.model, tokenizer=self.tokenizer)
-        self.timings["load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.model_digest = weights_digest(self.plan.model, self.model)
-        self.timings["digest_s"] = time.perf_counter() - t0
-        dtype = self.plan.export.dtype
-        if dtype == "auto":
-            config = None if self.prepared is None else self.prepared.config
-            dtype = source_dtype(self.plan.model, config)
-        self.export_dtype = dtype
-        # everything exported uncompressed is rounded to its storage dtype now, so the dense
-        # evaluation, the compression and the compressed evaluation all see the stored values
-        round_uncompressed(self.model, dtype)
-
-    def load_packed(self, path: str | Path) -> None:
-        """Replaces the model by the packed checkpoint at ``path`` (``checkpoint.load_compressed``)."""
-        from .checkpoint import load_compressed
-
-        t0 = time.perf_counter()
-        verified = self.prepared is not None and self.prepared.compressed_meta is not None
-        self.model, tokenizer, self.loaded_meta = load_compressed(
-            path, device="cpu", verify=not verified
-        )
-        self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        self.export_dtype = self.loaded_meta.get("dtype", "float32")
-        self.model.eval()
-        if hasattr(self.model, "config"):
-            self.model.config.use_cache = False
-        self.timings["load_packed_s"] = time.perf_counter() - t0
-        self.compressed = True
+            self._adopt(load_base(self.plan, self.prepared))
 
     def get_tokenizer(self) -> Any:
-        """The tokenizer, loading the packed checkpoint or the base model if needed."""
+        """The tokenizer (from preflight, else from the packed checkpoint or the base model)."""
         if self.tokenizer is None:
             if self.compressed_path is not None:
-                self.load_packed(self.compressed_path)
+                self._load_or_compress()
             else:
                 self.load_base()
         return self.tokenizer
-
-    def calibration_ids(self) -> torch.Tensor:
-        """The calibration windows, int64 ``(nsamples, seqlen)`` (tokenised once, cached)."""
-        from .data import calibration_windows
-
-        if self.prepared is not None and self.prepared.calib_ids is not None:
-            return self.prepared.calib_ids
-        return calibration_windows(self.tokenizer, self.plan.calib)
-
-    def compress(self) -> None:
-        """Runs the one-shot compression on the base model (in place)."""
-        from .pipeline import compress_model
-
-        self.load_base()
-        self.compress_calls += 1
-        t0 = time.perf_counter()
-        ids = self.calibration_ids()
-        self.timings["calib_data_s"] = time.perf_counter() - t0
-        self._check_ckpt_fingerprint(ids)
-        t0 = time.perf_counter()
-        self.calib_result = compress_model(
-            self.model,
-            self.plan,
-            ids,
-            self.run_dir,
-            packed=self.plan.export.packed,
-            model_digest=self.model_digest,
-            export_dtype=self.export_dtype,
-        )
-        self.timings["compress_s"] = time.perf_counter() - t0
 
     def _save_compressed_here(self) -> Path:
         from .checkpoint import save_compressed
@@ -174,34 +147,6 @@ class SLiMModule(L.LightningModule):
             dtype=self.export_dtype,
         )
         return out
-
-    def _check_ckpt_fingerprint(self, ids: torch.Tensor) -> None:
-        """Refuses, before compressing, a ckpt_path trained on another compression setup."""
-        from .errors import ConfigError
-        from .pipeline import plan_fingerprint
-
-        base = None if self.prepared is None else self.prepared.ckpt_base
-        if not base or not base.get("fingerprint") or self.model_digest is None:
-            return
-        fp = plan_fingerprint(
-            self.plan, ids, self.model_digest, self.plan.export.packed, self.export_dtype
-        )
-        if fp != base["fingerprint"]:
-            raise ConfigError(
-                "ckpt_path",
-                self.cfg.get("ckpt_path"),
-                f"a checkpoint of a run with this model, data and method (its compression "
-                f"fingerprint {base['fingerprint']} != {fp} of this run)",
-            )
-
-    @property
-    def fingerprint(self) -> str | None:
-        """The compression fingerprint (model weights, data, options) of this run's base."""
-        if self.calib_result is not None and self.calib_result.fingerprint:
-            return self.calib_result.fingerprint
-        if self.loaded_meta is not None:
-            return self.loaded_meta.get("calibration")
-        return None
 
     def base_sha256(self) -> str:
         """sha256 of the packed base (every SLiMLinear buffer but the adapters'); computed once."""
@@ -221,27 +166,43 @@ class SLiMModule(L.LightningModule):
         if stage == "fit":
             self.prepare_training()
 
+    def _get(self, compressed_path: Any = None) -> None:
+        from .pipeline import load_or_compress
+
+        if compressed_path is None:
+            self.compress_calls += 1
+        base = self.loaded if (self.loaded is not None and not self.loaded.compressed) else None
+        ckpt = None if self.train_plan is None else self.train_plan.ckpt_path
+        self._adopt(
+            load_or_compress(
+                self.plan,
+                self.run_dir,
+                prepared=self.prepared,
+                compressed_path=compressed_path,
+                base=None if compressed_path is not None else base,
+                ckpt_path=ckpt,
+            )
+        )
+
     def _load_or_compress(self) -> None:
         if self.compressed_path is not None:
-            self.load_packed(self.compressed_path)
-            self._ignore_packed_buffers_in_ddp()
-            self._write_rank_hashes("setup")
-            return
-        trainer = self._trainer
-        distributed = trainer is not None and trainer.world_size > 1
-        save = bool(self._section("compressed").get("save", False))
-        if not distributed:
-            self.compress()
-            if save and self.plan.export.packed and self.run_dir is not None:
-                self._save_compressed_here()
+            self._get(self.compressed_path)
         else:
-            if trainer.is_global_zero:
-                self.compress()
-                self._save_compressed_here()
-            # the other ranks wait for rank zero's packed checkpoint, then load it
-            trainer.strategy.barrier("slim_compressed")
-            if not trainer.is_global_zero:
-                self.load_packed(self.run_dir / COMPRESSED_DIR)
+            trainer = self._trainer
+            distributed = trainer is not None and trainer.world_size > 1
+            save = self.train_plan is not None and self.train_plan.save_compressed
+            if not distributed:
+                self._get()
+                if save and self.plan.export.packed and self.run_dir is not None:
+                    self._save_compressed_here()
+            else:
+                if trainer.is_global_zero:
+                    self._get()
+                    self._save_compressed_here()
+                # the other ranks wait for rank zero's packed checkpoint, then load it
+                trainer.strategy.barrier("slim_compressed")
+                if not trainer.is_global_zero:
+                    self._get(self.run_dir / COMPRESSED_DIR)
         self.compressed = True
         self._ignore_packed_buffers_in_ddp()
         self._write_rank_hashes("setup")
@@ -304,10 +265,10 @@ class SLiMModule(L.LightningModule):
 
     # -- fine-tuning -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        from .training import build_optimizer_factory, lr_lambda
+        from .training import lr_lambda
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_optimizer_factory(self.cfg)(params)
+        optimizer = self.train_plan.optimizer(params)
         tc = self.train_cfg
         total = max(1, int(self.trainer.max_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,7 +1,10 @@
 """The compression driver shared by ``compress.py`` and ``train.py``.
 
-``compress_model`` walks the model with the calibration engine and installs the results;
-``install_slim_linear`` swaps each compressed ``nn.Linear`` for a packed ``SLiMLinear``.
+``load_or_compress`` is the one path from a validated plan to the run's compressed model (load
+a packed checkpoint, or load the base and compress it); ``compress_model`` walks the model with
+the calibration engine and installs the results; ``install_slim_linear`` swaps each compressed
+``nn.Linear`` for a packed ``SLiMLinear``. The LightningModule's ``setup()`` only adds the
+rank-zero / barrier logic around ``load_or_compress``.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +198,138 @@ def merge_to_dense(model: nn.Module) -> nn.Module:
                 lin.bias.data.copy_(mod.bias.detach().float())
             model.set_submodule(name, lin)
     return model
+
+
+# -- the one compression path both entry points share ---------------------------------------------
+@dataclass
+class Loaded:
+    """A run's model: the base (before ``load_or_compress``) or the compressed model (after).
+
+    Attributes:
+        model, tokenizer: the Hugging Face model (compressed layers are ``SLiMLinear``) on CPU.
+        export_dtype: storage dtype of the uncompressed tensors (``export.dtype`` resolved).
+        model_digest: digest of the uncompressed weights (None when loaded packed).
+        calib_result: the calibration engine's result (compressed here) or None.
+        meta: ``slim.json`` of a loaded packed checkpoint, or None.
+        timings: seconds per stage.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    export_dtype: str = "float32"
+    model_digest: str | None = None
+    calib_result: CalibrationResult | None = None
+    meta: dict | None = None
+    timings: dict = field(default_factory=dict)
+    compressed: bool = False
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The compression fingerprint (weights, data, options) of this model's base."""
+        if self.calib_result is not None and self.calib_result.fingerprint:
+            return self.calib_result.fingerprint
+        return None if self.meta is None else self.meta.get("calibration")
+
+
+def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
+    """Loads the uncompressed model (tokenizer from preflight when given), digests its weights
+    and rounds what is exported uncompressed to its storage dtype, so the dense evaluation, the
+    compression and the compressed evaluation all see the stored values."""
+    from .models import load_model, round_uncompressed, source_dtype, weights_digest
+
+    t0 = time.perf_counter()
+    tok = None if prepared is None else prepared.tokenizer
+    model, tok = load_model(plan.model, tokenizer=tok)
+    out = Loaded(model, tok, timings={"load_s": time.perf_counter() - t0})
+    t0 = time.perf_counter()
+    out.model_digest = weights_digest(plan.model, model)
+    out.timings["digest_s"] = time.perf_counter() - t0
+    dtype = plan.export.dtype
+    if dtype == "auto":
+        dtype = source_dtype(plan.model, None if prepared is None else prepared.config)
+    out.export_dtype = dtype
+    round_uncompressed(model, dtype)
+    return out
+
+
+def load_packed(path: str | Path, *, verify: bool = True, tokenizer: Any = None) -> Loaded:
+    """A packed checkpoint as the run's compressed model (``checkpoint.load_compressed``)."""
+    from .checkpoint import load_compressed
+
+    t0 = time.perf_counter()
+    model, tok, meta = load_compressed(path, device="cpu", verify=verify, backend="reference")
+    model.eval()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    out = Loaded(model, tok if tok is not None else tokenizer, meta=meta, compressed=True)
+    out.export_dtype = meta.get("dtype", "float32")
+    out.timings["load_packed_s"] = time.perf_counter() - t0
+    return out
+
+
+def check_ckpt_fingerprint(
+    plan: CompressPlan, base: Loaded, ids: torch.Tensor, ckpt: dict | None, ckpt_path: Any
+) -> None:
+    """Refuses, before compressing, a ``ckpt_path`` trained on another compression setup."""
+    from .errors import ConfigError
+
+    if not ckpt or not ckpt.get("fingerprint") or base.model_digest is None:
+        return
+    fp = plan_fingerprint(plan, ids, base.model_digest, plan.export.packed, base.export_dtype)
+    if fp != ckpt["fingerprint"]:
+        raise ConfigError(
+            "ckpt_path",
+            ckpt_path,
+            f"a checkpoint of a run with this model, data and method (its compression "
+            f"fingerprint {ckpt['fingerprint']} != {fp} of this run)",
+        )
+
+
+def load_or_compress(
+    plan: CompressPlan,
+    run_dir: str | Path | None,
+    *,
+    prepared: Any = None,
+    compressed_path: str | Path | None = None,
+    base: Loaded | None = None,
+    ckpt_path: Any = None,
+) -> Loaded:
+    """The run's compressed model: loaded from ``compressed_path``, or compressed from the base.
+
+    Args:
+        plan: the validated plan.
+        run_dir: resume state goes to ``run_dir/calib_state``.
+        prepared: ``preflight.Prepared`` (tokenizer, calibration windows, checked checkpoints).
+        compressed_path: a packed checkpoint to load instead of compressing.
+        base: an already loaded base (``load_base``), e.g. after a dense evaluation.
+        ckpt_path: the Lightning checkpoint to resume (its base must match; checked here
+            before compressing).
+    """
+    from .data import calibration_windows
+
+    if compressed_path is not None:
+        verified = prepared is not None and prepared.compressed_meta is not None
+        tok = None if prepared is None else prepared.tokenizer
+        return load_packed(compressed_path, verify=not verified, tokenizer=tok)
+    base = load_base(plan, prepared) if base is None else base
+    t0 = time.perf_counter()
+    ids = None if prepared is None else prepared.calib_ids
+    if ids is None:
+        ids = calibration_windows(base.tokenizer, plan.calib)
+    base.timings["calib_data_s"] = time.perf_counter() - t0
+    check_ckpt_fingerprint(
+        plan, base, ids, None if prepared is None else prepared.ckpt_base, ckpt_path
+    )
+    t0 = time.perf_counter()
+    base.calib_result = compress_model(
+        base.model,
+        plan,
+        ids,
+        run_dir,
+        packed=plan.export.packed,
+        model_digest=base.model_digest,
+        export_dtype=base.export_dtype,
+    )
+    base.timings["compress_s"] = time.perf_counter() - t0
+    base.compressed = True
+    return base

@@ -121,7 +121,7 @@ def _run_train(
         ckpt_path=tp.ckpt_path,
     )
     L.seed_everything(plan.seed, workers=True, verbose=False)
-    module = SLiMModule(container, str(run_dir), prepared=prepared)
+    module = SLiMModule(plan, str(run_dir), train=tp, prepared=prepared)
     module.timings["preflight_s"] = time.perf_counter() - t_start
     tokenizer = module.get_tokenizer()
     windows = prepared.eval_windows
