@@ -324,8 +324,8 @@ def load_compressed(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .arch import get_arch, get_module
     from .formats import check_meta, check_values
-    from .models import get_arch, get_module
     from .modules import SLiMLinear, set_backend
 
     path = Path(path)
@@ -475,7 +475,7 @@ def _tied_source(model: nn.Module, key: str, sd: dict[str, torch.Tensor]) -> nn.
 
 def _materialise_buffers(model: nn.Module, arch: Any, device: str | torch.device) -> None:
     """Recomputes non-persistent buffers (e.g. rotary ``inv_freq``) left on the meta device."""
-    from .models import get_module
+    from .arch import get_module
 
     if arch.rotary_path is not None:
         rot = get_module(model, arch.rotary_path)

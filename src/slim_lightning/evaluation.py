@@ -66,7 +66,7 @@ def training_nll(
     """
     from torch.utils.checkpoint import checkpoint
 
-    from .models import ARCHS
+    from .arch import ARCHS
 
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

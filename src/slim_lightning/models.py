@@ -1,12 +1,13 @@
-"""Model loading (hub id, local HF dir, GGUF, tiny random) and the architecture registry.
+"""Model loading (hub id, local HF dir, GGUF, tiny random).
 
 ``ModelConfig`` is what the Hydra ``model`` group instantiates; ``load_model`` turns it into
 ``(model, tokenizer)``. A GGUF checkpoint is dequantised to fp32 by transformers and then rebuilt
 as a plain HF model (a GGUF-quantised HF model refuses ``save_pretrained``); the rebuilt model is
 cached as safetensors under ``<cache>/gguf/`` so the slow GGUF parse happens once per file.
 
-The registry (``ArchSpec``, ``get_arch``, ``get_blocks``, ``block_linears``) is the only place that
-knows where a model family keeps its decoder blocks and linears: no per-model code elsewhere.
+The architecture registry lives in ``slim_lightning.arch`` and the tiny random models in
+``slim_lightning.tiny``; this module re-exports their public names, so
+``from slim_lightning.models import get_arch, tiny_model`` keeps working.
 """
 
 from __future__ import annotations
@@ -26,128 +27,25 @@ from typing import Any
 import torch
 from torch import nn
 
+# re-exported (these names used to live here)
+from .arch import (  # noqa: F401
+    ARCHS,
+    ArchSpec,
+    block_linears,
+    get_arch,
+    get_blocks,
+    get_module,
+    linear_shapes,
+)
 from .data import cache_root
 from .errors import ConfigError, check_choice
+from .tiny import byte_tokenizer, tiny_config, tiny_model  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = ("embedded:smollm2",)
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-# -- architecture registry ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where one model family keeps what the layer-wise engine needs (dotted module paths).
-
-    Attributes:
-        model_type: ``model.config.model_type`` this spec serves.
-        blocks_path: the ``nn.ModuleList`` of decoder blocks, e.g. ``model.layers``.
-        linear_names: the compressible linears inside one block, in forward order.
-        embed_paths: modules run before the first block (token/position embeddings, projections).
-        norm_path: final norm after the last block (None if the family has none).
-        lm_head_path: the output projection (never compressed).
-        rotary_path: the shared rotary-embedding module whose output blocks take as
-            ``position_embeddings`` (None for learned positions).
-    """
-
-    model_type: str
-    blocks_path: str
-    linear_names: tuple[str, ...]
-    embed_paths: tuple[str, ...]
-    norm_path: str | None
-    lm_head_path: str = "lm_head"
-    rotary_path: str | None = None
-
-
-_LLAMA_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-_OPT_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.out_proj",
-    "fc1",
-    "fc2",
-)
-
-
-def _llama_like(model_type: str) -> ArchSpec:
-    return ArchSpec(
-        model_type=model_type,
-        blocks_path="model.layers",
-        linear_names=_LLAMA_LINEARS,
-        embed_paths=("model.embed_tokens",),
-        norm_path="model.norm",
-        rotary_path="model.rotary_emb",
-    )
-
-
-ARCHS: dict[str, ArchSpec] = {
-    **{t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3")},
-    "opt": ArchSpec(
-        model_type="opt",
-        blocks_path="model.decoder.layers",
-        linear_names=_OPT_LINEARS,
-        # project_in exists only when word_embed_proj_dim != hidden_size (opt-350m)
-        embed_paths=(
-            "model.decoder.embed_tokens",
-            "model.decoder.embed_positions",
-            "model.decoder.project_in",
-        ),
-        norm_path="model.decoder.final_layer_norm",
-    ),
-}
-
-
-def get_module(model: nn.Module, path: str | None) -> nn.Module | None:
-    """Returns the submodule at dotted ``path`` or None when it is absent (or set to None)."""
-    if path is None:
-        return None
-    mod: Any = model
-    for part in path.split("."):
-        mod = getattr(mod, part, None)
-        if mod is None:
-            return None
-    return mod
-
-
-def get_arch(model: nn.Module, arch: str = "auto") -> ArchSpec:
-    """The registry entry for ``model`` (by ``model.config.model_type`` unless ``arch`` is set)."""
-    key = arch if arch != "auto" else getattr(getattr(model, "config", None), "model_type", None)
-    if key not in ARCHS:
-        raise ValueError(
-            f"unsupported architecture {key!r}; supported model types: {', '.join(sorted(ARCHS))} "
-            "(add an ArchSpec to slim_lightning.models.ARCHS)"
-        )
-    return ARCHS[key]
-
-
-def get_blocks(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
-    """The decoder blocks of ``model``, in order."""
-    blocks = get_module(model, arch.blocks_path)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no ModuleList at {arch.blocks_path!r}")
-    return blocks
-
-
-def block_linears(block: nn.Module, arch: ArchSpec) -> dict[str, nn.Linear]:
-    """``{name: nn.Linear}`` for the compressible linears of one block, in ``arch`` order."""
-    out = {}
-    for name in arch.linear_names:
-        mod = get_module(block, name)
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"block has no nn.Linear at {name!r} (got {type(mod).__name__})")
-        out[name] = mod
-    return out
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -431,22 +329,6 @@ def replace_path(cfg: ModelConfig, path: str) -> ModelConfig:
     return new
 
 
-def linear_shapes(config: Any, arch: ArchSpec) -> dict[str, tuple[int, int]]:
-    """``{linear name in block 0: (d_out, d_in)}`` from a config, built on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    out = {}
-    for i, block in enumerate(get_blocks(model, arch)):
-        for name, lin in block_linears(block, arch).items():
-            out[f"{arch.blocks_path}.{i}.{name}"] = (lin.out_features, lin.in_features)
-    return out
-
-
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model's tokenizer only (before any weights), with a clear error naming model.path."""
     from transformers import AutoTokenizer
@@ -642,96 +524,3 @@ def weights_digest(cfg: ModelConfig, model: nn.Module | None = None) -> str:
     if model is None:
         raise ValueError(f"weights_digest: no local files for model.path={cfg.path!r}")
     return tensors_sha256(model.state_dict())
-
-
-# -- tiny random models ---------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable-char map (what the ByteLevel pre-tokenizer emits)
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-_BYTE_VOCAB_SPECIALS = ("<pad>", "<s>", "</s>")
-
-
-def byte_tokenizer() -> Any:
-    """An offline byte-level tokenizer: ids 0-2 are ``<pad> <s> </s>``, 3-258 the 256 bytes.
-
-    Built in-process with ``tokenizers`` (no files, no network); lossless on any UTF-8 text and
-    it round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = list(_BYTE_VOCAB_SPECIALS)
-    vocab = {s: i for i, s in enumerate(specials)}
-    for _b, ch in sorted(_bytes_to_unicode().items()):
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        name_or_path="slim_lightning/byte-tokenizer",
-    )
-
-
-def tiny_config(kind: str = "llama", **overrides: Any) -> Any:
-    """The Hugging Face config of :func:`tiny_model` (hidden 64, 2 layers, vocab 259)."""
-    from transformers import LlamaConfig, OPTConfig
-
-    check_choice("model.tiny.kind", kind, ("llama", "opt"))
-    common = dict(
-        vocab_size=len(_BYTE_VOCAB_SPECIALS) + 256,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        use_cache=False,
-    )
-    if kind == "llama":
-        return LlamaConfig(
-            **{
-                **common,
-                "intermediate_size": 128,
-                "num_key_value_heads": 2,
-                "tie_word_embeddings": False,
-                **overrides,
-            }
-        )
-    return OPTConfig(**{**common, "ffn_dim": 128, "word_embed_proj_dim": 64, **overrides})
-
-
-def tiny_model(kind: str = "llama", seed: int = 0, **overrides: Any) -> tuple[nn.Module, Any]:
-    """A tiny random LLaMA or OPT (hidden 64, 2 layers, vocab 259) and a byte-level tokenizer.
-
-    Args:
-        kind: ``llama`` or ``opt``.
-        seed: initialisation seed (the global RNG state is left untouched).
-        **overrides: config fields to change (e.g. ``num_hidden_layers=3``).
-
-    Returns:
-        ``(model, tokenizer)``; the model is fp32, in eval mode, ``use_cache`` off.
-    """
-    from transformers import LlamaForCausalLM, OPTForCausalLM
-
-    config = tiny_config(kind, **overrides)
-    cls = LlamaForCausalLM if kind == "llama" else OPTForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
-    model.eval()
-    return model, byte_tokenizer()

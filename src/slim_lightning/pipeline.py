@@ -140,9 +140,9 @@ def compress_model(
         export_dtype: storage dtype of fp adapters (and of the uncompressed tensors, which the
             caller has already rounded with ``models.round_uncompressed``).
     """
+    from .arch import get_arch, get_blocks
     from .core.compress import compress_linear
     from .io import tensors_sha256
-    from .models import get_arch, get_blocks
 
     arch = get_arch(model)
     blocks = get_blocks(model, arch)
