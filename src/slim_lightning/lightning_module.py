@@ -160,7 +160,7 @@ class SLiMModule(L.LightningModule):
         """Load-or-compress exactly once per process; for ``fit`` also marks what trains."""
         if not self.compressed:
             self._load_or_compress()
-            from .modules import set_dense_cache
+            from .runtime import set_dense_cache
 
             set_dense_cache(self.model, self.plan.dense_cache)
         if stage == "fit":

@@ -26,59 +26,18 @@ from torch import nn
 from slim_lightning.core.quant import fake_quant_absmax
 from slim_lightning.core.types import CompressedLinear
 from slim_lightning.formats import PackedWeight, pack_absmax
+from slim_lightning.linear_ops import (
+    _FakeQuantSTE,
+    _pack_compressed,
+    _PackedBaseMatmul,
+    _strip_tensors,
+    _tensor_meta,
+    _version_key,
+)
 
 Backend = Literal["reference", "triton"]
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 META_VERSION = 1
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    """AbsMax fake quantisation along columns with a straight-through (identity) gradient."""
-
-    @staticmethod
-    def forward(ctx, w, bits: int, group_size: int, in_scale=None) -> torch.Tensor:
-        return fake_quant_absmax(w, bits, group_size, in_scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None, None, None
-
-
-class _PackedBaseMatmul(torch.autograd.Function):
-    """``y = x (Q(W)*M)^T`` for a frozen packed weight: nothing dense is saved for the backward.
-
-    forward: dequantise (or run ``base_fn``, e.g. the Triton kernel) then multiply; backward:
-    dequantise again and return ``grad_x = grad_y (Q(W)*M)``. No gradient for the weight (it is
-    a set of integer buffers).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mod: SLiMLinear, base_fn=None) -> torch.Tensor:
-        ctx.mod = mod
-        if base_fn is not None:
-            return base_fn(mod, x)
-        return nn.functional.linear(x, mod.dense_weight().to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        w = ctx.mod.dense_weight().to(grad.dtype)  # (d_out, d_in), freed after this call
-        return grad @ w, None, None
-
-
-def _version_key(*tensors: torch.Tensor | None) -> tuple:
-    """Identity of tensors' contents: storage pointer, in-place version counter, device, dtype.
-
-    Inference tensors (created under ``torch.inference_mode``) have no version counter; they
-    cannot be modified in place outside inference mode, so their pointer identifies them.
-    """
-    return tuple(
-        None
-        if t is None
-        else (t.data_ptr(), -1 if t.is_inference() else t._version, t.device, t.dtype)
-        for t in tensors
-    )
 
 
 class SLiMLinear(nn.Module):
@@ -184,46 +143,8 @@ class SLiMLinear(nn.Module):
             adapter_dtype: storage dtype of fp adapters (``float32``, ``float16``, ``bfloat16``);
                 their values are rounded to it so that what is stored is what is computed.
         """
-        if c.weight_q is not None:
-            pw = PackedWeight.from_quant(c.weight_q, c.mask, n=n, m=m)
-        else:
-            pw = PackedWeight.from_float(c.weight, c.mask, n=n, m=m)
-        d_out, d_in = pw.shape
-        if tuple(c.weight.shape) != (d_out, d_in):
-            raise ValueError(f"weight_q shape {pw.shape} != weight shape {tuple(c.weight.shape)}")
-        rank = c.rank if (c.lora_l is not None and c.lora_r is not None) else 0
-        quant_ad = rank > 0 and c.lora_l_q is not None and c.lora_r_q is not None
-        if rank and (c.lora_l_q is None) != (c.lora_r_q is None):
-            raise ValueError("lora_l_q and lora_r_q must both be set or both be None")
-        meta = {
-            "version": META_VERSION,
-            "in_features": d_in,
-            "out_features": d_out,
-            "rank": rank,
-            "adapter_bits": c.lora_l_q.bits if quant_ad else None,
-            "adapter_dtype": "float32" if quant_ad or not rank else adapter_dtype,
-            "has_bias": bias is not None,
-            "weight": pw.meta(),
-        }
-        if bias is not None:
-            if tuple(bias.shape) != (d_out,):
-                raise ValueError(f"bias shape {tuple(bias.shape)} != ({d_out},)")
-            meta["bias_dtype"] = str(bias.dtype).removeprefix("torch.")
-        packed_ad = {}
-        if quant_ad:
-            if c.lora_l_q.bits != c.lora_r_q.bits:
-                raise ValueError("lora_l_q and lora_r_q must have the same bit width")
-            packed_ad = {
-                "l": PackedWeight.from_quant(c.lora_l_q, fmt="dense"),
-                "r": PackedWeight.from_quant(c.lora_r_q, fmt="dense"),
-            }
-            if packed_ad["l"].shape != (rank, d_in) or packed_ad["r"].shape != (d_out, rank):
-                raise ValueError(
-                    f"quantised adapters have shapes {packed_ad['l'].shape}, "
-                    f"{packed_ad['r'].shape}; expected ({rank}, {d_in}), ({d_out}, {rank})"
-                )
-            meta["adapter_l"] = packed_ad["l"].meta()
-            meta["adapter_r"] = packed_ad["r"].meta()
+        meta, pw, packed_ad = _pack_compressed(c, bias, n, m, adapter_dtype, META_VERSION)
+        rank, quant_ad = meta["rank"], bool(packed_ad)
         device = c.weight.device
         mod = cls(meta, device=device)
         with torch.no_grad():
@@ -492,70 +413,9 @@ class SLiMLinear(nn.Module):
         )
 
 
-def _strip_tensors(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k != "tensors"}
+def __getattr__(name: str):  # lazy re-export: slim_lightning.runtime imports this module
+    if name in ("set_backend", "set_dense_cache"):
+        from slim_lightning import runtime
 
-
-def _tensor_meta(tensors: dict[str, torch.Tensor]) -> dict:
-    return {
-        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-        for k, v in tensors.items()
-    }
-
-
-def set_dense_cache(model: nn.Module, on: bool) -> int:
-    """Turns the reference backend's dense-weight cache on or off for every ``SLiMLinear``.
-
-    On trades memory (a dense copy of every layer, per dtype) for CPU speed; off (the default)
-    frees the copies. Returns the number of layers.
-    """
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, SLiMLinear):
-            mod.cache_dense = bool(on)
-            if not on:
-                mod._dense_cache = {}
-            n += 1
-    return n
-
-
-def set_backend(model: nn.Module, name: str, *, strict: bool = True) -> int:
-    """Sets ``backend`` on every ``SLiMLinear`` in ``model``.
-
-    Args:
-        model: any module tree.
-        name: ``reference``, ``triton`` or ``auto`` (triton on CUDA for every layer the kernels
-            support, reference elsewhere; never raises for unsupported layers).
-        strict: with ``triton``, raise if a layer's format has no kernel; with False such layers
-            stay on ``reference``.
-
-    Returns:
-        Number of layers switched to ``name`` (to triton, for ``auto``).
-    """
-    if name == "auto":
-        on_cuda = any(
-            b.is_cuda for m in model.modules() if isinstance(m, SLiMLinear) for b in m.buffers()
-        )
-        if not on_cuda:
-            set_backend(model, "reference")
-            return 0
-        return set_backend(model, "triton", strict=False)
-    if name not in ("reference", "triton"):
-        raise ValueError(f"backend: got {name!r}; allowed: reference, triton, auto")
-    layers = [(k, v) for k, v in model.named_modules() if isinstance(v, SLiMLinear)]
-    unsupported: dict[str, str] = {}
-    if name == "triton":
-        from slim_lightning.kernels.ops import triton_unsupported_reason
-
-        for mod_name, mod in layers:
-            why = triton_unsupported_reason(mod)
-            if why is not None:
-                unsupported[mod_name] = why
-        if unsupported and strict:
-            raise ValueError(
-                "triton backend unsupported for: "
-                + "; ".join(f"{k or '<root>'}: {v}" for k, v in unsupported.items())
-            )
-    for mod_name, mod in layers:
-        mod.backend = "reference" if mod_name in unsupported else name
-    return len(layers) - len(unsupported)
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

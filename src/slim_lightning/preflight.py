@@ -108,7 +108,7 @@ def preflight(
         compressed_path: a packed checkpoint to load instead of compressing.
         ckpt_path: a Lightning checkpoint to resume from.
     """
-    from .checkpoint import verify_files
+    from .checkpoint_checks import verify_files
     from .data import calibration_windows, eval_tokens, eval_windows
     from .models import get_arch, linear_shapes, load_config, load_tokenizer
 
