@@ -71,7 +71,7 @@ class SLiMModule(L.LightningModule):
 
     @property
     def train_cfg(self) -> Any:
-        from .training import TrainConfig, make_dataclass
+        from .train_config import TrainConfig, make_dataclass
 
         return make_dataclass(TrainConfig, "train", self._section("train"))
 
@@ -206,7 +206,7 @@ class SLiMModule(L.LightningModule):
     def base_sha256(self) -> str:
         """sha256 of the packed base (every SLiMLinear buffer but the adapters'); computed once."""
         if self._base_sha256 is None:
-            from .training import state_hashes
+            from .adapters import state_hashes
 
             self._base_sha256 = state_hashes(self.model)["base"]
         return self._base_sha256
@@ -261,8 +261,8 @@ class SLiMModule(L.LightningModule):
         """Freezes everything but the adapters (and the ``train.*`` extras); idempotent."""
         if self.trainable_names:
             return
+        from .adapters import count_trainable, mark_trainable
         from .errors import ConfigError
-        from .training import count_trainable, mark_trainable
 
         tc = self.train_cfg
         self.trainable_names = mark_trainable(
@@ -290,8 +290,8 @@ class SLiMModule(L.LightningModule):
     def _write_rank_hashes(self, tag: str) -> None:
         if self.run_dir is None or not self.train_cfg.rank_hashes:
             return
+        from .adapters import state_hashes
         from .io import atomic_write_json
-        from .training import state_hashes
 
         rank = self._trainer.global_rank if self._trainer is not None else 0
         atomic_write_json(
@@ -304,7 +304,7 @@ class SLiMModule(L.LightningModule):
 
     # -- fine-tuning -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        from .training import build_optimizer_factory, lr_lambda
+        from .train_config import build_optimizer_factory, lr_lambda
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer_factory(self.cfg)(params)
@@ -347,7 +347,7 @@ class SLiMModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.train_cfg.requantize:
-            from .training import requantize_all
+            from .adapters import requantize_all
 
             requantize_all(self.model)
         self._write_rank_hashes("fit_end")
