@@ -142,8 +142,8 @@ def worker(a: argparse.Namespace) -> dict:
     ranks = _ranks(a.packed)
     if a.worker in ("lean", "dense_cache", "gen_lean", "gen_cache"):
         from slim_lightning import load_compressed
+        from slim_lightning.adapters import mark_trainable
         from slim_lightning.modules import set_dense_cache
-        from slim_lightning.training import mark_trainable
 
         model, tok, _ = load_compressed(a.packed, verify=False)
         set_dense_cache(model, a.worker in ("dense_cache", "gen_cache"))

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from slim_lightning.errors import ConfigError
-from slim_lightning.training import build_train_plan
+from slim_lightning.train_config import build_train_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -88,7 +88,7 @@ def test_every_training_option_composes(group, tmp_path):
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
         ("data.train_tokens=0", "data.train_tokens"),
         ("train.schedule=exp", "train.schedule"),
-        ("logger.kind=slack", "logger.kind"),
+        ("+logger.kind=slack", "logger.kind"),
         ("compressed.path=/nonexistent", "compressed.path"),
         ("export.packed=false", "export.packed"),
         ("data.split=eval", "data.split"),
@@ -118,7 +118,7 @@ def test_optimizer_presets_instantiate_and_step():
 
 
 def test_lr_schedule_warmup_then_linear_decay():
-    from slim_lightning.training import lr_lambda
+    from slim_lightning.train_config import lr_lambda
 
     f = lr_lambda(warmup=4, total=10, schedule="linear")
     assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])

@@ -93,10 +93,10 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
+    from .adapters import state_hashes
     from .io import fault_point, file_sha256
     from .modules import SLiMLinear
     from .report import package_versions
-    from .training import state_hashes
 
     out_dir = Path(out_dir)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, SLiMLinear)}

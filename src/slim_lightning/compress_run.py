@@ -1,4 +1,8 @@
-"""``run_compress(cfg)``: the body of ``compress.py`` (tests call it directly)."""
+"""``run_compress(cfg)``: the body of ``compress.py`` (tests call it directly).
+
+``eval_loader``, ``make_eval_windows`` (:mod:`.evaluation`) and ``linear_sizes``
+(:mod:`.report`) are re-exported here for existing callers.
+"""
 
 from __future__ import annotations
 
@@ -12,39 +16,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import build_plan, resolve_device
-from .report import package_versions, plot_layers, summarize_layers
+from .evaluation import eval_loader, make_eval_windows
+from .report import linear_sizes, package_versions, plot_layers, summarize_layers
+
+__all__ = ["eval_loader", "linear_sizes", "make_eval_windows", "run_compress"]
 
 log = logging.getLogger(__name__)
-
-
-def eval_loader(windows: torch.Tensor, batch_size: int = 1) -> torch.utils.data.DataLoader:
-    """A DataLoader over evaluation windows ``(n, seqlen)`` in order."""
-    ds = torch.utils.data.TensorDataset(windows)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-
-
-def make_eval_windows(tokenizer: Any, eval_cfg: Any) -> torch.Tensor:
-    """Tokenised evaluation text cut into non-overlapping windows ``(n, seqlen)``."""
-    from .data import eval_tokens, eval_windows
-
-    return eval_windows(
-        eval_tokens(tokenizer, eval_cfg), eval_cfg.seqlen, eval_cfg.max_windows, eval_cfg.where
-    )
-
-
-def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
-    """Packed bytes of the compressed linears vs their fp16 size, from the modules in memory
-    (an estimate used only when nothing is written; written runs report the file's bytes)."""
-    from .modules import SLiMLinear
-
-    packed = dense = 0
-    for mod in model.modules():
-        if isinstance(mod, SLiMLinear):
-            packed += mod.packed_nbytes()
-            dense += mod.in_features * mod.out_features * 2
-    if dense == 0:
-        return {}
-    return {"packed_bytes": packed, "dense_fp16_bytes": dense, "ratio_vs_fp16": packed / dense}
 
 
 def _zero_shot(model: torch.nn.Module, tokenizer: Any, plan: Any, device: str) -> dict[str, Any]:

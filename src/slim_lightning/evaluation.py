@@ -1,4 +1,5 @@
-"""Perplexity (shared by the plain loop and the Lightning validation step) and zero-shot tasks.
+"""Perplexity (shared by the plain loop and the Lightning validation step) and zero-shot tasks,
+and the evaluation windows and loaders both ``compress.py`` and ``train.py`` use.
 
 Perplexity protocol (SparseGPT/Wanda/SLiM): the evaluation text is cut into non-overlapping
 windows of ``seqlen`` tokens; inside each window token t+1 is predicted from tokens <= t (no
@@ -144,6 +145,29 @@ def perplexity(
         "nll": mean,
         "n_tokens": n_tokens,
     }
+
+
+def make_eval_windows(tokenizer: Any, eval_cfg: Any) -> torch.Tensor:
+    """Tokenised evaluation text cut into non-overlapping windows ``(n, seqlen)``."""
+    from .data import eval_tokens, eval_windows
+
+    return eval_windows(
+        eval_tokens(tokenizer, eval_cfg), eval_cfg.seqlen, eval_cfg.max_windows, eval_cfg.where
+    )
+
+
+def eval_loader(windows: torch.Tensor, batch_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader over evaluation windows ``(n, seqlen)`` in order (``compress.py``)."""
+    ds = torch.utils.data.TensorDataset(windows)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def indexed_eval_loader(windows: torch.Tensor) -> torch.utils.data.DataLoader:
+    """``(ids, index)`` batches of single evaluation windows, in order (``train.py``: the index
+    de-duplicates the windows a distributed sampler repeats)."""
+    from .datamodule import indexed_loader
+
+    return indexed_loader(windows, 1, shuffle=False)
 
 
 def zero_shot(

@@ -40,7 +40,7 @@ def write_packed(
 
 def write_hf(model: nn.Module, tokenizer: Any, out: Path, *, packed: bool) -> None:
     """A plain HF model at ``out`` (``SLiMLinear`` merged into dense ``nn.Linear`` first)."""
-    from .pipeline import merge_to_dense
+    from .adapters import merge_to_dense
 
     if packed:
         merge_to_dense(model)

@@ -82,7 +82,7 @@ class SLiMModule(L.LightningModule):
     # -- plan views ----------------------------------------------------------------------------
     @property
     def train_cfg(self) -> Any:
-        from .training import TrainConfig
+        from .train_config import TrainConfig
 
         return self.train_plan.train if self.train_plan is not None else TrainConfig()
 
@@ -151,7 +151,7 @@ class SLiMModule(L.LightningModule):
     def base_sha256(self) -> str:
         """sha256 of the packed base (every SLiMLinear buffer but the adapters'); computed once."""
         if self._base_sha256 is None:
-            from .training import state_hashes
+            from .adapters import state_hashes
 
             self._base_sha256 = state_hashes(self.model)["base"]
         return self._base_sha256
@@ -222,8 +222,8 @@ class SLiMModule(L.LightningModule):
         """Freezes everything but the adapters (and the ``train.*`` extras); idempotent."""
         if self.trainable_names:
             return
+        from .adapters import count_trainable, mark_trainable
         from .errors import ConfigError
-        from .training import count_trainable, mark_trainable
 
         tc = self.train_cfg
         self.trainable_names = mark_trainable(
@@ -251,8 +251,8 @@ class SLiMModule(L.LightningModule):
     def _write_rank_hashes(self, tag: str) -> None:
         if self.run_dir is None or not self.train_cfg.rank_hashes:
             return
+        from .adapters import state_hashes
         from .io import atomic_write_json
-        from .training import state_hashes
 
         rank = self._trainer.global_rank if self._trainer is not None else 0
         atomic_write_json(
@@ -265,7 +265,7 @@ class SLiMModule(L.LightningModule):
 
     # -- fine-tuning -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        from .training import lr_lambda
+        from .train_config import lr_lambda
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.train_plan.optimizer(params)
@@ -308,7 +308,7 @@ class SLiMModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.train_cfg.requantize:
-            from .training import requantize_all
+            from .adapters import requantize_all
 
             requantize_all(self.model)
         self._write_rank_hashes("fit_end")

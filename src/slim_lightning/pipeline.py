@@ -5,6 +5,7 @@ a packed checkpoint, or load the base and compress it); ``compress_model`` walks
 the calibration engine and installs the results; ``install_slim_linear`` swaps each compressed
 ``nn.Linear`` for a packed ``SLiMLinear``. The LightningModule's ``setup()`` only adds the
 rank-zero / barrier logic around ``load_or_compress``.
+(``merge_to_dense`` lives in :mod:`slim_lightning.adapters`; it is re-exported here.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import merge_to_dense as merge_to_dense  # re-export
 from .calibration import CalibrationEngine, CalibrationResult, capture_block_inputs, merge_install
 from .config import CompressPlan, resolve_device
 from .core.types import CompressedLinear, CompressSpec
@@ -179,25 +181,6 @@ def compress_model(
         keep_layers=keep_layers,
     )
     return engine.run(inputs, kwargs)
-
-
-def merge_to_dense(model: nn.Module) -> nn.Module:
-    """Replaces every ``SLiMLinear`` by a plain ``nn.Linear`` holding its merged weight (fp32).
-
-    The result is a plain Hugging Face model whose dense weights compute exactly what the
-    compressed model computes (adapters merged), so ``save_pretrained`` and any HF tool work.
-    """
-    from .modules import SLiMLinear
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, SLiMLinear):
-            w = mod.merged_weight()
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None)
-            lin.weight.data.copy_(w)
-            if mod.bias is not None:
-                lin.bias.data.copy_(mod.bias.detach().float())
-            model.set_submodule(name, lin)
-    return model
 
 
 # -- the one compression path both entry points share ---------------------------------------------

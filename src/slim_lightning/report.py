@@ -35,6 +35,21 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
+    """Packed bytes of the compressed linears vs their fp16 size, from the modules in memory
+    (an estimate used only when nothing is written; written runs report the file's bytes)."""
+    from .modules import SLiMLinear
+
+    packed = dense = 0
+    for mod in model.modules():
+        if isinstance(mod, SLiMLinear):
+            packed += mod.packed_nbytes()
+            dense += mod.in_features * mod.out_features * 2
+    if dense == 0:
+        return {}
+    return {"packed_bytes": packed, "dense_fp16_bytes": dense, "ratio_vs_fp16": packed / dense}
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (GiB) and peak CUDA allocation when there is one."""
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -17,48 +17,45 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .evaluation import indexed_eval_loader as eval_loader
 from .io import atomic_write_json
-from .report import package_versions, peak_memory, summary_table
+from .report import linear_sizes, package_versions, peak_memory, summary_table
+from .train_config import LoggerConfig, build_train_plan, logger_class, resolved_offline
 
 log = logging.getLogger(__name__)
 
 
-def eval_loader(windows: torch.Tensor) -> torch.utils.data.DataLoader:
-    """``(ids, index)`` batches of single evaluation windows, in order."""
-    from .datamodule import indexed_loader
+def build_loggers(lc: LoggerConfig, run_dir: Path) -> list:
+    """The ``logger`` group's ``_target_`` node, instantiated (none: ``logger=none``).
 
-    return indexed_loader(windows, 1, shuffle=False)
-
-
-def build_loggers(lc: Any, run_dir: Path) -> list:
-    """Lightning loggers for the ``logger`` group (wandb files under ``run_dir/wandb``)."""
-    if lc.kind == "none":
+    ``save_dir`` defaults to ``run_dir`` (wandb files under ``run_dir/wandb``); for wandb also
+    ``name`` (default: the run directory's name), ``offline`` (``auto``: online only when
+    WANDB_API_KEY is set or WANDB_MODE=online) and ``log_model=False`` (checkpoints stay local).
+    The project extras (``slim_*``) were popped by ``build_logger_config``.
+    """
+    if lc.node is None:
         return []
-    if lc.kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+    import inspect
 
-        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    from hydra.utils import instantiate
     from lightning.pytorch.loggers import WandbLogger
 
-    return [
-        WandbLogger(
-            project=lc.project,
-            entity=lc.entity,
-            name=lc.name or run_dir.name,
-            group=lc.group,
-            tags=list(lc.tags) or None,
-            save_dir=str(run_dir),
-            offline=lc.resolved_offline(),
-            log_model=False,
-        )
-    ]
+    node = dict(lc.node)
+    cls = logger_class(node["_target_"])
+    if "save_dir" in inspect.signature(cls.__init__).parameters and node.get("save_dir") is None:
+        node["save_dir"] = str(run_dir)
+    if issubclass(cls, WandbLogger):
+        node["name"] = node.get("name") or run_dir.name
+        node["offline"] = resolved_offline(node.get("offline", "auto"))
+        node.setdefault("log_model", False)
+    return [instantiate(node, _convert_="all")]
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, peft: bool) -> list:
-    """The ``callbacks`` group's ``_target_`` nodes; checkpoints default to ``run_dir/checkpoints``."""
+    """The ``callbacks`` group's ``_target_`` nodes (checkpoints default to
+    ``run_dir/checkpoints``)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -89,7 +86,6 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     any weights load.
     """
     from .rundir import run_session
-    from .training import build_train_plan
 
     run_dir = Path(run_dir)
     tp = build_train_plan(cfg)  # every value validated before anything heavy happens
@@ -104,12 +100,10 @@ def _run_train(
 ) -> dict[str, Any]:
     import lightning as L
 
-    from .compress_run import linear_sizes
     from .datamodule import SLiMDataModule
     from .lightning_module import SLiMModule
     from .pipeline import is_identity
     from .preflight import preflight
-    from .training import adapter_throughput, dense_lora_copy
 
     t_start = time.perf_counter()
     plan = tp.plan
@@ -169,8 +163,6 @@ def _run_train(
         accumulate = tp.trainer.accumulate_grad_batches
         steps = tp.trainer.max_steps or tp.data.num_steps(trainer.world_size, accumulate)
         trainer.fit_loop.epoch_loop.max_steps = steps
-        if tp.train.throughput_steps and trainer.world_size == 1:
-            report["throughput"] = _throughput(module, dm, tp, dense_lora_copy, adapter_throughput)
         module.val_prefix = "val"
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm, ckpt_path=tp.ckpt_path)
@@ -231,26 +223,6 @@ def _run_train(
         print(f"ppl before/after fine-tuning: {report['ppl_before']} -> {report['ppl_after']}")
         print(f"report: {run_dir / 'report.json'}")
     return report
-
-
-def _throughput(module: Any, dm: Any, tp: Any, dense_copy: Any, measure: Any) -> dict[str, Any]:
-    """Tokens/s of adapter training: SLiM model vs the same adapters on a dense base (same loop)."""
-    module.prepare_training()
-    dm.setup()
-    bs = tp.data.batch_size
-    batches = [dm.train_blocks[i : i + bs] for i in range(0, dm.train_blocks.shape[0], bs)]
-    steps = tp.train.throughput_steps
-    slim = measure(module.model, batches, tp.optimizer, steps)
-    dense_model = dense_copy(module.model)
-    dense = measure(dense_model, batches, tp.optimizer, steps)
-    del dense_model
-    return {
-        "steps": steps,
-        "tokens_per_step": bs * tp.data.seqlen,
-        "slim_tokens_per_s": slim["tokens_per_s"],
-        "dense_lora_tokens_per_s": dense["tokens_per_s"],
-        "slim_over_dense": slim["tokens_per_s"] / dense["tokens_per_s"],
-    }
 
 
 def _log_final(loggers: list, report: dict[str, Any], tp: Any, run_dir: Path) -> None:
