@@ -34,3 +34,31 @@ def check_range(
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
         raise ConfigError(key, value, f"a number in {lb}{lo}, {hi}{rb}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_int(key: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """Raises ConfigError unless ``value`` is an integer in ``[lo, hi]`` (``hi`` None: no bound)."""
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        bound = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+        raise ConfigError(key, value, bound)
+
+
+def check_bool(key: str, value: Any) -> None:
+    """Raises ConfigError unless ``value`` is a real bool (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+
+
+def make_dataclass(cls: type, group: str, values: dict) -> Any:
+    """Builds dataclass ``cls`` from ``values``, naming the key of an unknown field."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"{group}.{k}", values[k], "keys " + ", ".join(sorted(names)))
+    return cls(**values)
