@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import ConfigError, check_choice
+from .errors import ConfigError, check_choice, check_int
 
 log = logging.getLogger(__name__)
 SOURCES = ("embedded", "embedded_shakespeare", "text", "wikitext2", "c4")
@@ -67,8 +67,7 @@ def cache_root(override: str | None = None) -> Path:
 
 
 def _pos_int(key: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ConfigError(key, v, "a positive integer")
+    check_int(key, v, 1)
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .data import TextSourceConfig, load_text, tokenize_text
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 
-
-def _int(key: str, v: Any, lo: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ConfigError(key, v, f"an integer >= {lo}")
+_int = check_int  # one set of validators: slim_lightning.errors
 
 
 @dataclass(frozen=True)

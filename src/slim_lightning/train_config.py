@@ -15,7 +15,6 @@ Groups of ``train.py`` (besides the compression groups of ``compress.py``):
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import os
@@ -27,30 +26,22 @@ from typing import Any
 import torch
 
 from .config import CompressPlan, build_plan, instantiate_group
-from .errors import ConfigError, check_choice, check_range
+from .errors import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_range,
+    make_dataclass,
+)
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
-def _int(key: str, v: Any, lo: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ConfigError(key, v, f"an integer >= {lo}")
-
-
-def _bool(key: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        raise ConfigError(key, v, "true or false")
-
-
-def make_dataclass(cls: type, group: str, values: dict) -> Any:
-    """Builds dataclass ``cls`` from ``values``, naming the key of an unknown field."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            raise ConfigError(f"{group}.{k}", values[k], "keys " + ", ".join(sorted(names)))
-    return cls(**values)
+_int = check_int  # one set of validators: slim_lightning.errors
+_bool = check_bool
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation import indexed_eval_loader as eval_loader
-from .io import atomic_write_json
-from .report import linear_sizes, package_versions, peak_memory, summary_table
+from .report import linear_sizes, package_versions
 from .train_config import LoggerConfig, build_train_plan, logger_class, resolved_offline
 
 log = logging.getLogger(__name__)
@@ -194,17 +193,14 @@ def _run_train(
     report["world_size"] = trainer.world_size
     if module.loaded_meta is not None:
         report["compressed_from"] = tp.compressed_path
-    module.timings["total_s"] = time.perf_counter() - t_start
-    report["timings"] = module.timings
-    report["memory"] = peak_memory()
     if trainer.is_global_zero:
-        if plan.export.packed and report["size"]:
-            from .checkpoint import read_meta, save_compressed
+        from .export import write_packed, write_report
 
+        if plan.export.packed and report["size"]:
             results = {
                 k: report[k] for k in ("ppl_before", "ppl_after", "peft", "train") if k in report
             }
-            save_compressed(
+            report["size"] = write_packed(  # sizes measured from the written file
                 model,
                 tokenizer,
                 run_dir / "packed",
@@ -214,14 +210,13 @@ def _run_train(
                 dtype=module.export_dtype,
             )
             report["packed_dir"] = str(run_dir / "packed")
-            report["size"] = read_meta(run_dir / "packed")["size"]  # measured from the file
-        report["status"] = "done"
-        report["finished"] = time.time()
-        atomic_write_json(run_dir / "report.json", report)
+        report["ppl_dense"] = {}
+        write_report(report, run_dir, module.timings, t_start)
         _log_final(loggers, report, tp, run_dir)
-        print(summary_table({**report, "ppl_dense": {}}))
         print(f"ppl before/after fine-tuning: {report['ppl_before']} -> {report['ppl_after']}")
-        print(f"report: {run_dir / 'report.json'}")
+    else:
+        module.timings["total_s"] = time.perf_counter() - t_start
+        report["timings"] = module.timings
     return report
 
 
