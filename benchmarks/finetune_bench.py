@@ -187,7 +187,7 @@ def worker(a: argparse.Namespace) -> dict:
         hf.config.use_cache = True
         prompt = _windows(tok, 1, 64)
         with torch.no_grad():
-            for i in range(a.warmup + a.steps):
+            for i in range(a.gen_warmup + a.gen_steps):
                 t = time.perf_counter()
                 gen = hf.generate(
                     prompt,
@@ -195,7 +195,7 @@ def worker(a: argparse.Namespace) -> dict:
                     do_sample=False,
                     min_new_tokens=a.new_tokens,
                 )
-                if i >= a.warmup:
+                if i >= a.gen_warmup:
                     times.append(time.perf_counter() - t)
                 if i == 0:
                     out["held_after_step_bytes"] = held_bytes(hf)
@@ -235,7 +235,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="processes per config, order alternated")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--gen-steps", type=int, default=3, help="timed generate() calls per process")
+    ap.add_argument("--gen-warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -241,9 +241,15 @@ class SLiMLinear(nn.Module):
             return None
         if not self._q_ad:
             return self.lora_l, self.lora_r
+        grad = torch.is_grad_enabled() and (self.lora_l.requires_grad or self.lora_r.requires_grad)
+        # the in_scale buffers are fixed (load_state_dict and .to() clear the cache): the cache
+        # is checked before anything else is decoded (a per-token cost when generating)
+        key = _version_key(self.lora_l, self.lora_r)
+        if not grad and self.cache_dense and self._adapter_cache.get("key") == key:
+            return self._adapter_cache["lr"]
         (g_l, ins_l), (g_r, ins_r) = self._adapter_quant_args("l"), self._adapter_quant_args("r")
         bits = self.adapter_bits
-        if torch.is_grad_enabled() and (self.lora_l.requires_grad or self.lora_r.requires_grad):
+        if grad:
             # L^T (r, d_in) is grouped along d_in, R^T (d_out, r) along r. Contiguous like the
             # parameters: the same matmul layout as the no-grad path and as fp adapters, so
             # training and inference values agree bit for bit
@@ -255,7 +261,6 @@ class SLiMLinear(nn.Module):
                 left = fake_quant_absmax(self.lora_l.t(), bits, g_l, ins_l).t()
                 right = fake_quant_absmax(self.lora_r.t(), bits, g_r, ins_r).t()
             return left.contiguous(), right.contiguous()
-        key = _version_key(self.lora_l, self.lora_r, ins_l, ins_r)
         if self._adapter_cache.get("key") != key:
             with torch.no_grad():
                 left = fake_quant_absmax(self.lora_l.t(), bits, g_l, ins_l).t()

@@ -129,6 +129,17 @@ def unpack_nm(
     return nm_scatter(kept, pos, m, cols), nm_mask_of(pos, m, cols)
 
 
+def _fields_u8(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """``unpack_uint`` for the hot path: the same fields (LSB first), with uint8 ops only.
+
+    uint8 ``(rows, n_bytes)`` -> uint8 ``(rows, count)``.
+    """
+    p = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(p)]  # p x (rows, n_bytes)
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :count]
+
+
 def dequant_nm(
     values: torch.Tensor,
     meta: torch.Tensor,
@@ -156,8 +167,11 @@ def dequant_nm(
     rows, cols = shape
     n_groups = cols // m
     k = n_groups * n
-    kept = _unpack_codes(values, bits, k).to(torch.float32)  # (rows, k)
-    pos = unpack_uint(meta, meta_bits(m), k).to(torch.int64)  # (rows, k)
+    if bits <= 4:  # nibbles: unpacked with uint8 ops, sign-extended as ((v ^ 8) - 8)
+        kept = (_fields_u8(values, 4, k) ^ 8).to(torch.float32) - 8.0  # (rows, k)
+    else:
+        kept = _unpack_codes(values, bits, k).to(torch.float32)
+    pos = _fields_u8(meta, meta_bits(m), k).to(torch.int64)  # (rows, k)
     col = pos + (torch.arange(k, device=pos.device) // n * m)[None, :]  # (rows, k)
     scale = scale.to(torch.float32)
     if tuple(scale.shape) == (1, 1):
