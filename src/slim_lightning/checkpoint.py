@@ -69,6 +69,7 @@ def save_compressed(
     results: dict[str, Any] | None = None,
     calibration: str | None = None,
     dtype: str | None = None,
+    base_sha256: str | None = None,
 ) -> Path:
     """Writes ``model`` (with ``SLiMLinear`` layers installed) as a packed checkpoint.
 
@@ -87,6 +88,8 @@ def save_compressed(
         calibration: calibration-data fingerprint.
         dtype: storage dtype of the uncompressed tensors (default: the model's own). Lossless
             when the values were rounded to it (``models.round_uncompressed``; the pipeline does).
+        base_sha256: ``adapters.state_hashes(model)["base"]`` when the caller already has it
+            (hashing a large packed base twice is avoidable work); computed otherwise.
 
     Returns:
         ``out_dir`` as a Path.
@@ -135,7 +138,7 @@ def save_compressed(
         "tied": tied,
         "dtype": store,
         "compute_dtype": compute,
-        "base_sha256": state_hashes(model)["base"],
+        "base_sha256": base_sha256 or state_hashes(model)["base"],
         "versions": package_versions(),
         "calibration": calibration,
         "results": _jsonable(results or {}),

@@ -208,9 +208,10 @@ def instantiate_group(cfg: Any, key: str) -> Any:
         raise
 
 
-def _group(cfg: Any, key: str, cls: type) -> Any:
-    """The group ``key`` as ``cls``: instantiated from its ``_target_``, or built from a plain
-    node (configs written without ``_target_``), or ``cls()`` when absent."""
+def _group(cfg: Any, key: str, cls: type, accept: type | None = None) -> Any:
+    """The group ``key`` as ``cls``: instantiated from its ``_target_`` (which must build an
+    ``accept`` instance, default ``cls``), or built from a plain node (configs written without
+    ``_target_``), or ``cls()`` when absent."""
     from omegaconf import OmegaConf
 
     node = cfg.get(key)
@@ -218,8 +219,9 @@ def _group(cfg: Any, key: str, cls: type) -> Any:
         return cls()
     if "_target_" in node:
         obj = instantiate_group(cfg, key)
-        if not isinstance(obj, cls.__mro__[1] if cls.__mro__[1] is not object else cls):
-            raise ConfigError(f"{key}._target_", node.get("_target_"), f"a {cls.__name__}")
+        accept = accept or cls
+        if not isinstance(obj, accept):
+            raise ConfigError(f"{key}._target_", node.get("_target_"), f"a {accept.__name__}")
         return obj
     return make_dataclass(cls, key, OmegaConf.to_container(node, resolve=True))
 
@@ -227,10 +229,10 @@ def _group(cfg: Any, key: str, cls: type) -> Any:
 def spec_from_cfg(cfg: Any) -> CompressSpec:
     """Builds and validates the CompressSpec from the ``quant/sparsity/pruner/lowrank`` groups."""
     spec = CompressSpec(
-        quant=_group(cfg, "quant", QuantConfig),
-        sparsity=_group(cfg, "sparsity", SparsityConfig),
-        pruner=_group(cfg, "pruner", PrunerConfig),
-        lowrank=_group(cfg, "lowrank", LowRankConfig),
+        quant=_group(cfg, "quant", QuantConfig, QuantSpec),
+        sparsity=_group(cfg, "sparsity", SparsityConfig, SparsitySpec),
+        pruner=_group(cfg, "pruner", PrunerConfig, PrunerSpec),
+        lowrank=_group(cfg, "lowrank", LowRankConfig, LowRankSpec),
     )
     validate_spec(spec)
     return spec

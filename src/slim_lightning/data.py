@@ -66,10 +66,6 @@ def cache_root(override: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def _pos_int(key: str, v: Any) -> None:
-    check_int(key, v, 1)
-
-
 @dataclass(frozen=True)
 class TextSourceConfig:
     """Where text comes from (shared fields of ``calib`` and ``eval``).
@@ -99,7 +95,7 @@ class TextSourceConfig:
         g = self._group
         check_choice(f"{g}.source", self.source, SOURCES)
         check_choice(f"{g}.split", self.split, ("auto", *_SPLITS[self.source][0]))
-        _pos_int(f"{g}.seqlen", self.seqlen)
+        check_int(f"{g}.seqlen", self.seqlen, 1)
         if self.source == "text":
             check_text_file(f"{g}.path", self.path)
 
@@ -133,7 +129,7 @@ class CalibConfig(TextSourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _pos_int("calib.nsamples", self.nsamples)
+        check_int("calib.nsamples", self.nsamples, 1)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError("calib.seed", self.seed, "a non-negative integer")
 
@@ -161,7 +157,7 @@ class EvalConfig(TextSourceConfig):
                 "eval.seqlen", self.seqlen, "an integer >= 2 (a window predicts tokens 2..seqlen)"
             )
         if self.max_windows is not None:
-            _pos_int("eval.max_windows", self.max_windows)
+            check_int("eval.max_windows", self.max_windows, 1)
         from .evaluation import ZERO_SHOT_TASKS
 
         tasks = tuple(self.zero_shot or ())
@@ -175,7 +171,7 @@ class EvalConfig(TextSourceConfig):
                 "[] unless lm-eval-harness is installed (pip install 'slim-lightning[eval]')",
             )
         if self.zero_shot_limit is not None:
-            _pos_int("eval.zero_shot_limit", self.zero_shot_limit)
+            check_int("eval.zero_shot_limit", self.zero_shot_limit, 1)
 
 
 def check_text_file(key: str, path: Any) -> None:

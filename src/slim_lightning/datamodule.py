@@ -30,8 +30,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from .data import TextSourceConfig, load_text, tokenize_text
 from .errors import ConfigError, check_int
 
-_int = check_int  # one set of validators: slim_lightning.errors
-
 
 @dataclass(frozen=True)
 class TrainDataConfig(TextSourceConfig):
@@ -58,12 +56,12 @@ class TrainDataConfig(TextSourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _int("data.train_tokens", self.train_tokens, 1)
-        _int("data.batch_size", self.batch_size, 1)
-        _int("data.val_blocks", self.val_blocks, 0)
-        _int("data.max_docs", self.max_docs, 1)
-        _int("data.num_workers", self.num_workers, 0)
-        _int("data.seed", self.seed, 0)
+        check_int("data.train_tokens", self.train_tokens, 1)
+        check_int("data.batch_size", self.batch_size, 1)
+        check_int("data.val_blocks", self.val_blocks, 0)
+        check_int("data.max_docs", self.max_docs, 1)
+        check_int("data.num_workers", self.num_workers, 0)
+        check_int("data.seed", self.seed, 0)
 
     def tokens_per_step(self, world_size: int = 1, accumulate: int = 1) -> int:
         """Tokens consumed by one optimiser step."""

@@ -28,12 +28,20 @@ def write_packed(
     results: dict[str, Any],
     calibration: str | None,
     dtype: str,
+    base_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Writes the packed checkpoint to ``out``; returns its sizes (from the written bytes)."""
     from .checkpoint import read_meta, save_compressed
 
     save_compressed(
-        model, tokenizer, out, plan=plan, results=results, calibration=calibration, dtype=dtype
+        model,
+        tokenizer,
+        out,
+        plan=plan,
+        results=results,
+        calibration=calibration,
+        dtype=dtype,
+        base_sha256=base_sha256,
     )
     return read_meta(out)["size"]
 

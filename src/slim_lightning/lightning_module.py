@@ -145,6 +145,7 @@ class SLiMModule(L.LightningModule):
             results=results,
             calibration=self.fingerprint,
             dtype=self.export_dtype,
+            base_sha256=self.base_sha256(),
         )
         return out
 

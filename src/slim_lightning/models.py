@@ -252,8 +252,10 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         ) from None
 
 
-def _load_gguf(cfg: ModelConfig, src: ModelSource) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_gguf(cfg: ModelConfig, src: ModelSource, tokenizer: Any) -> nn.Module:
+    """The GGUF model rebuilt as a plain HF model (from the conversion cache when present);
+    ``tokenizer`` is stored beside a new cache entry."""
+    from transformers import AutoModelForCausalLM
 
     cache = _gguf_cache(cfg, src)
     if cache is not None and (cache / "config.json").is_file():
@@ -273,7 +275,6 @@ def _load_gguf(cfg: ModelConfig, src: ModelSource) -> nn.Module:
     model = rebuild_plain(quantised)
     del quantised
     if cache is not None:
-        tokenizer = AutoTokenizer.from_pretrained(src.location, **kw)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
         try:
@@ -298,12 +299,16 @@ def check_finite(model: nn.Module, source: str) -> None:
             )
 
 
-def load_model(cfg: ModelConfig, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+def load_model(
+    cfg: ModelConfig, tokenizer: Any = None, config: Any = None
+) -> tuple[nn.Module, Any]:
     """Loads ``(model, tokenizer)`` as described by ``cfg``.
 
     Args:
         tokenizer: an already loaded tokenizer (``load_tokenizer``) to return instead of loading
             it again.
+        config: the model config preflight already read (``load_config``); read here when None,
+            so a bad ``model.path`` still fails before any weights are read.
 
     Returns:
         A causal LM in eval mode with ``config.use_cache = False`` and weights in ``cfg.dtype``
@@ -319,11 +324,12 @@ def load_model(cfg: ModelConfig, tokenizer: Any = None) -> tuple[nn.Module, Any]
     if src.kind == "tiny":
         model, tok = tiny_model(**(cfg.tiny or {}))
         return _finish(model, cfg), tokenizer if tokenizer is not None else tok
-    load_config(cfg)  # fails fast, naming model.path, before any weights are read
+    if config is None:
+        load_config(cfg)  # fails fast, naming model.path, before any weights are read
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg)
     if src.kind == "gguf":
-        model = _load_gguf(cfg, src)
+        model = _load_gguf(cfg, src, tokenizer)
     else:
         kw: dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
         if cfg.revision and src.kind == "hub":

@@ -222,7 +222,8 @@ def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
 
     t0 = time.perf_counter()
     tok = None if prepared is None else prepared.tokenizer
-    model, tok = load_model(plan.model, tokenizer=tok)
+    config = None if prepared is None else prepared.config  # read once, in preflight
+    model, tok = load_model(plan.model, tokenizer=tok, config=config)
     out = Loaded(model, tok, timings={"load_s": time.perf_counter() - t0})
     t0 = time.perf_counter()
     out.model_digest = weights_digest(plan.model, model)

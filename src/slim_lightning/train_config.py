@@ -40,10 +40,6 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
-_int = check_int  # one set of validators: slim_lightning.errors
-_bool = check_bool
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """What trains and how (the ``train`` section of ``conf/train.yaml``).
@@ -76,12 +72,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for k in ("norms", "embeddings", "lm_head", "gradient_checkpointing", "requantize"):
-            _bool(f"train.{k}", getattr(self, k))
-        _bool("train.eval_before", self.eval_before)
-        _bool("train.rank_hashes", self.rank_hashes)
-        _int("train.warmup_steps", self.warmup_steps, 0)
+            check_bool(f"train.{k}", getattr(self, k))
+        check_bool("train.eval_before", self.eval_before)
+        check_bool("train.rank_hashes", self.rank_hashes)
+        check_int("train.warmup_steps", self.warmup_steps, 0)
         check_choice("train.schedule", self.schedule, ("linear", "cosine", "constant"))
-        _int("train.val_every_n_steps", self.val_every_n_steps, 0)
+        check_int("train.val_every_n_steps", self.val_every_n_steps, 0)
 
 
 @dataclass(frozen=True)
@@ -112,23 +108,23 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check_choice("trainer.accelerator", self.accelerator, ACCELERATORS)
         if self.devices != "auto":
-            _int("trainer.devices", self.devices, 1)
-        _int("trainer.num_nodes", self.num_nodes, 1)
+            check_int("trainer.devices", self.devices, 1)
+        check_int("trainer.num_nodes", self.num_nodes, 1)
         check_choice("trainer.strategy", self.strategy, STRATEGIES)
         check_choice("trainer.precision", self.precision, PRECISIONS)
         if self.max_steps is not None:
-            _int("trainer.max_steps", self.max_steps, 1)
-        _int("trainer.accumulate_grad_batches", self.accumulate_grad_batches, 1)
+            check_int("trainer.max_steps", self.max_steps, 1)
+        check_int("trainer.accumulate_grad_batches", self.accumulate_grad_batches, 1)
         if self.gradient_clip_val is not None:
             check_range("trainer.gradient_clip_val", self.gradient_clip_val, 0.0, 1e9)
         check_choice(
             "trainer.gradient_clip_algorithm", self.gradient_clip_algorithm, ("norm", "value")
         )
         check_range("trainer.limit_val_batches", self.limit_val_batches, 0.0, 1e9)
-        _int("trainer.log_every_n_steps", self.log_every_n_steps, 1)
-        _bool("trainer.enable_progress_bar", self.enable_progress_bar)
-        _bool("trainer.deterministic", self.deterministic)
-        _int("trainer.dist_timeout_min", self.dist_timeout_min, 1)
+        check_int("trainer.log_every_n_steps", self.log_every_n_steps, 1)
+        check_bool("trainer.enable_progress_bar", self.enable_progress_bar)
+        check_bool("trainer.deterministic", self.deterministic)
+        check_int("trainer.dist_timeout_min", self.dist_timeout_min, 1)
 
     def resolved_precision(self) -> str:
         """``auto``: bf16-mixed on a CUDA device with bf16 support, else 32-true."""
@@ -258,7 +254,7 @@ def build_logger_config(values: dict[str, Any] | None) -> LoggerConfig:
     for k, v in extras.items():
         if k not in LOGGER_EXTRAS:
             raise ConfigError(f"logger.{k}", v, "project keys " + ", ".join(LOGGER_EXTRAS))
-        _bool(f"logger.{k}", v)
+        check_bool(f"logger.{k}", v)
     log_artifact = extras.get("slim_log_artifact", False)
     target = values.get("_target_")
     if target is None:
@@ -355,7 +351,7 @@ def build_train_plan(cfg: Any) -> TrainPlan:
     if path is not None and not (Path(str(path)).expanduser() / "slim.json").is_file():
         raise ConfigError("compressed.path", path, "a packed checkpoint directory (with slim.json)")
     save = comp.get("save", True)
-    _bool("compressed.save", save)
+    check_bool("compressed.save", save)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and ckpt_path != "last" and not Path(str(ckpt_path)).is_file():
         raise ConfigError("ckpt_path", ckpt_path, "an existing Lightning .ckpt file or null")

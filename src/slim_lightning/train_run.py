@@ -208,6 +208,7 @@ def _run_train(
                 results=results,
                 calibration=module.fingerprint,
                 dtype=module.export_dtype,
+                base_sha256=module.base_sha256(),
             )
             report["packed_dir"] = str(run_dir / "packed")
         report["ppl_dense"] = {}
