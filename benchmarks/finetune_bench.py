@@ -45,25 +45,9 @@ def _rss_mib() -> float:
 
 
 def held_bytes(model) -> int:
-    """Bytes of parameters, buffers and SLiMLinear caches (each storage once)."""
-    import torch
+    from slim_lightning.report import held_bytes as _held  # torch loads after the env is set
 
-    from slim_lightning.modules import SLiMLinear
-
-    seen, total = set(), 0
-    tensors = [*model.parameters(), *model.buffers()]
-    for m in model.modules():
-        if isinstance(m, SLiMLinear):
-            for cache in (m._dense_cache, m._adapter_cache, m._kernel_cache):
-                for v in cache.values():
-                    vs = v if isinstance(v, (tuple, list)) else (v,)
-                    tensors += [t for t in vs if torch.is_tensor(t)]
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen and t.device.type != "meta":
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    return _held(model)
 
 
 def _ranks(packed: str) -> dict[str, int]:

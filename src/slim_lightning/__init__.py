@@ -20,3 +20,14 @@ def save_compressed(*args: Any, **kwargs: Any) -> Any:
     from .checkpoint import save_compressed as _save
 
     return _save(*args, **kwargs)
+
+
+def _register_with_transformers() -> None:
+    # AutoModelForCausalLM.from_pretrained(RUN/packed) works after `import slim_lightning`; the
+    # registration waits until transformers loads its quantizer registry (no import cost here)
+    from .hf_quantizer import install_hook
+
+    install_hook()
+
+
+_register_with_transformers()

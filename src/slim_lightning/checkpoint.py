@@ -22,6 +22,7 @@ always checks metadata against config and tensors and that every scale is finite
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -154,9 +155,9 @@ def save_compressed(
     with atomic_dir(out_dir) as tmp:
         fault_point(f"write {out_dir.name}/{WEIGHTS}")
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+        config = copy.deepcopy(model.config)  # the caller's model keeps its own config
+        # what transformers' "slim" quantizer (hf_quantizer.py) builds the model from
+        config.quantization_config = hf_quantization_config(layers, tied, store, compute)
         fault_point(f"write {out_dir.name}/config.json")
         config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -169,6 +170,22 @@ def save_compressed(
         fault_point(f"write {out_dir.name}/{META}")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return out_dir
+
+
+def hf_quantization_config(
+    layers: dict[str, dict], tied: list[str], dtype: str, compute_dtype: str
+) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config``: everything ``from_pretrained`` needs to build
+    the compressed skeleton (``quant_method: slim``; read by ``hf_quantizer.SLiMHfQuantizer``)."""
+    return {
+        "quant_method": "slim",
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": layers,
+        "tied": list(tied),
+        "dtype": dtype,
+        "compute_dtype": compute_dtype,
+    }
 
 
 def _jsonable(obj: Any) -> Any:
@@ -210,7 +227,7 @@ def load_compressed(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import get_arch, get_module
-    from .formats import check_meta, check_values
+    from .formats import check_values
     from .modules import SLiMLinear
     from .runtime import set_backend
 
@@ -232,33 +249,15 @@ def load_compressed(
     dtype = _FLOAT[dtype] if isinstance(dtype, str) and dtype in _FLOAT else dtype
     if dtype not in _FLOAT.values():
         raise ValueError(f"load_compressed: dtype {dtype!r}; allowed: {', '.join(_FLOAT)}")
+    if hasattr(config, "quantization_config"):  # this path builds the layers itself
+        del config.quantization_config
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         get_arch(model)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path / 'config.json'}: cannot build the model ({e})") from None
-    for name, layer_meta in meta["layers"].items():
-        where = f"{path / META}: layer {name}"
-        old = get_module(model, name)
-        if not isinstance(old, nn.Linear):
-            raise CheckpointError(
-                f"{where}: config.json's model has no linear layer there (got "
-                f"{type(old).__name__}); slim.json and config.json do not belong together"
-            )
-        try:
-            for key in ("weight", "adapter_l", "adapter_r"):
-                if key in layer_meta:
-                    check_meta(layer_meta[key])
-            if tuple(layer_meta["weight"]["shape"]) != (old.out_features, old.in_features):
-                raise ValueError(
-                    f"weight shape {layer_meta['weight']['shape']} != the model's "
-                    f"({old.out_features}, {old.in_features})"
-                )
-            new = SLiMLinear.from_meta(layer_meta, device="meta")
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: {type(e).__name__}: {e}") from None
-        model.set_submodule(name, new)
+    install_layers(model, meta["layers"], f"{path / META}")
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -332,6 +331,40 @@ def load_compressed(
                 f"{path}: tokenizer unreadable ({type(e).__name__}: {e})"
             ) from None
     return model, tokenizer, meta
+
+
+def install_layers(model: nn.Module, layers: dict[str, dict], where: str) -> None:
+    """Swaps each named ``nn.Linear`` of a (meta-device) model for an empty ``SLiMLinear`` built
+    from its metadata, after checking the metadata against the model; raises ``CheckpointError``
+    naming ``where`` and the layer. Shared by ``load_compressed`` and the transformers quantizer.
+    """
+    from .arch import get_module
+    from .formats import check_meta
+    from .modules import SLiMLinear
+
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{where}: no compressed layers listed")
+    for name, layer_meta in layers.items():
+        at = f"{where}: layer {name}"
+        old = get_module(model, name)
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(
+                f"{at}: config.json's model has no linear layer there (got "
+                f"{type(old).__name__}); the layer list and config.json do not belong together"
+            )
+        try:
+            for key in ("weight", "adapter_l", "adapter_r"):
+                if key in layer_meta:
+                    check_meta(layer_meta[key])
+            if tuple(layer_meta["weight"]["shape"]) != (old.out_features, old.in_features):
+                raise ValueError(
+                    f"weight shape {layer_meta['weight']['shape']} != the model's "
+                    f"({old.out_features}, {old.in_features})"
+                )
+            new = SLiMLinear.from_meta(layer_meta, device="meta")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{at}: {type(e).__name__}: {e}") from None
+        model.set_submodule(name, new)
 
 
 def _tied_source(model: nn.Module, key: str, sd: dict[str, torch.Tensor]) -> nn.Parameter:

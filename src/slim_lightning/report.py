@@ -59,6 +59,26 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters, buffers and SLiMLinear caches (each storage once)."""
+    from .modules import SLiMLinear
+
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        if isinstance(m, SLiMLinear):
+            for cache in (m._dense_cache, m._adapter_cache, m._kernel_cache):
+                for v in cache.values():
+                    vs = v if isinstance(v, (tuple, list)) else (v,)
+                    tensors += [t for t in vs if torch.is_tensor(t)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and t.device.type != "meta":
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def summarize_layers(reports: list[dict[str, Any]]) -> dict[str, float]:
     """Parameter-weighted averages of per-layer statistics over all compressed linears."""
     if not reports:
