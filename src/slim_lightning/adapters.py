@@ -92,8 +92,10 @@ def merge_to_dense(model: nn.Module) -> nn.Module:
     The result is a plain Hugging Face model whose dense weights compute exactly what the
     compressed model computes (adapters merged), so ``save_pretrained`` and any HF tool work.
     """
+    from .embeddings import dequantize_embeddings
     from .modules import SLiMLinear
 
+    dequantize_embeddings(model)  # quantised embedding / LM head -> plain dequantised modules
     for name, mod in list(model.named_modules()):
         if isinstance(mod, SLiMLinear):
             w = mod.merged_weight()

@@ -46,16 +46,17 @@ from .checkpoint_checks import (
 from .io import atomic_dir, load_tensors
 
 
-def _tied_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose tensor shares storage with an earlier key (tied embeddings)."""
+def _tied_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: earlier key}`` for every tensor that shares storage with an earlier one (tied
+    embeddings: a float LM head weight, or a quantised head's packed buffers)."""
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    dup = []
+    dup = {}
     for k, v in sd.items():
         if v.device.type == "meta":
             continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         if key in seen:
-            dup.append(k)
+            dup[k] = seen[key]
         else:
             seen[key] = k
     return dup
@@ -98,6 +99,7 @@ def save_compressed(
     from safetensors.torch import save_file
 
     from .adapters import state_hashes
+    from .embeddings import PackedEmbedding
     from .io import fault_point, file_sha256
     from .modules import SLiMLinear
     from .report import package_versions
@@ -114,8 +116,12 @@ def save_compressed(
         if not m.adapters_on_grid():
             m.requantize_adapters()
     layers = {n: m.meta() for n, m in mods.items()}
+    embeddings = {n: m.meta() for n, m in model.named_modules() if isinstance(m, PackedEmbedding)}
+    head = model.get_output_embeddings()
+    sized = {n: m for n, m in mods.items() if m is not head}  # the head counts with the rest
     sd = model.state_dict()
-    tied = _tied_keys(model, sd)
+    tied_to = _tied_keys(model, sd)
+    tied = list(tied_to)
     tensors = {}
     for k, v in sd.items():
         if k in tied:
@@ -137,6 +143,8 @@ def save_compressed(
         "version": VERSION,
         "layers": layers,
         "tied": tied,
+        "tied_to": tied_to,
+        "embeddings": embeddings,
         "dtype": store,
         "compute_dtype": compute,
         "base_sha256": base_sha256 or state_hashes(model)["base"],
@@ -157,12 +165,14 @@ def save_compressed(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         config = copy.deepcopy(model.config)  # the caller's model keeps its own config
         # what transformers' "slim" quantizer (hf_quantizer.py) builds the model from
-        config.quantization_config = hf_quantization_config(layers, tied, store, compute)
+        config.quantization_config = hf_quantization_config(
+            layers, embeddings, tied_to, store, compute
+        )
         fault_point(f"write {out_dir.name}/config.json")
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta["size"] = written_sizes(tmp / WEIGHTS, model, mods, tied)
+        meta["size"] = written_sizes(tmp / WEIGHTS, model, sized, tied)
         # every file's sha256, so a load can verify that nothing changed since it was written
         meta["files"] = {
             f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != META
@@ -173,7 +183,11 @@ def save_compressed(
 
 
 def hf_quantization_config(
-    layers: dict[str, dict], tied: list[str], dtype: str, compute_dtype: str
+    layers: dict[str, dict],
+    embeddings: dict[str, dict],
+    tied_to: dict[str, str],
+    dtype: str,
+    compute_dtype: str,
 ) -> dict[str, Any]:
     """``config.json``'s ``quantization_config``: everything ``from_pretrained`` needs to build
     the compressed skeleton (``quant_method: slim``; read by ``hf_quantizer.SLiMHfQuantizer``)."""
@@ -182,7 +196,8 @@ def hf_quantization_config(
         "format": FORMAT,
         "version": VERSION,
         "layers": layers,
-        "tied": list(tied),
+        "embeddings": embeddings,
+        "tied_to": tied_to,
         "dtype": dtype,
         "compute_dtype": compute_dtype,
     }
@@ -226,7 +241,7 @@ def load_compressed(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import get_arch, get_module
+    from .arch import get_arch
     from .formats import check_values
     from .modules import SLiMLinear
     from .runtime import set_backend
@@ -258,6 +273,10 @@ def load_compressed(
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path / 'config.json'}: cannot build the model ({e})") from None
     install_layers(model, meta["layers"], f"{path / META}")
+    if meta.get("embeddings"):
+        from .embeddings import install_embeddings
+
+        install_embeddings(model, meta["embeddings"], f"{path / META}")
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -294,11 +313,7 @@ def load_compressed(
     missing = [k for k in missing if k not in meta.get("tied", []) and k not in rebuilt]
     if missing:
         raise CheckpointError(f"{weights}: missing tensors {missing[:5]}")
-    for k in meta.get("tied", []):
-        # re-tie: the LM head shares the embedding's tensor
-        owner, _, attr = k.rpartition(".")
-        src = _tied_source(model, k, sd)
-        setattr(get_module(model, owner), attr, src)
+    retie(model, meta.get("tied_to") or dict.fromkeys(meta.get("tied", [])), sd)
     for k, t in sd.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{weights}: tensor {k} has NaN/Inf values")
@@ -367,11 +382,26 @@ def install_layers(model: nn.Module, layers: dict[str, dict], where: str) -> Non
         model.set_submodule(name, new)
 
 
-def _tied_source(model: nn.Module, key: str, sd: dict[str, torch.Tensor]) -> nn.Parameter:
-    emb = model.get_input_embeddings()
-    if emb is None or not key.endswith("weight"):
-        raise ValueError(f"cannot re-tie {key}: the model has no input embedding")
-    return emb.weight
+def retie(model: nn.Module, tied_to: dict[str, str | None], sd: dict[str, torch.Tensor]) -> None:
+    """Points every tied key at its source's tensor (stored once). A source of None (checkpoints
+    written before ``tied_to`` was recorded) is the input embedding's weight."""
+    from .arch import get_module
+
+    for key, src in tied_to.items():
+        owner, _, attr = key.rpartition(".")
+        if src is None:
+            emb = model.get_input_embeddings()
+            if emb is None or not hasattr(emb, "weight"):
+                raise CheckpointError(f"cannot re-tie {key}: the model has no input embedding")
+            value = emb.weight
+        elif src in sd:
+            value = sd[src]
+        else:
+            raise CheckpointError(f"cannot re-tie {key}: its source {src} is not stored")
+        mod = get_module(model, owner)
+        if mod is None:
+            raise CheckpointError(f"cannot re-tie {key}: no module {owner}")
+        setattr(mod, attr, value)
 
 
 def _materialise_buffers(model: nn.Module, arch: Any, device: str | torch.device) -> None:

@@ -38,7 +38,7 @@ def written_sizes(
 
     ``linears``: every tensor stored under a compressed layer (packed weight, adapters, scales,
     bias) vs that layer's weight and bias at 16 bits; ``rest``: everything else (embeddings,
-    norms, lm_head) vs its 16-bit bytes; ``checkpoint``: the whole file (header included) vs
+    norms, lm_head; quantised or not) vs its 16-bit bytes; ``checkpoint``: the whole file (header included) vs
     the whole model at 16 bits.
     """
     from safetensors import safe_open
@@ -60,6 +60,9 @@ def written_sizes(
     for k, v in model.state_dict().items():
         if k not in tied and k.rpartition(".")[0] not in mods and v.is_floating_point():
             rest16 += 2 * v.numel()
+    for name, m in model.named_modules():  # quantised embedding / LM head: their 16-bit tables
+        if name not in mods and hasattr(m, "packed_weight") and f"{name}.weight_values" not in tied:
+            rest16 += 2 * math.prod(m.packed_weight().shape)
     file_bytes = weights.stat().st_size
     weights_numel = sum(m.in_features * m.out_features for m in mods.values())
     return {
@@ -68,14 +71,14 @@ def written_sizes(
         "checkpoint_ratio_vs_fp16": file_bytes / (lin16 + rest16),
         "linears_bytes": lin,
         "linears_fp16_bytes": lin16,
-        "linears_ratio_vs_fp16": lin / lin16,
-        "linears_bits_per_weight": 8 * lin / weights_numel,
+        "linears_ratio_vs_fp16": lin / lin16 if lin16 else None,
+        "linears_bits_per_weight": 8 * lin / weights_numel if weights_numel else None,
         "rest_bytes": rest,
         "rest_fp16_bytes": rest16,
         # the summary table's keys: the compressed linears
         "packed_bytes": lin,
         "dense_fp16_bytes": lin16,
-        "ratio_vs_fp16": lin / lin16,
+        "ratio_vs_fp16": lin / lin16 if lin16 else None,
     }
 
 

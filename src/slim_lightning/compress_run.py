@@ -55,6 +55,7 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def _run_compress(
     plan: Any, container: dict, run_dir: Path, status: dict[str, Any]
 ) -> dict[str, Any]:
+    from .errors import ConfigError
     from .evaluation import perplexity
     from .export import write_hf, write_packed, write_report
     from .lightning_module import SLiMModule
@@ -62,6 +63,10 @@ def _run_compress(
     from .preflight import preflight
 
     t_start = time.perf_counter()
+    if plan.export.servable and is_identity(plan.spec):
+        raise ConfigError(
+            "export.servable", True, "false for an identity (uncompressed) method: nothing to serve"
+        )
     prepared = preflight(plan, compress=not is_identity(plan.spec))
     torch.manual_seed(plan.seed)
     device = resolve_device(plan.device)
@@ -104,6 +109,8 @@ def _run_compress(
     if zs_tasks:
         report["zero_shot"] = _zero_shot(model, module.tokenizer, plan, device)
 
+    if module.loaded is not None and module.loaded.embeddings is not None:
+        report["embeddings"] = module.loaded.embeddings
     reports = module.calib_result.reports if module.calib_result is not None else []
     report["layers"] = reports
     report["layers_summary"] = summarize_layers(reports)
@@ -126,6 +133,14 @@ def _run_compress(
             dtype=module.export_dtype,
         )
         report["packed_dir"] = str(run_dir / "packed")
+    if plan.export.servable:  # before write_hf, which merges the SLiMLinear layers away
+        from .servable import describe, write_servable
+
+        t0 = time.perf_counter()
+        report["servable"] = write_servable(model, module.tokenizer, run_dir / "servable")
+        module.timings["export_servable_s"] = time.perf_counter() - t0
+        report["servable_dir"] = str(run_dir / "servable")
+        log.info(describe(report["servable"]))
     if plan.export.hf:
         write_hf(model, module.tokenizer, run_dir / "hf", packed=plan.export.packed)
         report["hf_dir"] = str(run_dir / "hf")

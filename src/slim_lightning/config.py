@@ -133,11 +133,48 @@ class ExportConfig:
     # storage dtype of what stays uncompressed (embeddings, norms, lm_head, biases, fp adapters):
     # auto = the original checkpoint's dtype (float16 for GGUF files, which hold no 16-bit dtype)
     dtype: str = "auto"
+    # also write DIR/servable: a compressed-tensors int4 base + a PEFT LoRA adapter that serving
+    # engines (vLLM) load (slim_lightning.servable; needs slim-lightning[serve])
+    servable: bool = False
 
     def __post_init__(self) -> None:
         check_choice("export.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
-        for key in ("hf", "packed"):
+        for key in ("hf", "packed", "servable"):
             check_bool(f"export.{key}", getattr(self, key))
+        if self.servable and not self.packed:
+            raise ConfigError(
+                "export.servable",
+                True,
+                "false unless export.packed=true (it is written from "
+                "the packed SLiMLinear layers, which export.packed=false merges away)",
+            )
+        if self.servable:
+            import importlib.util
+
+            missing = [
+                n for n in ("compressed_tensors", "peft") if importlib.util.find_spec(n) is None
+            ]
+            if missing:
+                raise ConfigError(
+                    "export.servable",
+                    True,
+                    f"false unless {' and '.join(missing)} is installed "
+                    "(pip install 'slim-lightning[serve]')",
+                )
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Quantised input embedding and LM head (``embeddings.*``; ``embeddings.py``)."""
+
+    # null = keep them in export.dtype (default); 8 or 4 = groupwise AbsMax codes
+    bits: int | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            check_choice("embeddings.bits", self.bits, (None, 4, 8))
+        check_int("embeddings.group_size", self.group_size, 1)
 
 
 @dataclass(frozen=True)
@@ -157,6 +194,7 @@ class CompressPlan:
     # keep a dequantised dense copy of every compressed layer (CPU speed for the memory of the
     # dense model); off, only packed weights stay resident and are dequantised just in time
     dense_cache: bool = False
+    embeddings: EmbeddingConfig = EmbeddingConfig()
 
 
 def validate_spec(spec: CompressSpec) -> None:
@@ -246,6 +284,11 @@ def build_plan(cfg: Any) -> CompressPlan:
     spec = spec_from_cfg(cfg)
     engine = _group(cfg, "engine", EngineConfig)
     export = _group(cfg, "export", ExportConfig)
+    embeddings = _group(cfg, "embeddings", EmbeddingConfig)
+    if embeddings.bits is not None and not export.packed:
+        raise ConfigError(
+            "embeddings.bits", embeddings.bits, "null unless export.packed=true (packed only)"
+        )
     device = str(cfg.get("device", "auto"))
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")
@@ -267,6 +310,7 @@ def build_plan(cfg: Any) -> CompressPlan:
         device=device,
         eval_dense=eval_dense,
         dense_cache=dense_cache,
+        embeddings=embeddings,
     )
 
 

@@ -61,7 +61,8 @@ def register() -> bool:
         def __init__(
             self,
             layers: dict[str, dict] | None = None,
-            tied: list[str] | None = None,
+            embeddings: dict[str, dict] | None = None,
+            tied_to: dict[str, str] | None = None,
             dtype: str = "float32",
             compute_dtype: str = "float32",
             format: str = "slim-lightning",  # noqa: A002 - the config.json key
@@ -72,7 +73,8 @@ def register() -> bool:
             self.format = format
             self.version = version
             self.layers = dict(layers or {})
-            self.tied = list(tied or [])
+            self.embeddings = dict(embeddings or {})
+            self.tied_to = dict(tied_to or {})
             self.dtype = dtype
             self.compute_dtype = compute_dtype
 
@@ -97,21 +99,29 @@ def register() -> bool:
             return dtype
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
-            from .checkpoint import install_layers
+            import re
 
-            install_layers(
-                model, self.quantization_config.layers, "config.json quantization_config"
-            )
-            # 4-bit adapters' fp32 parameters are not stored: rebuilt from their codes below
+            from .checkpoint import install_layers
+            from .embeddings import install_embeddings
+
+            cfg, where = self.quantization_config, "config.json quantization_config"
+            install_layers(model, cfg.layers, where)
+            install_embeddings(model, cfg.embeddings, where)
+            # not stored: 4-bit adapters' fp32 parameters (rebuilt from their codes) and tied
+            # tensors (re-tied to their source after loading)
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            model._keys_to_ignore_on_load_missing = [*ignore, r"\.lora_[lr]$"]
+            tied = [f"^{re.escape(k)}$" for k in cfg.tied_to]
+            model._keys_to_ignore_on_load_missing = [*ignore, r"\.lora_[lr]$", *tied]
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            from .checkpoint import retie
+
+            retie(model, self.quantization_config.tied_to, model.state_dict(keep_vars=True))
             finish_loading(model)
             return model
 
         def get_state_dict_and_metadata(self, model: Any) -> tuple[dict | None, dict]:
-            return packed_state_dict(model), {}
+            return packed_state_dict(model, self.quantization_config.tied_to), {}
 
         def is_serializable(self) -> bool:
             return True
@@ -157,8 +167,9 @@ def finish_loading(model: Any, backend: str = "auto") -> None:
     set_backend(model, backend)  # type: ignore[arg-type]
 
 
-def packed_state_dict(model: Any) -> dict[str, Any]:
-    """The model's state dict without the 4-bit adapters' fp32 masters (stored as codes)."""
+def packed_state_dict(model: Any, tied_to: dict[str, str] | None = None) -> dict[str, Any]:
+    """The model's state dict without the 4-bit adapters' fp32 masters (stored as codes) and
+    without tied keys (stored once, under their source)."""
     from .modules import SLiMLinear
 
     drop = set()
@@ -167,6 +178,7 @@ def packed_state_dict(model: Any) -> dict[str, Any]:
             if not mod.adapters_on_grid():
                 mod.requantize_adapters()
             drop |= {f"{name}.lora_l", f"{name}.lora_r"}
+    drop |= set(tied_to or ())
     return {k: v for k, v in model.state_dict().items() if k not in drop}
 
 

@@ -195,6 +195,7 @@ class Loaded:
         calib_result: the calibration engine's result (compressed here) or None.
         meta: ``slim.json`` of a loaded packed checkpoint, or None.
         timings: seconds per stage.
+        embeddings: ``embeddings.quantize_embeddings``'s report when they were quantised.
     """
 
     model: nn.Module
@@ -205,6 +206,7 @@ class Loaded:
     meta: dict | None = None
     timings: dict = field(default_factory=dict)
     compressed: bool = False
+    embeddings: dict | None = None
 
     @property
     def fingerprint(self) -> str | None:
@@ -314,6 +316,11 @@ def load_or_compress(
         model_digest=base.model_digest,
         export_dtype=base.export_dtype,
     )
+    emb = getattr(plan, "embeddings", None)
+    if emb is not None and emb.bits is not None:
+        from .embeddings import quantize_embeddings
+
+        base.embeddings = quantize_embeddings(base.model, emb.bits, emb.group_size)
     base.timings["compress_s"] = time.perf_counter() - t0
     base.compressed = True
     return base

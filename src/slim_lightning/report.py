@@ -41,8 +41,9 @@ def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
     from .modules import SLiMLinear
 
     packed = dense = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for mod in model.modules():
-        if isinstance(mod, SLiMLinear):
+        if isinstance(mod, SLiMLinear) and mod is not head:
             packed += mod.packed_nbytes()
             dense += mod.in_features * mod.out_features * 2
     if dense == 0:

@@ -1,0 +1,200 @@
+"""Quantised input embeddings and LM head (``embeddings.bits=8|4``), for embedding-heavy models.
+
+Small models spend a large share of their parameters on the vocabulary (SmolLM2-135M: 21%), which
+the linear-layer compression does not touch. ``quantize_embeddings`` replaces
+
+* the input embedding with a ``PackedEmbedding``: groupwise AbsMax codes (``bits`` 8 or 4, groups
+  of ``group_size`` along the hidden dimension, fp16 scales) in the ``dense`` packed format; a
+  lookup dequantises only the rows it gathers;
+* the LM head with a rank-0 ``SLiMLinear`` over the same kind of packed weight. A tied head shares
+  the embedding's buffers (stored once; ``checkpoint`` re-ties them on load), so the weight the
+  model reads and the weight it writes stay one tensor.
+
+Round-to-nearest, no calibration: it runs after the block-wise compression, on the already
+compressed model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import PackedWeight, pack_absmax
+from .formats.bitpack import _unpack_codes
+
+META_VERSION = 1
+
+
+class PackedEmbedding(nn.Module):
+    """``nn.Embedding`` whose table is a packed ``dense``-format ``PackedWeight``.
+
+    Buffers ``weight_<field>`` as in ``SLiMLinear``; the output dtype follows ``.to(dtype)`` of
+    the module (like a float embedding table), starting at ``out_dtype``.
+    """
+
+    def __init__(
+        self,
+        meta: dict,
+        device: torch.device | str | None = None,
+        out_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if int(meta.get("version", META_VERSION)) != META_VERSION:
+            raise ValueError(f"PackedEmbedding meta version {meta.get('version')} != 1")
+        wm = meta["weight"]
+        if wm["format"] != "dense" or wm["bits"] not in (4, 8):
+            raise ValueError(
+                f"PackedEmbedding: format {wm['format']!r} bits {wm['bits']!r}; "
+                "allowed: dense with 4 or 8 bits"
+            )
+        pw = PackedWeight.empty(wm, device)
+        self.num_embeddings, self.embedding_dim = pw.shape
+        self.padding_idx = meta.get("padding_idx")
+        self._weight_meta = {k: v for k, v in wm.items() if k != "tensors"}
+        self._fields = tuple(pw.tensors)
+        for k, v in pw.tensors.items():
+            self.register_buffer(f"weight_{k}", v)
+        self.out_dtype = out_dtype
+
+    @classmethod
+    def from_packed(
+        cls, pw: PackedWeight, padding_idx: int | None, out_dtype: torch.dtype
+    ) -> PackedEmbedding:
+        mod = cls({"weight": pw.meta(), "padding_idx": padding_idx}, device="meta")
+        for k, v in pw.tensors.items():
+            setattr(mod, f"weight_{k}", v)
+        mod.out_dtype = out_dtype
+        return mod
+
+    def meta(self) -> dict:
+        return {
+            "version": META_VERSION,
+            "padding_idx": self.padding_idx,
+            "weight": self.packed_weight().meta(),
+        }
+
+    def packed_weight(self) -> PackedWeight:
+        meta = {**self._weight_meta, "tensors": {}}
+        pw = PackedWeight.empty(meta)
+        pw.tensors = {k: getattr(self, f"weight_{k}") for k in self._fields}
+        return pw
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pw = self.packed_weight()
+        flat = ids.reshape(-1)
+        codes = _unpack_codes(pw.tensors["values"][flat], pw.bits, self.embedding_dim)
+        scale = pw.float_field("scale")[flat]  # (n, groups)
+        scale = scale.repeat_interleave(pw.group_size, dim=1)[:, : self.embedding_dim]
+        out = codes.to(torch.float32) * scale
+        return out.to(self.out_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse: bool = True):
+        # a float cast of the module changes the output dtype, a device move does not
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self._weight_meta['bits']}, "
+            f"group_size={self._weight_meta['group_size']}"
+        )
+
+
+def _head_meta(pw: PackedWeight, has_bias: bool) -> dict:
+    rows, cols = pw.shape
+    return {
+        "version": 1,
+        "in_features": cols,
+        "out_features": rows,
+        "rank": 0,
+        "adapter_bits": None,
+        "has_bias": has_bias,
+        "weight": pw.meta(),
+    }
+
+
+@torch.no_grad()
+def quantize_embeddings(model: nn.Module, bits: int, group_size: int) -> dict:
+    """Replaces the input embedding and the LM head by packed ``bits``-bit versions (in place).
+
+    Returns ``{"bits", "group_size", "tied", "embedding_rel_err", "head_rel_err"}`` (relative
+    Frobenius errors of the dequantised tables).
+    """
+    from .modules import SLiMLinear
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(
+            f"embeddings.bits: the input embedding is {type(emb).__name__}, not nn.Embedding"
+        )
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    w = emb.weight.detach()
+    pw = pack_absmax(w, bits, group_size)
+    err = float((pw.to_dense() - w.float()).norm() / w.float().norm().clamp_min(1e-30))
+    new_emb = PackedEmbedding.from_packed(pw, emb.padding_idx, w.dtype)
+    model.set_input_embeddings(new_emb)
+    report = {"bits": bits, "group_size": group_size, "tied": tied, "embedding_rel_err": err}
+    if isinstance(head, nn.Linear):
+        hw = head.weight.detach()
+        hpw = pw if tied else pack_absmax(hw, bits, group_size)
+        new_head = SLiMLinear.from_meta(_head_meta(hpw, head.bias is not None), device="meta")
+        for k, v in hpw.tensors.items():
+            setattr(new_head, f"weight_{k}", v)  # a tied head shares the embedding's tensors
+        if head.bias is not None:
+            new_head.bias = head.bias.detach().clone()
+        model.set_output_embeddings(new_head)
+        if tied:
+            model.config.tie_word_embeddings = False  # tied here, by shared buffers
+            report["head_rel_err"] = err
+        else:
+            report["head_rel_err"] = float(
+                (hpw.to_dense() - hw.float()).norm() / hw.float().norm().clamp_min(1e-30)
+            )
+    return report
+
+
+def install_embeddings(model: nn.Module, metas: dict[str, dict], where: str) -> None:
+    """Swaps the named ``nn.Embedding`` modules of a meta-device skeleton for empty
+    ``PackedEmbedding`` modules (checkpoint loading)."""
+    from .arch import get_module
+    from .checkpoint_checks import CheckpointError
+
+    for name, meta in metas.items():
+        old = get_module(model, name)
+        if not isinstance(old, nn.Embedding):
+            raise CheckpointError(
+                f"{where}: embedding {name}: the model has no nn.Embedding there "
+                f"(got {type(old).__name__})"
+            )
+        try:
+            shape = tuple(meta["weight"]["shape"])
+            if shape != (old.num_embeddings, old.embedding_dim):
+                raise ValueError(f"shape {list(shape)} != the model's {list(old.weight.shape)}")
+            new = PackedEmbedding(meta, device="meta", out_dtype=old.weight.dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: embedding {name}: {type(e).__name__}: {e}") from None
+        model.set_submodule(name, new)
+
+
+@torch.no_grad()
+def dequantize_embeddings(model: nn.Module) -> None:
+    """Inverse of ``quantize_embeddings`` for dense exports: plain ``nn.Embedding`` / ``nn.Linear``
+    holding the dequantised tables (re-tied when the head shared the embedding's codes)."""
+    from .modules import SLiMLinear
+
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, PackedEmbedding):
+        return
+    head = model.get_output_embeddings()
+    table = emb.packed_weight().to_dense().to(emb.out_dtype)
+    dense = nn.Embedding(*table.shape, padding_idx=emb.padding_idx, _weight=table)
+    model.set_input_embeddings(dense)
+    if isinstance(head, SLiMLinear) and head.rank == 0:
+        tied = head.weight_values is emb.weight_values
+        lin = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        lin.weight = dense.weight if tied else nn.Parameter(head.dense_weight().to(table.dtype))
+        if head.bias is not None:
+            lin.bias = nn.Parameter(head.bias.detach().clone())
+        model.set_output_embeddings(lin)
+        model.config.tie_word_embeddings = tied
