@@ -139,8 +139,9 @@ class EvalConfig(TextSourceConfig):
     """Evaluation data (the ``eval`` group): non-overlapping windows, at most ``max_windows``.
 
     ``zero_shot`` lists lm-eval-harness tasks (mmlu, piqa, arc_easy, arc_challenge, winogrande,
-    openbookqa) to run on the dense and compressed models; ``zero_shot_limit`` caps examples per
-    task (debugging only).
+    openbookqa: from the hub) and/or ``slim_continuation`` (offline, built from the embedded
+    evaluation text: :mod:`.zeroshot_task`) to run on the dense and compressed models;
+    ``zero_shot_limit`` caps examples per task (debugging only).
     """
 
     _group: ClassVar[str] = "eval"
@@ -159,11 +160,12 @@ class EvalConfig(TextSourceConfig):
         if self.max_windows is not None:
             check_int("eval.max_windows", self.max_windows, 1)
         from .evaluation import ZERO_SHOT_TASKS
+        from .zeroshot_task import LOCAL_TASKS
 
         tasks = tuple(self.zero_shot or ())
         object.__setattr__(self, "zero_shot", tasks)
         for t in tasks:
-            check_choice("eval.zero_shot", t, ZERO_SHOT_TASKS)
+            check_choice("eval.zero_shot", t, (*LOCAL_TASKS, *ZERO_SHOT_TASKS))
         if tasks and importlib.util.find_spec("lm_eval") is None:
             raise ConfigError(
                 "eval.zero_shot",

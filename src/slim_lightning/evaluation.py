@@ -72,7 +72,10 @@ def training_nll(
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if base is None or not isinstance(head, nn.Linear) or model_type not in ARCHS:
+    from .modules import SLiMLinear
+
+    linear_head = isinstance(head, (nn.Linear, SLiMLinear))  # SLiMLinear: embeddings.bits
+    if base is None or not linear_head or model_type not in ARCHS:
         return per_window_nll(model, batch)
     b, t = batch.shape
     hidden = base(input_ids=batch, use_cache=False)[0]  # (b, T, H)
@@ -178,40 +181,66 @@ def zero_shot(
     batch_size: int = 1,
     limit: float | None = None,
     device: str | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy with lm-eval-harness (optional dependency ``slim-lightning[eval]``).
 
     Args:
         model: a Hugging Face causal LM (compressed modules are fine: it is called, not reloaded).
         tokenizer: its tokenizer.
-        tasks: lm-eval task names; the paper's six by default.
+        tasks: lm-eval task names (the paper's six by default) and/or the offline local task
+            ``slim_continuation`` (:mod:`.zeroshot_task`: built from the embedded evaluation
+            text, no network).
         num_fewshot: 0 for the paper's zero-shot protocol.
         limit: examples per task (debug only; None = all).
+        cache_dir: cache root for the local task's examples (see ``data.cache_root``).
 
     Returns:
-        ``{"acc": {task: acc}, "mean_acc": unweighted mean over tasks, "lm_eval_version": str,
+        ``{"acc": {task: acc}, "acc_norm": {task: acc_norm or None}, "n": {task: examples
+        scored}, "mean_acc": unweighted mean over tasks, "lm_eval_version": str,
         "num_fewshot": int, "limit": limit}`` (``acc`` is lm-eval's ``acc,none``; for a group
         such as ``mmlu`` it is lm-eval's own group aggregate).
     """
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ImportError(
             "zero-shot evaluation needs lm-eval-harness: pip install 'slim-lightning[eval]' "
             "(or pip install lm-eval)"
         ) from e
+    from .zeroshot_task import LOCAL_TASKS, task_config
+
     tasks = list(tasks)
     if not tasks:
         raise ValueError("zero_shot needs at least one task")
+    hub = [t for t in tasks if t not in LOCAL_TASKS]
+    # local tasks are inline configs; the index of lm-eval's own tasks is only built when needed
+    specs: list[Any] = [task_config(cache_dir) if t in LOCAL_TASKS else t for t in tasks]
     kw: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
     if device is not None:
         kw["device"] = device
     lm = HFLM(**kw)
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
-    acc = {t: float(res["results"][t]["acc,none"]) for t in tasks}
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=specs,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=TaskManager(include_defaults=bool(hub)),
+        log_samples=False,
+    )
+    results = res["results"]
+    acc = {t: float(results[t]["acc,none"]) for t in tasks}
+    acc_norm = {
+        t: float(results[t]["acc_norm,none"]) if "acc_norm,none" in results[t] else None
+        for t in tasks
+    }
+    n_samples = res.get("n-samples", {})
     return {
         "acc": acc,
+        "acc_norm": acc_norm,
+        "n": {t: n_samples.get(t, {}).get("effective") for t in tasks},
         "mean_acc": sum(acc.values()) / len(acc),
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
         "num_fewshot": num_fewshot,
