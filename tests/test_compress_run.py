@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from slim_lightning import load_compressed
 from slim_lightning.compress_run import make_eval_windows, run_compress
 from slim_lightning.config import build_plan
+from slim_lightning.embeddings import PackedEmbedding
 from slim_lightning.evaluation import perplexity
 from slim_lightning.modules import SLiMLinear
 
@@ -50,7 +51,11 @@ def test_report_holds_ppl_layers_and_size(slim_run):
 def test_packed_checkpoint_reproduces_perplexity(slim_run):
     cfg, run_dir, report = slim_run
     model, tok, meta = load_compressed(run_dir / "packed")
-    assert sum(isinstance(m, SLiMLinear) for m in model.modules()) == 14
+    blocks = [m for n, m in model.named_modules() if ".layers." in n]
+    assert sum(isinstance(m, SLiMLinear) for m in blocks) == 14
+    # embeddings.bits=8 (the default): the vocabulary tables are packed too
+    assert isinstance(model.get_input_embeddings(), PackedEmbedding)
+    assert isinstance(model.get_output_embeddings(), SLiMLinear)
     assert meta["plan"]["method"] == "slim_q" and meta["results"]["ppl"] == report["ppl"]
     windows = make_eval_windows(tok, build_plan(cfg).eval)
     ppl = perplexity(model, windows, progress=False)["ppl"]

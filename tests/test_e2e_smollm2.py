@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from slim_lightning import load_compressed
 from slim_lightning.compress_run import make_eval_windows
 from slim_lightning.data import EvalConfig
 from slim_lightning.evaluation import perplexity
+from slim_lightning.modules import SLiMLinear
+from slim_lightning.report import held_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +38,12 @@ def test_default_compress_run_on_smollm2(tmp_path):
     windows = make_eval_windows(tok, EvalConfig(max_windows=20))
     ppl = perplexity(model, windows, progress=False)["ppl"]
     assert ppl == pytest.approx(comp, rel=0.005)
+
+    # native transformers loading (issue 11): same perplexity, packed bytes only
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert perplexity(hf, windows, progress=False)["ppl"] == pytest.approx(comp, rel=0.005)
+    slim = [m for m in hf.modules() if isinstance(m, SLiMLinear)]
+    n_dense = sum(m.in_features * m.out_features for m in slim) + sum(
+        p.numel() for n, p in hf.named_parameters() if ".lora_" not in n
+    )  # the dense model: compressed weights at full size + embeddings and norms
+    assert held_bytes(hf) <= 0.45 * 4 * n_dense

@@ -117,9 +117,5 @@ def test_embedding_config_is_validated(compose_cfg):
         build_plan(compose_cfg("compress", ["debug=default", "embeddings.bits=3"]))
     with pytest.raises(ConfigError, match="embeddings.group_size"):
         build_plan(compose_cfg("compress", ["debug=default", "embeddings.group_size=0"]))
-    with pytest.raises(ConfigError, match="export.packed"):
-        build_plan(
-            compose_cfg("compress", ["debug=default", "embeddings.bits=8", "export.packed=false"])
-        )
     plan = build_plan(compose_cfg("compress", ["debug=default", "embeddings.bits=8"]))
     assert plan.embeddings.bits == 8

@@ -44,8 +44,9 @@ def test_from_pretrained_equals_load_compressed(packed_run):
     cfg, run_dir, report = packed_run
     model = AutoModelForCausalLM.from_pretrained(run_dir / "packed")
     ref, tok, _ = load_compressed(run_dir / "packed")
-    slim = [m for m in model.modules() if isinstance(m, SLiMLinear)]
+    slim = [m for n, m in model.named_modules() if isinstance(m, SLiMLinear) and ".layers." in n]
     assert len(slim) == 14 and not any(hasattr(m, "weight") for m in slim)
+    assert not hasattr(model.get_input_embeddings(), "weight")  # embeddings.bits=8: packed
     assert model.config.quantization_config.quant_method == "slim"
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     assert torch.equal(_logits(model, ids), _logits(ref, ids))
@@ -66,10 +67,11 @@ def test_dtype_device_map_and_generation(packed_run):
     model = AutoModelForCausalLM.from_pretrained(
         run_dir / "packed", dtype=torch.float16, device_map="cpu"
     )
-    assert model.get_input_embeddings().weight.dtype == torch.float16
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    assert model.get_input_embeddings()(ids).dtype == torch.float16
+    assert model.model.norm.weight.dtype == torch.float16
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight_values.dtype == torch.uint8  # codes are never cast
-    ids = torch.randint(0, model.config.vocab_size, (1, 6))
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 10)
     ref = AutoModelForCausalLM.from_pretrained(run_dir / "packed")

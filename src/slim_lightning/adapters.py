@@ -34,10 +34,18 @@ def mark_trainable(
         elif norms and "norm" in type(mod).__name__.lower():
             for p in mod.parameters(recurse=False):
                 p.requires_grad_(True)
-    if embeddings:
-        model.get_input_embeddings().weight.requires_grad_(True)
-    if lm_head and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().weight.requires_grad_(True)
+    for flag, key, mod in (
+        (embeddings, "embeddings", model.get_input_embeddings()),
+        (lm_head, "lm_head", model.get_output_embeddings()),
+    ):
+        if not flag or mod is None:
+            continue
+        if not isinstance(getattr(mod, "weight", None), nn.Parameter):
+            raise ValueError(
+                f"train.{key}=true: the {key} are quantised ({type(mod).__name__}, "
+                "embeddings.bits) and cannot train; compress with embeddings.bits=null"
+            )
+        mod.weight.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

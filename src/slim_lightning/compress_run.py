@@ -33,6 +33,8 @@ def _zero_shot(model: torch.nn.Module, tokenizer: Any, plan: Any, device: str) -
         tasks=plan.eval.zero_shot,
         limit=plan.eval.zero_shot_limit,
         device=device,
+        batch_size=plan.engine.batch_size,
+        cache_dir=getattr(plan.eval, "cache_dir", None),
     )
 
 

@@ -285,10 +285,6 @@ def build_plan(cfg: Any) -> CompressPlan:
     engine = _group(cfg, "engine", EngineConfig)
     export = _group(cfg, "export", ExportConfig)
     embeddings = _group(cfg, "embeddings", EmbeddingConfig)
-    if embeddings.bits is not None and not export.packed:
-        raise ConfigError(
-            "embeddings.bits", embeddings.bits, "null unless export.packed=true (packed only)"
-        )
     device = str(cfg.get("device", "auto"))
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")

@@ -114,11 +114,12 @@ def _head_meta(pw: PackedWeight, has_bias: bool) -> dict:
 
 
 @torch.no_grad()
-def quantize_embeddings(model: nn.Module, bits: int, group_size: int) -> dict:
-    """Replaces the input embedding and the LM head by packed ``bits``-bit versions (in place).
+def quantize_embeddings(model: nn.Module, bits: int, group_size: int, packed: bool = True) -> dict:
+    """Replaces the input embedding and the LM head by packed ``bits``-bit versions (in place);
+    with ``packed=False`` (dense exports) the float tables take the dequantised values instead.
 
-    Returns ``{"bits", "group_size", "tied", "embedding_rel_err", "head_rel_err"}`` (relative
-    Frobenius errors of the dequantised tables).
+    Returns ``{"bits", "group_size", "tied", "packed", "embedding_rel_err", "head_rel_err"}``
+    (relative Frobenius errors of the dequantised tables).
     """
     from .modules import SLiMLinear
 
@@ -132,9 +133,21 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int) -> dict:
     w = emb.weight.detach()
     pw = pack_absmax(w, bits, group_size)
     err = float((pw.to_dense() - w.float()).norm() / w.float().norm().clamp_min(1e-30))
+    if not packed:
+        report = {"bits": bits, "group_size": group_size, "tied": tied, "packed": False}
+        report["embedding_rel_err"] = report["head_rel_err"] = err
+        emb.weight.copy_(pw.to_dense())
+        if isinstance(head, nn.Linear) and not tied:
+            hpw = pack_absmax(head.weight, bits, group_size)
+            report["head_rel_err"] = float(
+                (hpw.to_dense() - head.weight.float()).norm() / head.weight.float().norm()
+            )
+            head.weight.copy_(hpw.to_dense())
+        return report
     new_emb = PackedEmbedding.from_packed(pw, emb.padding_idx, w.dtype)
     model.set_input_embeddings(new_emb)
-    report = {"bits": bits, "group_size": group_size, "tied": tied, "embedding_rel_err": err}
+    report = {"bits": bits, "group_size": group_size, "tied": tied, "packed": True}
+    report["embedding_rel_err"] = err
     if isinstance(head, nn.Linear):
         hw = head.weight.detach()
         hpw = pw if tied else pack_absmax(hw, bits, group_size)

@@ -317,10 +317,12 @@ def load_or_compress(
         export_dtype=base.export_dtype,
     )
     emb = getattr(plan, "embeddings", None)
-    if emb is not None and emb.bits is not None:
+    if emb is not None and emb.bits is not None and not is_identity(plan.spec):
         from .embeddings import quantize_embeddings
 
-        base.embeddings = quantize_embeddings(base.model, emb.bits, emb.group_size)
+        base.embeddings = quantize_embeddings(
+            base.model, emb.bits, emb.group_size, packed=plan.export.packed
+        )
     base.timings["compress_s"] = time.perf_counter() - t0
     base.compressed = True
     return base

@@ -211,6 +211,11 @@ def _run_train(
                 base_sha256=module.base_sha256(),
             )
             report["packed_dir"] = str(run_dir / "packed")
+        if plan.export.servable:
+            from .servable import write_servable
+
+            report["servable"] = write_servable(model, tokenizer, run_dir / "servable")
+            report["servable_dir"] = str(run_dir / "servable")
         report["ppl_dense"] = {}
         write_report(report, run_dir, module.timings, t_start)
         _log_final(loggers, report, tp, run_dir)
