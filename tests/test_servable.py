@@ -34,7 +34,9 @@ def _cfg(overrides: list[str]):
 @pytest.fixture(scope="module", params=["slim_q", "slim"])  # default (4-bit adapters); fp adapters
 def served(request, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(request.param)
-    cfg = _cfg([f"method={request.param}", "eval_dense=false", "export.servable=true"])
+    # vocabulary tables in fp16 here; packed ones: test_packed_vocab_tables_are_written_dense
+    overrides = [f"method={request.param}", "eval_dense=false", "export.servable=true"]
+    cfg = _cfg([*overrides, "embeddings.bits=null"])
     report = run_compress(cfg, run_dir)
     model, tok, _ = load_compressed(run_dir / "packed")
     windows = make_eval_windows(tok, build_plan(cfg).eval)

@@ -210,12 +210,13 @@ class SLiMModule(L.LightningModule):
 
     def _ignore_packed_buffers_in_ddp(self) -> None:
         # identical on every rank by construction (rank zero wrote them, the others loaded them);
-        # DDP's start-up broadcast would also fail on their int16 scales with gloo
+        # DDP's start-up broadcast would also fail on their int8 codes / int16 scales with gloo
+        from .embeddings import PackedEmbedding
         from .modules import SLiMLinear
 
         names = []
         for mname, mod in self.model.named_modules():
-            if isinstance(mod, SLiMLinear):
+            if isinstance(mod, (SLiMLinear, PackedEmbedding)):
                 names += [f"model.{mname}.{b}" for b, _ in mod.named_buffers(recurse=False)]
         self._ddp_params_and_buffers_to_ignore = names
 
