@@ -170,6 +170,7 @@ class CalibrationEngine:
         offload_inputs: bool = False,
         block_prefix: str = "blocks",
         keep_layers: bool = False,
+        block_hook: Callable[[int, nn.Module, str], None] | None = None,
     ):
         self.blocks, self.linear_names, self.spec = blocks, linear_names, spec
         self.compress_fn, self.install_fn = compress_fn, install_fn
@@ -178,6 +179,9 @@ class CalibrationEngine:
         self.fingerprint, self.seed, self.progress = fingerprint, seed, progress
         self.offload_inputs, self.block_prefix = offload_inputs, block_prefix
         self.keep_layers = keep_layers
+        # streaming (slim_lightning.streaming): called with stage "resume" / "load" before a
+        # block is re-installed / processed (materialises it) and "done" after it is committed
+        self.block_hook = block_hook
 
     # -- main loop ----------------------------------------------------------------------------
     def _linears(self, block: nn.Module) -> dict[str, nn.Linear]:
@@ -212,6 +216,8 @@ class CalibrationEngine:
         kwargs = [to_device(kw, self.device) for kw in kwargs]
         for i in range(start):  # re-install finished blocks from their saved state
             block = self.blocks[i]
+            if self.block_hook is not None:
+                self.block_hook(i, block, "resume")
             lin = self._linears(block)
             for name, c in store.load_block(i).items():
                 self._install(i, block, name, lin[name], c, result)
@@ -230,6 +236,8 @@ class CalibrationEngine:
             total=len(self.blocks),
         )
         for i in bar:
+            if self.block_hook is not None:
+                self.block_hook(i, self.blocks[i], "load")
             block = self.blocks[i].to(self.device)
             lin = self._linears(block)
             hooks = {
@@ -258,6 +266,8 @@ class CalibrationEngine:
             self.blocks[i].to("cpu")
             if store is not None:
                 store.save_block(i, results, [x.to("cpu") for x in inputs])
+            if self.block_hook is not None:
+                self.block_hook(i, self.blocks[i], "done")
             bar.set_postfix(block=i, err=f"{_mean_metric(results, 'err_final'):.3g}")
         result.seconds = time.perf_counter() - t0
         return result
