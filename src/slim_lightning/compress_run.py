@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import build_plan, resolve_device
 from .evaluation import eval_loader, make_eval_windows
-from .report import linear_sizes, package_versions, plot_layers, summarize_layers
+from .report import linear_sizes, package_versions, plot_layers, stage, summarize_layers
 
 __all__ = ["eval_loader", "linear_sizes", "make_eval_windows", "run_compress"]
 
@@ -69,12 +69,15 @@ def _run_compress(
         raise ConfigError(
             "export.servable", True, "false for an identity (uncompressed) method: nothing to serve"
         )
-    prepared = preflight(plan, compress=not is_identity(plan.spec))
+    timings: dict[str, float] = {}
+    with stage(timings, "preflight"):
+        prepared = preflight(plan, compress=not is_identity(plan.spec))
     torch.manual_seed(plan.seed)
     device = resolve_device(plan.device)
     module = SLiMModule(plan, str(run_dir), prepared=prepared)
-    module.timings["preflight_s"] = time.perf_counter() - t_start
-    module.load_base()
+    module.timings.update(timings)
+    with stage(module.timings, "load_base"):
+        module.load_base()
 
     eval_name = getattr(plan.eval, "name", None) or getattr(plan.eval, "source", "eval")
     report: dict[str, Any] = {
@@ -94,22 +97,26 @@ def _run_compress(
     if windows is not None:
         report["eval_windows"] = list(windows.shape)
         if plan.eval_dense:
-            t0 = time.perf_counter()
-            dense = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
-            module.timings["eval_dense_s"] = time.perf_counter() - t0
+            with stage(module.timings, "eval_dense"):
+                dense = perplexity(
+                    module.model, windows, device=device, progress=plan.engine.progress
+                )
             report["ppl_dense"][eval_name] = dense["ppl"]
     if zs_tasks and plan.eval_dense:
-        report["zero_shot_dense"] = _zero_shot(module.model, module.tokenizer, plan, device)
+        with stage(module.timings, "zero_shot_dense"):
+            report["zero_shot_dense"] = _zero_shot(module.model, module.tokenizer, plan, device)
 
-    module.setup("validate")  # the LightningModule's setup compresses (pipeline.load_or_compress)
+    # the LightningModule's setup compresses (pipeline.load_or_compress)
+    with stage(module.timings, "compress_setup"):
+        module.setup("validate")
     if windows is not None:
-        t0 = time.perf_counter()
-        out = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
-        module.timings["eval_s"] = time.perf_counter() - t0
+        with stage(module.timings, "eval"):
+            out = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
         report["ppl"][eval_name] = out["ppl"]
     model = module.model.to("cpu")
     if zs_tasks:
-        report["zero_shot"] = _zero_shot(model, module.tokenizer, plan, device)
+        with stage(module.timings, "zero_shot"):
+            report["zero_shot"] = _zero_shot(model, module.tokenizer, plan, device)
 
     if module.loaded is not None and module.loaded.embeddings is not None:
         report["embeddings"] = module.loaded.embeddings
@@ -124,28 +131,28 @@ def _run_compress(
             "discarded_state": module.calib_result.discarded_state,
             "fingerprint": module.calib_result.fingerprint,
         }
-    if plan.export.packed and report["size"]:
-        report["size"] = write_packed(  # sizes measured from the written file
-            model,
-            module.tokenizer,
-            run_dir / "packed",
-            plan=plan,
-            results={"ppl": report["ppl"], "ppl_dense": report["ppl_dense"]},
-            calibration=module.fingerprint,
-            dtype=module.export_dtype,
-        )
-        report["packed_dir"] = str(run_dir / "packed")
-    if plan.export.servable:  # before write_hf, which merges the SLiMLinear layers away
-        from .servable import describe, write_servable
+    with stage(module.timings, "export"):
+        if plan.export.packed and report["size"]:
+            report["size"] = write_packed(  # sizes measured from the written file
+                model,
+                module.tokenizer,
+                run_dir / "packed",
+                plan=plan,
+                results={"ppl": report["ppl"], "ppl_dense": report["ppl_dense"]},
+                calibration=module.fingerprint,
+                dtype=module.export_dtype,
+            )
+            report["packed_dir"] = str(run_dir / "packed")
+        if plan.export.servable:  # before write_hf, which merges the SLiMLinear layers away
+            from .servable import describe, write_servable
 
-        t0 = time.perf_counter()
-        report["servable"] = write_servable(model, module.tokenizer, run_dir / "servable")
-        module.timings["export_servable_s"] = time.perf_counter() - t0
-        report["servable_dir"] = str(run_dir / "servable")
-        log.info(describe(report["servable"]))
-    if plan.export.hf:
-        write_hf(model, module.tokenizer, run_dir / "hf", packed=plan.export.packed)
-        report["hf_dir"] = str(run_dir / "hf")
+            with stage(module.timings, "export_servable"):
+                report["servable"] = write_servable(model, module.tokenizer, run_dir / "servable")
+            report["servable_dir"] = str(run_dir / "servable")
+            log.info(describe(report["servable"]))
+        if plan.export.hf:
+            write_hf(model, module.tokenizer, run_dir / "hf", packed=plan.export.packed)
+            report["hf_dir"] = str(run_dir / "hf")
     plot = plot_layers(reports, run_dir / "layers.png")
     if plot is not None:
         report["plot"] = str(plot)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import platform
 import resource
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -51,12 +54,103 @@ def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
     return {"packed_bytes": packed, "dense_fp16_bytes": dense, "ratio_vs_fp16": packed / dense}
 
 
-def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (GiB) and peak CUDA allocation when there is one."""
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    out = {"peak_rss_gib": rss_kib / 2**20}
+def _hwm_kib() -> int:
+    """This process's peak RSS since start or the last reset (KiB): VmHWM on Linux, else
+    ``ru_maxrss`` (which cannot be reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_hwm() -> bool:
+    try:  # Linux: "5" resets the peak-RSS watermark to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StageMemory:
+    """Peak host RSS and peak device allocation per stage of a run (``report.json["memory"]``).
+
+    ``with stage(timings, "compress"):`` records the stage's seconds into ``timings`` and its
+    peaks here. Each stage starts by resetting the peak watermarks (``/proc/self/clear_refs``;
+    ``torch.cuda.reset_peak_memory_stats``), so the numbers are the stage's own peaks, not the
+    run's so far; nested stages fold their peaks into the enclosing ones, and the whole-run peak
+    is kept separately (the reset also lowers ``ru_maxrss``). Where the watermark cannot be
+    reset, a stage reports the peak so far (``host_resettable: false``).
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float | None]] = {}
+        self.run_peak_kib = 0
+        self.run_peak_cuda = 0
+        self._open: list[list] = []  # [name, host peak KiB, device peak bytes]
+        self.resettable = True
+
+    def _fold(self) -> None:
+        kib = _hwm_kib()
+        cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        self.run_peak_kib = max(self.run_peak_kib, kib)
+        self.run_peak_cuda = max(self.run_peak_cuda, cuda)
+        for entry in self._open:
+            entry[1] = max(entry[1], kib)
+            entry[2] = max(entry[2], cuda)
+
+    def _reset(self) -> None:
+        self.resettable = _reset_hwm() and self.resettable
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def begin(self, name: str) -> None:
+        self._fold()
+        self._reset()
+        self._open.append([name, 0, 0])
+        self._fold()
+
+    def end(self) -> None:
+        self._fold()
+        name, kib, cuda = self._open.pop()
+        self.stages[name] = {
+            "host_peak_gib": kib / 2**20,
+            "device_peak_gib": cuda / 2**30 if torch.cuda.is_available() else None,
+        }
+
+    def peak_rss_kib(self) -> int:
+        self._fold()
+        return max(self.run_peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+MEMORY = StageMemory()
+
+
+@contextmanager
+def stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Times a stage into ``timings[name + "_s"]`` and records its peak memory (``MEMORY``)."""
+    MEMORY.begin(name)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[f"{name}_s"] = time.perf_counter() - t0
+        MEMORY.end()
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak resident memory of this process (GiB), peak CUDA allocation when there is one, and
+    the per-stage peaks recorded by ``stage``."""
+    out: dict[str, Any] = {"peak_rss_gib": MEMORY.peak_rss_kib() / 2**20}
     if torch.cuda.is_available():
-        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_cuda_gib"] = max(MEMORY.run_peak_cuda, torch.cuda.max_memory_allocated()) / 2**30
+    if MEMORY.stages:
+        out["stages"] = dict(MEMORY.stages)
+        out["host_resettable"] = MEMORY.resettable
     return out
 
 
@@ -158,8 +252,26 @@ def summary_table(report: dict[str, Any]) -> str:
             )
     t = report.get("timings", {})
     rows.append(("compression wall time (s)", "-", fmt_num(t.get("compress_s"))))
-    rows.append(("peak memory (GiB)", "-", fmt_num(report.get("memory", {}).get("peak_rss_gib"))))
-    return format_table(rows, ("", "dense", report.get("method", "compressed")))
+    mem = report.get("memory", {})
+    rows.append(("peak memory (GiB)", "-", fmt_num(mem.get("peak_rss_gib"))))
+    table = format_table(rows, ("", "dense", report.get("method", "compressed")))
+    stages = mem.get("stages") or {}
+    if stages:  # per-stage peaks: where the memory goes
+        srows = [
+            (
+                name,
+                fmt_num(t.get(f"{name}_s"), 3),
+                fmt_num(v.get("host_peak_gib"), 3),
+                fmt_num(v.get("device_peak_gib"), 3)
+                if v.get("device_peak_gib") is not None
+                else "-",
+            )
+            for name, v in stages.items()
+        ]
+        table += "\n" + format_table(
+            srows, ("stage", "seconds", "host peak GiB", "device peak GiB")
+        )
+    return table
 
 
 def plot_layers(reports: list[dict[str, Any]], path: str | Path) -> Path | None:

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation import indexed_eval_loader as eval_loader
-from .report import linear_sizes, package_versions
+from .report import linear_sizes, package_versions, stage
 from .train_config import LoggerConfig, build_train_plan, logger_class, resolved_offline
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def _run_train(
     module.val_prefix = "eval"
     if windows is not None and (tp.train.eval_before or not tp.peft):
         t0 = time.perf_counter()
-        trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
+        with stage(module.timings, "setup_and_eval_before"):  # setup compresses or loads
+            trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
         setup_s = module.timings.get("compress_s", 0.0) + module.timings.get("calib_data_s", 0.0)
         module.timings["eval_before_s"] = time.perf_counter() - t0 - setup_s
         report["ppl_before"][eval_name] = module.last_val["val/ppl"]
@@ -163,9 +164,8 @@ def _run_train(
         steps = tp.trainer.max_steps or tp.data.num_steps(trainer.world_size, accumulate)
         trainer.fit_loop.epoch_loop.max_steps = steps
         module.val_prefix = "val"
-        t0 = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=tp.ckpt_path)
-        module.timings["fit_s"] = time.perf_counter() - t0
+        with stage(module.timings, "fit"):
+            trainer.fit(module, datamodule=dm, ckpt_path=tp.ckpt_path)
         stats = dict(module.train_stats)
         stats["steps"] = int(trainer.global_step)
         stats["tokens_per_step"] = tp.data.tokens_per_step(trainer.world_size, accumulate)
@@ -179,9 +179,8 @@ def _run_train(
         report["trainable_names"] = len(module.trainable_names)
         if windows is not None:
             module.val_prefix = "eval"
-            t0 = time.perf_counter()
-            trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
-            module.timings["eval_after_s"] = time.perf_counter() - t0
+            with stage(module.timings, "eval_after"):
+                trainer.validate(module, dataloaders=eval_loader(windows), verbose=False)
             report["ppl_after"][eval_name] = module.last_val["val/ppl"]
     else:
         report["ppl_after"] = dict(report["ppl_before"])
