@@ -117,10 +117,15 @@ class EngineConfig:
     resume: bool = True
     progress: bool = True
     offload_inputs: bool = False
+    # read each decoder block from the checkpoint's safetensors just before it is compressed
+    # (the model is built on the meta device; slim_lightning.streaming): for models larger
+    # than host memory. The dense model is then not evaluated (ppl_dense_skipped in the report)
+    # and dense_cache is off.
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
-        for key in ("resume", "progress", "offload_inputs"):
+        for key in ("resume", "progress", "offload_inputs", "streaming"):
             check_bool(f"engine.{key}", getattr(self, key))
 
 
@@ -294,6 +299,24 @@ def build_plan(cfg: Any) -> CompressPlan:
     check_bool("dense_cache", dense_cache)
     eval_dense = cfg.get("eval_dense", True)
     check_bool("eval_dense", eval_dense)
+    if engine.streaming:
+        # a dense copy of every compressed layer is what streaming avoids holding; the dense
+        # model itself is never whole in memory, so it is not evaluated
+        from .core.compress import is_identity
+
+        if is_identity(spec):
+            raise ConfigError(
+                "engine.streaming", True, "false for an identity (uncompressed) method"
+            )
+        dense_cache = False
+        if eval_dense:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "engine.streaming=true: the dense model is not evaluated (eval_dense=false; "
+                "ppl_dense stays empty); the compressed model is"
+            )
+            eval_dense = False
     return CompressPlan(
         model=instantiate_group(cfg, "model"),
         calib=instantiate_group(cfg, "calib"),

@@ -129,6 +129,7 @@ def compress_model(
     keep_layers: bool = False,
     model_digest: str | None = None,
     export_dtype: str = "float32",
+    block_hook: Any = None,
 ) -> CalibrationResult:
     """Compresses ``model`` in place with the plan's spec, one decoder block at a time.
 
@@ -141,6 +142,8 @@ def compress_model(
             from ``model``'s tensors when None.
         export_dtype: storage dtype of fp adapters (and of the uncompressed tensors, which the
             caller has already rounded with ``models.round_uncompressed``).
+        block_hook: the engine's per-block hook (``streaming.StreamingSource.block_hook``:
+            each block is read from the checkpoint just before it is compressed).
     """
     from .arch import get_arch, get_blocks
     from .core.compress import compress_linear
@@ -179,6 +182,7 @@ def compress_model(
         offload_inputs=plan.engine.offload_inputs,
         block_prefix=arch.blocks_path,
         keep_layers=keep_layers,
+        block_hook=block_hook,
     )
     return engine.run(inputs, kwargs)
 
@@ -196,6 +200,7 @@ class Loaded:
         meta: ``slim.json`` of a loaded packed checkpoint, or None.
         timings: seconds per stage.
         embeddings: ``embeddings.quantize_embeddings``'s report when they were quantised.
+        stream: the ``streaming.StreamingSource`` reading the blocks (``engine.streaming``).
     """
 
     model: nn.Module
@@ -207,6 +212,7 @@ class Loaded:
     timings: dict = field(default_factory=dict)
     compressed: bool = False
     embeddings: dict | None = None
+    stream: Any = None
 
     @property
     def fingerprint(self) -> str | None:
@@ -225,6 +231,8 @@ def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
     t0 = time.perf_counter()
     tok = None if prepared is None else prepared.tokenizer
     config = None if prepared is None else prepared.config  # read once, in preflight
+    if getattr(plan.engine, "streaming", False):
+        return _load_streaming_base(plan, tok, config)
     model, tok = load_model(plan.model, tokenizer=tok, config=config)
     out = Loaded(model, tok, timings={"load_s": time.perf_counter() - t0})
     t0 = time.perf_counter()
@@ -235,6 +243,28 @@ def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
         dtype = source_dtype(plan.model, None if prepared is None else prepared.config)
     out.export_dtype = dtype
     round_uncompressed(model, dtype)
+    return out
+
+
+def _load_streaming_base(plan: CompressPlan, tok: Any, config: Any) -> Loaded:
+    """``load_base`` for ``engine.streaming``: the meta skeleton with only its non-block tensors
+    read (rounded to the export dtype as ``round_uncompressed`` does); blocks are read by the
+    engine's hook (``Loaded.stream``). The digest hashes the checkpoint files."""
+    from .models import load_config, load_tokenizer, source_dtype, weights_digest
+    from .streaming import load_streaming
+
+    t0 = time.perf_counter()
+    config = load_config(plan.model) if config is None else config
+    tok = load_tokenizer(plan.model) if tok is None else tok
+    dtype = plan.export.dtype
+    if dtype == "auto":
+        dtype = source_dtype(plan.model, config)
+    model, stream = load_streaming(plan.model, config, dtype, tok)
+    out = Loaded(model, tok, export_dtype=dtype, stream=stream)
+    out.timings["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out.model_digest = weights_digest(plan.model, None)
+    out.timings["digest_s"] = time.perf_counter() - t0
     return out
 
 
@@ -315,6 +345,7 @@ def load_or_compress(
         packed=plan.export.packed,
         model_digest=base.model_digest,
         export_dtype=base.export_dtype,
+        block_hook=None if base.stream is None else base.stream.block_hook,
     )
     emb = getattr(plan, "embeddings", None)
     if emb is not None and emb.bits is not None and not is_identity(plan.spec):

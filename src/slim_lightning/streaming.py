@@ -1,0 +1,344 @@
+"""Streaming compression: models larger than host memory (``engine.streaming=true``).
+
+The model is built on the meta device (no weights); only what runs outside the decoder blocks
+(embeddings, final norm, LM head, rotary buffers) is read from the checkpoint's safetensors shards
+up front. The calibration engine then calls :meth:`StreamingSource.block_hook` for each block:
+``load`` reads block i from the shards just before it is processed, ``resume`` installs a block
+whose compressed layers come from the resume state (``calib_state``) without reading its dense
+linear weights, and ``done`` checks that no dense linear weight of the finished block is left.
+Each tensor is read alone (``safe_open(...).get_tensor(key)``), so the host holds at most: the
+non-block tensors, one dense block (plus its compression work copies) and the packed blocks
+before it.
+
+Every tensor goes through the same steps as in the non-streaming load: cast to ``model.dtype``,
+the NaN/Inf check, and ``round_uncompressed``'s rounding to the export dtype for everything the
+packed checkpoint stores uncompressed, so a streaming run's packed output is bit-identical to a
+non-streaming one's.
+
+Sources: a local HF directory, a hub id (``snapshot_download`` of the json, safetensors and
+tokenizer files) and GGUF files (through the fp32 conversion cache of ``models._load_gguf``: the
+first run of a GGUF file still converts it in memory once). Checkpoints without safetensors
+(``pytorch_model.bin``) are refused with a ConfigError.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+# -- the checkpoint's shards ----------------------------------------------------------------------
+class ShardReader:
+    """Reads single tensors from a directory of safetensors shards by model parameter name.
+
+    Handles ``model.safetensors.index.json`` or a single ``model.safetensors`` (or any set of
+    ``*.safetensors`` files), and checkpoints saved with or without the base-model prefix
+    (``model.layers.0...`` vs ``layers.0...``).
+    """
+
+    def __init__(self, directory: str | Path, base_prefix: str = "model", what: str = ""):
+        from safetensors import safe_open
+
+        self.dir = Path(directory)
+        self.base_prefix = base_prefix
+        index = self.dir / INDEX
+        self.files: dict[str, str] = {}
+        if index.is_file():
+            self.files = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            shards = [self.dir / SINGLE] if (self.dir / SINGLE).is_file() else []
+            shards = shards or sorted(self.dir.glob("*.safetensors"))
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as f:
+                    for k in f.keys():
+                        self.files[k] = shard.name
+        if not self.files:
+            have = sorted(p.name for p in self.dir.iterdir())[:8] if self.dir.is_dir() else []
+            raise ConfigError(
+                "engine.streaming",
+                True,
+                f"false for {what or self.dir}: streaming reads one tensor at a time from "
+                f"safetensors shards ({SINGLE} or {INDEX}), and this checkpoint has none "
+                f"(found: {', '.join(have) or 'nothing'}); convert it with "
+                "save_pretrained(safe_serialization=True)",
+            )
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint key of model tensor ``name`` (None when the checkpoint lacks it)."""
+        p = self.base_prefix + "."
+        for k in (name, name.removeprefix(p) if name.startswith(p) else p + name):
+            if k in self.files:
+                return k
+        return None
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` for the model tensor names present in the checkpoint, each read
+        alone (one shard open at a time, closed right after)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for n in names:
+            k = self.key(n)
+            if k is not None:
+                by_file[self.files[k]].append((n, k))
+        out = {}
+        for fname, pairs in by_file.items():
+            with safe_open(str(self.dir / fname), framework="pt") as f:
+                for n, k in pairs:
+                    out[n] = f.get_tensor(k)
+        return out
+
+
+def _checkpoint_dir(cfg: Any, tokenizer: Any) -> Path:
+    """The local directory of safetensors shards for ``cfg`` (downloading / converting once)."""
+    from .models import _gguf_cache, _load_gguf
+    from .sources import model_source
+
+    src = model_source(cfg)
+    if src.kind == "tiny":
+        raise ConfigError(
+            "engine.streaming", True, "false for a random tiny model (it has no checkpoint)"
+        )
+    if src.kind == "dir":
+        return Path(src.location)
+    if src.kind == "hub":  # pragma: no cover - needs the network
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+        return Path(snapshot_download(cfg.path, revision=cfg.revision, allow_patterns=patterns))
+    cache = _gguf_cache(cfg, src)
+    if cache is None:
+        raise ConfigError(
+            "engine.streaming",
+            True,
+            "false for a GGUF file unless model.cache_gguf=true (streaming reads the cached "
+            "safetensors conversion)",
+        )
+    if not (cache / "config.json").is_file():
+        log.warning(
+            "streaming: converting %s once into %s (this first conversion holds the whole "
+            "dequantised model in memory)",
+            src.gguf_file,
+            cache,
+        )
+        del_model = _load_gguf(cfg, src, tokenizer)
+        del del_model
+        gc.collect()
+        if not (cache / "config.json").is_file():
+            raise ConfigError("model.cache_dir", cfg.cache_dir, "a writable cache directory")
+    return cache
+
+
+def check_streamable(cfg: Any) -> None:
+    """Raises the ConfigError of a checkpoint streaming cannot read (no safetensors), without
+    reading weights (local directories only; hub ids and GGUF files are checked at load)."""
+    from .sources import model_source
+
+    src = model_source(cfg)
+    if src.kind in ("tiny", "dir"):
+        if src.kind == "dir":
+            ShardReader(src.location, what=f"model.path={cfg.path}")
+        else:
+            _checkpoint_dir(cfg, None)
+
+
+# -- materialising meta tensors -------------------------------------------------------------------
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mod_path, _, attr = name.rpartition(".")
+    return (root.get_submodule(mod_path) if mod_path else root), attr
+
+
+def _assign(root: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod, attr = _owner(root, name)
+    if attr in mod._parameters:
+        old = mod._parameters[attr]
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        mod._buffers[attr] = t
+
+
+def _tensor_names(root: nn.Module) -> tuple[list[str], list[str]]:
+    """(parameters and persistent buffers, non-persistent buffers) of ``root``, by name."""
+    saved, volatile = [n for n, _ in root.named_parameters()], []
+    for n, _ in root.named_buffers():
+        mod, attr = _owner(root, n)
+        (volatile if attr in mod._non_persistent_buffers_set else saved).append(n)
+    return saved, volatile
+
+
+class StreamingSource:
+    """A meta-device model whose tensors are read from safetensors shards on demand.
+
+    Args:
+        cfg: the ``ModelConfig``.
+        config: the model's HF config.
+        export_dtype: storage dtype of the uncompressed tensors (``round_uncompressed``).
+        tokenizer: stored beside a new GGUF conversion cache entry.
+    """
+
+    def __init__(self, cfg: Any, config: Any, export_dtype: str, tokenizer: Any = None):
+        from .models import DTYPES
+
+        self.cfg, self.config, self.export_dtype = cfg, config, export_dtype
+        self.dtype = DTYPES[cfg.dtype]
+        self.dir = _checkpoint_dir(cfg, tokenizer)
+        from .sources import model_source
+
+        if model_source(cfg).kind == "gguf":  # the conversion cache's own config
+            from transformers import AutoConfig
+
+            self.config = AutoConfig.from_pretrained(str(self.dir), trust_remote_code=False)
+        self.model: nn.Module | None = None
+        self.reader: ShardReader | None = None
+        self.loaded_blocks: list[int] = []
+
+    # -- skeleton -------------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The model with everything but its decoder blocks materialised (blocks on meta)."""
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        from .arch import get_arch, get_blocks
+        from .models import _dtype_kw, _finish
+
+        config = copy.deepcopy(self.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **_dtype_kw(self.dtype))
+        self.model = model
+        self.arch = get_arch(model, self.cfg.arch)
+        self.blocks = get_blocks(model, self.arch)
+        self.reader = ShardReader(
+            self.dir, getattr(model, "base_model_prefix", "model") or "model",
+            what=f"model.path={self.cfg.path}",
+        )
+        prefix = self.arch.blocks_path + "."
+        saved, volatile = _tensor_names(model)
+        outside = [n for n in saved if not n.startswith(prefix)]
+        self._materialise(model, outside, rounded=True)
+        self._tie(model)
+        for n in volatile:  # non-persistent buffers (rotary inv_freq): rebuilt by their module
+            if not n.startswith(prefix):
+                self._rebuild_module(model, n.rpartition(".")[0])
+        left = [n for n, t in model.state_dict().items() if not n.startswith(prefix) and t.is_meta]
+        if left:
+            raise ValueError(f"streaming: the checkpoint in {self.dir} has no tensors {left[:8]}")
+        return _finish(model, self.cfg)
+
+    def _tie(self, model: nn.Module) -> None:
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out_emb is not None and out_emb.weight.is_meta:
+            if not getattr(model.config, "tie_word_embeddings", False):
+                raise ValueError(f"streaming: the checkpoint in {self.dir} has no LM head weight")
+            out_emb.weight = model.get_input_embeddings().weight
+
+    def _rebuild_module(self, root: nn.Module, path: str) -> None:
+        old = root.get_submodule(path)
+        if not any(b.is_meta for b in old.buffers(recurse=False)):
+            return
+        with torch.device("cpu"):
+            new = type(old)(config=root.config)
+        new.to(self.dtype)  # as _finish's model.to(dtype) does to every floating buffer
+        root.set_submodule(path, new)
+
+    def _materialise(
+        self, root: nn.Module, names: list[str], *, rounded: bool, skip: set = frozenset()
+    ) -> None:
+        """Reads ``names`` (relative to ``root``) into ``root`` as ``model.dtype`` tensors,
+        checking them for NaN/Inf and rounding the uncompressed ones to the export dtype."""
+        from .models import DTYPES
+
+        base = "" if root is self.model else f"{self.arch.blocks_path}.{self._current}."
+        tensors = self.reader.read([base + n for n in names if n not in skip])
+        rdt = DTYPES[self.export_dtype] if self.export_dtype != "float32" else None
+        for n in names:
+            if n in skip:
+                continue
+            t = tensors.pop(base + n, None)
+            if t is None:
+                continue  # a tied LM head (checked by _tie) or a buffer rebuilt by its module
+            if t.is_floating_point():
+                t = t.to(self.dtype)
+                if not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise ValueError(
+                        f"model.path={self.cfg.path}: tensor {base + n} {tuple(t.shape)} has "
+                        f"{bad} NaN/Inf values; the checkpoint is corrupt (nothing was compressed)"
+                    )
+                if rounded and rdt is not None:
+                    t = t.to(rdt).to(self.dtype)
+            _assign(root, n, t)
+
+    # -- the engine's hook ----------------------------------------------------------------------
+    def block_hook(self, i: int, block: nn.Module, stage: str) -> None:
+        """``CalibrationEngine``'s per-block hook.
+
+        Stages: ``load`` (block i from the shards, before it is processed), ``resume`` (its
+        compressed layers come from the resume state: everything but the compressed linears'
+        weights is read; those get uninitialised storage that the install replaces) and
+        ``done`` (after block i is installed and committed: nothing dense of its linears left).
+        """
+        self._current = i
+        linears = {f"{n}.weight" for n in self.arch.linear_names}
+        if stage in ("load", "resume"):
+            saved, volatile = _tensor_names(block)
+            skip = linears if stage == "resume" else set()
+            # linear weights stay in model.dtype unrounded (they are compressed); the rest is
+            # rounded like round_uncompressed does
+            self._materialise(block, [n for n in saved if n in linears], rounded=False,
+                              skip=skip)
+            self._materialise(block, [n for n in saved if n not in linears], rounded=True)
+            for n in volatile:
+                self._rebuild_module(block, n.rpartition(".")[0])
+            if stage == "resume":
+                for n in linears:
+                    mod, attr = _owner(block, n)
+                    w = mod._parameters[attr]
+                    mod._parameters[attr] = nn.Parameter(
+                        torch.empty(w.shape, dtype=self.dtype), requires_grad=w.requires_grad
+                    )
+            left = [n for n, t in block.state_dict().items() if t.is_meta]
+            if left:
+                raise ValueError(
+                    f"streaming: the checkpoint in {self.dir} has no tensors "
+                    f"{[f'{self.arch.blocks_path}.{i}.{n}' for n in left[:8]]}"
+                )
+            self.loaded_blocks.append(i)
+        elif stage == "done":
+            dense = [n for n in self.arch.linear_names if type(block.get_submodule(n)) is nn.Linear]
+            if dense:  # merged installs (export.packed=false) keep dense weights by design
+                log.debug("streaming: block %d keeps dense linears %s", i, dense)
+            gc.collect()
+        else:
+            raise ValueError(f"block_hook: unknown stage {stage!r}")
+
+
+def load_streaming(
+    cfg: Any, config: Any, export_dtype: str, tokenizer: Any
+) -> tuple[nn.Module, StreamingSource]:
+    """The meta skeleton with its non-block tensors read, and the source that streams blocks."""
+    src = StreamingSource(cfg, config, export_dtype, tokenizer)
+    model = src.build()
+    log.info(
+        "engine.streaming: built %s on the meta device; decoder blocks are read from %s one at "
+        "a time",
+        type(model).__name__,
+        src.dir,
+    )
+    return model, src

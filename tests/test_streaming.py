@@ -1,0 +1,166 @@
+"""engine.streaming: blocks read from safetensors shards one at a time (slim_lightning.streaming).
+
+A tiny LLaMA is saved as a sharded safetensors checkpoint (fp16, several shards, so the index
+path and the export-dtype rounding are exercised); streaming and non-streaming runs must write
+the same packed tensors and report the same perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from slim_lightning.compress_run import run_compress
+from slim_lightning.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="compress", overrides=["debug=default", *overrides])
+
+
+def _save_tiny(directory: Path, kind: str = "llama", dtype=torch.float16) -> Path:
+    from slim_lightning.tiny import tiny_model
+
+    model, tok = tiny_model(kind=kind, seed=0)
+    model.to(dtype)
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="20KB")
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = _save_tiny(tmp_path_factory.mktemp("tiny_ckpt"))
+    assert (d / "model.safetensors.index.json").is_file()
+    assert len(list(d.glob("*.safetensors"))) > 2
+    return d
+
+
+def _overrides(path: Path, streaming: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"+model.path={path}",
+        "model.random_init=false",
+        "eval_dense=false",
+        f"engine.streaming={str(streaming).lower()}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(ckpt, tmp_path_factory):
+    out = {}
+    for streaming in (False, True):
+        run_dir = tmp_path_factory.mktemp(f"run_{streaming}")
+        report = run_compress(make_cfg(_overrides(ckpt, streaming)), run_dir)
+        out[streaming] = (run_dir, report)
+    return out
+
+
+def test_streaming_output_equals_non_streaming(runs):
+    (d0, r0), (d1, r1) = runs[False], runs[True]
+    assert r1["ppl"] == r0["ppl"] and r1["ppl"]["embedded"] > 1
+    a = load_file(d0 / "packed" / "model.safetensors")
+    b = load_file(d1 / "packed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert r1["resume"]["fingerprint"] == r0["resume"]["fingerprint"]
+    assert r1["config"]["engine"]["streaming"] is True and r1["ppl_dense"] == {}
+
+
+def test_no_dense_block_weight_left(ckpt, tmp_path):
+    """After streaming compression every block linear is packed and nothing dense of it is
+    left; blocks are read only when the engine reaches them (the rest stays on meta)."""
+    from slim_lightning.config import build_plan
+    from slim_lightning.modules import SLiMLinear
+    from slim_lightning.pipeline import load_base, load_or_compress
+
+    plan = build_plan(make_cfg(_overrides(ckpt, True)))
+    assert plan.dense_cache is False and plan.eval_dense is False
+    base = load_base(plan)
+    blocks = base.model.model.layers
+    assert all(p.is_meta for p in blocks.parameters())  # nothing of the blocks read yet
+    assert not base.model.model.embed_tokens.weight.is_meta
+    real, seen = base.stream, []
+
+    class Spy:
+        def block_hook(self, i, block, stage):
+            if stage == "load":  # block i is read now; later blocks are still on meta
+                later = [p for j in range(i, len(blocks)) for p in blocks[j].parameters()]
+                assert all(p.is_meta for p in later)
+            real.block_hook(i, block, stage)
+            if stage == "done":
+                assert not any(type(m) is torch.nn.Linear for m in block.modules())
+            seen.append((i, stage))
+
+    base.stream = Spy()
+    out = load_or_compress(plan, None, base=base)
+    assert seen == [(0, "load"), (0, "done"), (1, "load"), (1, "done")]
+    model = out.model
+    assert not any(t.is_meta for t in model.state_dict().values())
+    for block in model.model.layers:
+        lins = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        assert not lins and sum(isinstance(m, SLiMLinear) for m in block.modules()) == 7
+        for m in block.modules():
+            if isinstance(m, SLiMLinear):
+                assert not m._dense_cache
+
+
+def test_resume_after_interrupted_streaming_run(ckpt, runs, tmp_path, monkeypatch):
+    from slim_lightning import calibration
+
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(_overrides(ckpt, True))
+    real_save = calibration.BlockStore.save_block
+
+    def boom(self, i, *a, **k):
+        real_save(self, i, *a, **k)
+        if i == 0:
+            raise KeyboardInterrupt("killed after block 0")
+
+    monkeypatch.setattr(calibration.BlockStore, "save_block", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_compress(cfg, run_dir)
+    monkeypatch.setattr(calibration.BlockStore, "save_block", real_save)
+    prog = json.loads((run_dir / "calib_state" / "progress.json").read_text())
+    assert prog["next_block"] == 1
+    report = run_compress(cfg, run_dir)
+    assert report["resumed_blocks"] == 1
+    assert report["ppl"] == runs[False][1]["ppl"]
+    a = load_file(runs[False][0] / "packed" / "model.safetensors")
+    b = load_file(run_dir / "packed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_checkpoint_without_safetensors_is_refused(tmp_path):
+    from slim_lightning.tiny import tiny_model
+
+    model, tok = tiny_model(kind="llama", seed=0)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="safetensors"):
+        run_compress(make_cfg(_overrides(tmp_path, True)), tmp_path / "run")
+
+
+def test_tied_opt_checkpoint_streams_identically(tmp_path):
+    """OPT ties its LM head to the embedding (absent from the checkpoint) and has learned
+    positions; fp32 weights, export.dtype=float16 rounding."""
+    d = _save_tiny(tmp_path / "opt", kind="opt", dtype=torch.float32)
+    extra = ("model.tiny.kind=opt", "export.dtype=float16")
+    reports = {}
+    for streaming in (False, True):
+        run_dir = tmp_path / f"run_{streaming}"
+        reports[streaming] = run_compress(make_cfg(_overrides(d, streaming, extra)), run_dir)
+    assert reports[True]["ppl"] == reports[False]["ppl"]
+    a = load_file(tmp_path / "run_False" / "packed" / "model.safetensors")
+    b = load_file(tmp_path / "run_True" / "packed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
