@@ -137,6 +137,24 @@ class _StatsHook:
         return LayerStats(sq_sum=self.sq, abs_sum=self.ab, n_tokens=self.n, hessian=self.h)
 
 
+class _PartsHook:
+    """Keeps each forward call's partial statistics (the terms ``_StatsHook`` adds), flattened
+    for a broadcast: ``[sum x^2, sum |x|, (X^T X), n_tokens as int64 bits]``."""
+
+    def __init__(self, hessian: bool):
+        self.hessian = hessian
+        self.parts: list[list[torch.Tensor]] = []
+
+    def __call__(self, _mod: nn.Module, inp: tuple, _out: Any) -> None:
+        x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # (tokens, d_in)
+        p = [(x * x).sum(0), x.abs().sum(0)]
+        if self.hessian:
+            p.append(x.T @ x)
+        n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        p.append(n.view(torch.float32))
+        self.parts.append(p)
+
+
 class CalibrationEngine:
     """Compresses a decoder-only model block by block.
 
@@ -171,6 +189,7 @@ class CalibrationEngine:
         block_prefix: str = "blocks",
         keep_layers: bool = False,
         block_hook: Callable[[int, nn.Module, str], None] | None = None,
+        dist: Any = None,
     ):
         self.blocks, self.linear_names, self.spec = blocks, linear_names, spec
         self.compress_fn, self.install_fn = compress_fn, install_fn
@@ -182,6 +201,15 @@ class CalibrationEngine:
         # streaming (slim_lightning.streaming): called with stage "resume" / "load" before a
         # block is re-installed / processed (materialises it) and "done" after it is committed
         self.block_hook = block_hook
+        # distributed (slim_lightning.distributed.DistContext; default: the active one, set by
+        # compress_run under torchrun/srun): run() keeps this rank's batches (b % world_size ==
+        # rank), exchanges statistics, spreads the linears over ranks; no resume state
+        if dist is None:
+            from .distributed import current
+
+            dist = current()
+        self.dist, self.n_batches = dist, 0
+        self._costs: dict[str, float] = {}
 
     # -- main loop ----------------------------------------------------------------------------
     def _linears(self, block: nn.Module) -> dict[str, nn.Linear]:
@@ -207,12 +235,17 @@ class CalibrationEngine:
         result = CalibrationResult()
         self.discarded: str | None = None
         store, start = None, 0
-        if self.state_dir is not None:
+        if self.state_dir is not None and self.dist is None:
             store = BlockStore(
                 self.state_dir, self.fingerprint, len(self.blocks), self.linear_names
             )
             start = store.load_progress()
             self.discarded = store.discarded
+        if self.dist is not None:
+            self.n_batches = len(inputs)
+            mine = self.dist.batches(self.n_batches)
+            inputs, kwargs = [inputs[b] for b in mine], [kwargs[b] for b in mine]
+            self.dist.shares["batches"] = len(mine)
         kwargs = [to_device(kw, self.device) for kw in kwargs]
         for i in range(start):  # re-install finished blocks from their saved state
             block = self.blocks[i]
@@ -231,7 +264,7 @@ class CalibrationEngine:
         bar = tqdm(
             range(start, len(self.blocks)),
             desc="Compressing blocks",
-            disable=not self.progress,
+            disable=not self.progress or (self.dist is not None and not self.dist.is_main),
             initial=start,
             total=len(self.blocks),
         )
@@ -240,29 +273,16 @@ class CalibrationEngine:
                 self.block_hook(i, self.blocks[i], "load")
             block = self.blocks[i].to(self.device)
             lin = self._linears(block)
-            hooks = {
-                n: _StatsHook(m.in_features, self.device, self.spec.needs_hessian)
-                for n, m in lin.items()
-            }
-            handles = [lin[n].register_forward_hook(h) for n, h in hooks.items()]
-            try:
-                self._run_block(block, inputs, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            results = {}
-            for j, (name, m) in enumerate(lin.items()):
-                # a fixed per-layer seed keeps randomized SVDs identical across resumes
-                torch.manual_seed(self.seed * 1_000_003 + i * 1009 + j)
-                tl = time.perf_counter()
-                c = self.compress_fn(m.weight.data.float(), hooks[name].stats(), self.spec)
-                c = canonicalize(_to_cpu(c))
-                c.metrics["time_s"] = time.perf_counter() - tl
-                results[name] = c
-            del hooks
+            if self.dist is not None:  # statistics exchanged, linears spread over ranks
+                results = self._compress_block_dist(i, block, lin, inputs, kwargs)
+            else:
+                results = self._compress_block(i, block, lin, inputs, kwargs)
             for name, c in results.items():
                 self._install(i, block, name, lin[name], c, result)
-            inputs = self._run_block(block, inputs, kwargs)
+            if self.dist is not None:
+                inputs = self._forward_dist(i, block, inputs, kwargs)
+            else:
+                inputs = self._run_block(block, inputs, kwargs)
             self.blocks[i].to("cpu")
             if store is not None:
                 store.save_block(i, results, [x.to("cpu") for x in inputs])
@@ -271,6 +291,166 @@ class CalibrationEngine:
             bar.set_postfix(block=i, err=f"{_mean_metric(results, 'err_final'):.3g}")
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _compress_one(self, i: int, j: int, m: nn.Linear, stats: LayerStats) -> CompressedLinear:
+        # a fixed per-layer seed keeps randomized SVDs identical across resumes (and ranks)
+        torch.manual_seed(self.seed * 1_000_003 + i * 1009 + j)
+        tl = time.perf_counter()
+        c = self.compress_fn(m.weight.data.float(), stats, self.spec)
+        c = canonicalize(_to_cpu(c))
+        c.metrics["time_s"] = time.perf_counter() - tl
+        return c
+
+    def _compress_block(
+        self,
+        i: int,
+        block: nn.Module,
+        lin: dict[str, nn.Linear],
+        inputs: list[torch.Tensor],
+        kwargs: list[dict],
+    ) -> dict[str, CompressedLinear]:
+        hooks = {
+            n: _StatsHook(m.in_features, self.device, self.spec.needs_hessian)
+            for n, m in lin.items()
+        }
+        handles = [lin[n].register_forward_hook(h) for n, h in hooks.items()]
+        try:
+            self._run_block(block, inputs, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return {
+            name: self._compress_one(i, j, m, hooks[name].stats())
+            for j, (name, m) in enumerate(lin.items())
+        }
+
+    # -- distributed (slim_lightning.distributed) ---------------------------------------------
+    def _stats_dist(
+        self,
+        i: int,
+        block: nn.Module,
+        lin: dict[str, nn.Linear],
+        inputs: list[torch.Tensor],
+        kwargs: list[dict],
+    ) -> dict[str, _StatsHook]:
+        """Every linear's statistics over all ranks' batches, summed in batch order.
+
+        In round ``t`` rank ``r`` forwards batch ``t * world_size + r``; the owners then broadcast
+        their per-call partial sums in batch order and every rank adds them to zero-initialised
+        accumulators exactly as ``_StatsHook`` does in one process (bit-identical sums).
+        """
+        d, n_b = self.dist, self.n_batches
+        ws, hess, dev = d.world_size, self.spec.needs_hessian, self.device
+        acc = {n: _StatsHook(m.in_features, dev, hess) for n, m in lin.items()}
+        parts = {n: _PartsHook(hess) for n in lin}
+        handles = [lin[n].register_forward_hook(h) for n, h in parts.items()]
+        calls: list[int] | None = None  # hook calls per linear per batch (rank 0's batch 0)
+        try:
+            for t in range((n_b + ws - 1) // ws):
+                err = None
+                try:
+                    if t * ws + d.rank < n_b:
+                        tf = time.perf_counter()
+                        block(inputs[t].to(dev), **kwargs[t])
+                        d.add("forward_s", time.perf_counter() - tf)
+                except Exception as e:  # noqa: BLE001 - agreed, then raised on every rank
+                    err = e
+                tc = time.perf_counter()
+                d.agree(err, f"collecting the statistics of block {i}")
+                if calls is None:
+                    calls = d.broadcast_object([len(parts[n].parts) for n in lin], src=0)
+                for src in range(ws):
+                    if t * ws + src >= n_b:
+                        break
+                    size = sum(
+                        k * (2 * m.in_features + (m.in_features**2 if hess else 0) + 2)
+                        for k, m in zip(calls, lin.values())
+                    )
+                    if src == d.rank:
+                        flat = torch.cat(
+                            [v.reshape(-1) for n in lin for p in parts[n].parts for v in p]
+                        ).to(d.comm_device)
+                        assert flat.numel() == size, "a linear ran a different number of times"
+                    else:
+                        flat = torch.empty(size, dtype=torch.float32, device=d.comm_device)
+                    d.broadcast_(flat, src)
+                    flat, off = flat.to(dev), 0
+                    for k, (n, m) in zip(calls, lin.items()):
+                        di = m.in_features
+                        for _ in range(k):
+                            h = acc[n]
+                            h.sq += flat[off : off + di]
+                            h.ab += flat[off + di : off + 2 * di]
+                            off += 2 * di
+                            if hess:
+                                h.h += flat[off : off + di * di].view(di, di)
+                                off += di * di
+                            h.n += int(flat[off : off + 2].contiguous().view(torch.int64))
+                            off += 2
+                for p in parts.values():
+                    p.parts.clear()
+                d.add("comm_s", time.perf_counter() - tc)
+        finally:
+            for h in handles:
+                h.remove()
+        return acc
+
+    def _compress_block_dist(
+        self,
+        i: int,
+        block: nn.Module,
+        lin: dict[str, nn.Linear],
+        inputs: list[torch.Tensor],
+        kwargs: list[dict],
+    ) -> dict[str, CompressedLinear]:
+        """Statistics of all ranks' batches; each rank compresses its share of the linears
+        (greedy LPT on the previous block's measured seconds, ``d_in * d_out`` for the first)
+        and broadcasts the results; every rank returns all of them in the block's order."""
+        from .distributed import lpt_assign
+
+        d = self.dist
+        acc = self._stats_dist(i, block, lin, inputs, kwargs)
+        names = list(lin)
+        costs = [self._costs.get(n, float(m.in_features * m.out_features)) for n, m in lin.items()]
+        owner = lpt_assign(costs, d.world_size)
+        mine: dict[str, CompressedLinear] = {}
+        err = None
+        try:
+            for j, (name, m) in enumerate(lin.items()):
+                if owner[j] == d.rank:
+                    c = self._compress_one(i, j, m, acc[name].stats())
+                    d.add("compress_s", c.metrics["time_s"])
+                    d.add("linears", 1)
+                    if c.weight_q is not None:  # recomputed from the codes on arrival
+                        c.weight = torch.empty(0)
+                    mine[name] = c
+        except Exception as e:  # noqa: BLE001 - agreed, then raised on every rank
+            err = e
+        del acc
+        tc = time.perf_counter()
+        d.agree(err, f"compressing block {i}")
+        got: dict[str, CompressedLinear] = {}
+        for r in range(d.world_size):
+            if r in owner:
+                got.update(d.broadcast_object(mine if r == d.rank else None, src=r))
+        d.add("comm_s", time.perf_counter() - tc)
+        results = {n: canonicalize(got[n]) for n in names}
+        self._costs = {n: float(c.metrics.get("time_s", 0.0)) or 1e-9 for n, c in results.items()}
+        return results
+
+    def _forward_dist(
+        self, i: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]
+    ) -> list[torch.Tensor]:
+        """This rank's batches through the compressed block: the next block's inputs."""
+        d, err, outs = self.dist, None, inputs
+        tf = time.perf_counter()
+        try:
+            outs = self._run_block(block, inputs, kwargs)
+        except Exception as e:  # noqa: BLE001 - agreed, then raised on every rank
+            err = e
+        d.add("forward_s", time.perf_counter() - tf)
+        d.agree(err, f"running block {i} for the next block's inputs")
+        return outs
 
     def _install(
         self,

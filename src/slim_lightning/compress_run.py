@@ -45,21 +45,58 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     (model config, dimensions, tokenizer, every text; seconds) -> load weights -> dense
     evaluation -> compression -> evaluation -> exports -> ``report.json`` with ``status: done``.
     """
+    from .distributed import init_distributed, shutdown
     from .rundir import run_session
 
     run_dir = Path(run_dir)
     plan = build_plan(cfg)  # every value validated before anything heavy happens
     container = OmegaConf.to_container(cfg, resolve=True)
-    with run_session(run_dir, "compress", config=container) as status:
-        return _run_compress(plan, container, run_dir, status)
+    # several processes (torchrun / srun): slim_lightning.distributed; one process: None
+    ctx = init_distributed(resolve_device(plan.device))
+    try:
+        if ctx is None:
+            with run_session(run_dir, "compress", config=container) as status:
+                return _run_compress(plan, container, run_dir, status)
+        return _run_distributed(ctx, plan, container, run_dir)
+    finally:
+        shutdown(ctx)
+
+
+def _run_distributed(ctx: Any, plan: Any, container: dict, run_dir: Path) -> dict[str, Any]:
+    """``_run_compress`` on every rank: rank zero's run directory (Hydra's timestamped default
+    may differ between ranks), locked and written by rank zero only; no resume state."""
+    from contextlib import ExitStack
+
+    from .distributed import resume_requested
+    from .errors import ConfigError
+    from .rundir import run_session
+
+    if plan.engine.resume:
+        if resume_requested():
+            raise ConfigError(
+                "engine.resume",
+                True,
+                f"false with several processes (world size {ctx.world_size}): the resume "
+                "state is single-process; a distributed run starts from block 0",
+            )
+        log.warning("engine.resume is off with several processes (no resume state is written)")
+    run_dir = Path(ctx.broadcast_object(str(run_dir), src=0))
+    with ExitStack() as stack:
+        err, status = None, None
+        try:
+            status = stack.enter_context(run_session(run_dir, "compress", config=container))
+        except Exception as e:  # noqa: BLE001 - agreed: rank 0 could not take the directory
+            err = e
+        ctx.agree(err, "taking the run directory")
+        return _run_compress(plan, container, run_dir, status, ctx)
 
 
 def _run_compress(
-    plan: Any, container: dict, run_dir: Path, status: dict[str, Any]
+    plan: Any, container: dict, run_dir: Path, status: dict[str, Any], ctx: Any = None
 ) -> dict[str, Any]:
+    from .distributed import agreed
+    from .distributed import perplexity_sharded as perplexity_on
     from .errors import ConfigError
-    from .evaluation import perplexity
-    from .export import write_hf, write_packed, write_report
     from .lightning_module import SLiMModule
     from .pipeline import is_identity
     from .preflight import preflight
@@ -98,11 +135,12 @@ def _run_compress(
         report["eval_windows"] = list(windows.shape)
         if plan.eval_dense:
             with stage(module.timings, "eval_dense"):
-                dense = perplexity(
-                    module.model, windows, device=device, progress=plan.engine.progress
+                dense = perplexity_on(
+                    ctx, module.model, windows, device=device, progress=plan.engine.progress
                 )
             report["ppl_dense"][eval_name] = dense["ppl"]
-    if zs_tasks and plan.eval_dense:
+    main = ctx is None or ctx.is_main  # zero-shot, exports and the report: rank zero only
+    if zs_tasks and plan.eval_dense and main:
         with stage(module.timings, "zero_shot_dense"):
             report["zero_shot_dense"] = _zero_shot(module.model, module.tokenizer, plan, device)
 
@@ -111,9 +149,55 @@ def _run_compress(
         module.setup("validate")
     if windows is not None:
         with stage(module.timings, "eval"):
-            out = perplexity(module.model, windows, device=device, progress=plan.engine.progress)
+            out = perplexity_on(
+                ctx, module.model, windows, device=device, progress=plan.engine.progress
+            )
         report["ppl"][eval_name] = out["ppl"]
     model = module.model.to("cpu")
+    if ctx is not None:
+        report["world_size"] = ctx.world_size
+        report["distributed"] = _shares(ctx, module.timings)
+        if not main:  # waits for rank zero's outputs (an error there is raised here too)
+            ctx.agree(None, "rank 0 wrote the outputs")
+            return report
+    else:
+        report["world_size"] = 1
+    with agreed(ctx, "rank 0 wrote the outputs"):
+        return _finish(plan, module, model, report, run_dir, zs_tasks, device, t_start)
+
+
+def _shares(ctx: Any, timings: dict[str, float]) -> dict[str, Any]:
+    """Each rank's share of the work (linears, seconds, batches), gathered on every rank."""
+    mine = {
+        "rank": ctx.rank,
+        "linears": int(ctx.shares.get("linears", 0)),
+        "batches": int(ctx.shares.get("batches", 0)),
+        "compress_linears_s": round(float(ctx.shares.get("compress_s", 0.0)), 4),
+        "forward_s": round(float(ctx.shares.get("forward_s", 0.0)), 4),
+        "comm_s": round(float(ctx.shares.get("comm_s", 0.0)), 4),
+        "compress_s": round(float(timings.get("compress_s", 0.0)), 4),
+    }
+    return {
+        "world_size": ctx.world_size,
+        "backend": ctx.backend,
+        "resume": False,
+        "ranks": ctx.all_gather_object(mine),
+    }
+
+
+def _finish(
+    plan: Any,
+    module: Any,
+    model: torch.nn.Module,
+    report: dict[str, Any],
+    run_dir: Path,
+    zs_tasks: tuple,
+    device: str,
+    t_start: float,
+) -> dict[str, Any]:
+    """Zero-shot, exports and ``report.json`` (rank zero of a distributed run)."""
+    from .export import write_hf, write_packed, write_report
+
     if zs_tasks:
         with stage(module.timings, "zero_shot"):
             report["zero_shot"] = _zero_shot(model, module.tokenizer, plan, device)
