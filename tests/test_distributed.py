@@ -1,0 +1,181 @@
+"""Distributed compression (``slim_lightning.distributed``): torchrun with 2 CPU processes writes
+the same packed checkpoint as one process; errors on one rank stop every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slim_lightning.distributed import env_world, lpt_assign
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lpt_assign_balances_and_is_deterministic() -> None:
+    costs = [9.0, 1.0, 1.0, 3.0, 3.0, 3.0, 27.0]
+    owner = lpt_assign(costs, 2)
+    assert owner == lpt_assign(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    assert sorted(loads) == [20.0, 27.0]
+    assert lpt_assign([1.0, 1.0], 3) == [0, 1]
+
+
+def test_env_world_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    assert env_world() == (1, 2, 1)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["WORLD_SIZE"] == "2"
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        env_world()
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # an sbatch script's own shell: not a job step
+    assert env_world() is None
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    cmd = ["compress.py", "debug=default"]
+    torchrun = ["torchrun", "--standalone", "--nproc-per-node=2"]
+    pa = subprocess.Popen(
+        [*torchrun, *cmd, f"hydra.run.dir={a}"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pb = subprocess.run(
+        [sys.executable, *cmd, f"hydra.run.dir={b}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out_a = pa.communicate(timeout=300)[0]
+    assert pb.returncode == 0, pb.stderr[-3000:]
+    assert pa.returncode == 0, out_a[-3000:]
+    ta = load_file(a / "packed" / "model.safetensors")
+    tb = load_file(b / "packed" / "model.safetensors")
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ra = json.loads((a / "report.json").read_text())
+    rb = json.loads((b / "report.json").read_text())
+    assert ra["status"] == rb["status"] == "done"
+    assert ra["world_size"] == 2 and rb["world_size"] == 1
+    for name, ppl in rb["ppl"].items():
+        assert abs(ra["ppl"][name] - ppl) <= 1e-6 * ppl
+    ranks = ra["distributed"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    n_linears = len(rb["layers"])
+    assert sum(r["linears"] for r in ranks) == n_linears and all(r["linears"] for r in ranks)
+    assert sum(r["batches"] for r in ranks) == 2  # debug: 8 samples in batches of 4
+    assert not (a / "calib_state").exists()  # no resume state with several processes
+
+
+FAILING = textwrap.dedent(
+    """
+    import os, sys, torch
+    from torch import nn
+    from slim_lightning import distributed
+    from slim_lightning.calibration import CalibrationEngine, capture_block_inputs
+    from slim_lightning.core.types import CompressedLinear, CompressSpec
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        def forward(self, x):
+            return (x + self.fc2(torch.tanh(self.fc1(x))),)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+        def forward(self, input_ids, use_cache=False):
+            h = self.embed(input_ids)
+            for b in self.blocks:
+                h = b(h)[0]
+            return h
+
+    ctx = distributed.init_distributed("cpu")
+    fail_rank = int(sys.argv[1])
+
+    def compress(w, stats, spec):
+        if ctx.rank == fail_rank and torch.initial_seed() % 1009 == 1:  # block 0, fc2
+            raise FloatingPointError("injected failure")
+        return CompressedLinear(weight=w.clone(), metrics={})
+
+    torch.manual_seed(0)
+    model = Toy().eval()
+    ids = torch.randint(0, 20, (6, 4), generator=torch.Generator().manual_seed(1))
+    inputs, kwargs = capture_block_inputs(model, model.blocks[0], ids, 2)
+    try:
+        CalibrationEngine(model.blocks, ("fc1", "fc2"), CompressSpec(), compress,
+                          progress=False).run(inputs, kwargs)
+    finally:
+        distributed.shutdown(ctx)
+    print("finished")
+    """
+)
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path: Path) -> None:
+    """The compressing rank's error is agreed after the block: every rank raises at once."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    env = _env()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env["SLIM_DIST_TIMEOUT_S"] = "60"
+    t0 = time.perf_counter()
+    procs = []
+    for rank in range(2):
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), "1"],
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert time.perf_counter() - t0 < 50, "a rank waited for the group's timeout"
+    assert [p.returncode for p in procs] != [0, 0]
+    assert procs[0].returncode != 0 and procs[1].returncode != 0, outs
+    assert "rank 1 failed while compressing block 0" in outs[0], outs[0][-2000:]
+    assert "FloatingPointError: injected failure" in outs[1], outs[1][-2000:]
