@@ -158,16 +158,21 @@ def compress_model(
     state_dir = None
     if run_dir is not None and plan.engine.resume:
         state_dir = Path(run_dir) / "calib_state"
+    install = (
+        functools.partial(install_slim_linear, adapter_dtype=export_dtype)
+        if packed
+        else merge_install_counted
+    )
+    if block_hook is not None and not keep_layers:  # streaming: hold no dense copies
+        from .streaming import drop_dense_after_install
+
+        install = drop_dense_after_install(install)
     engine = CalibrationEngine(
         blocks,
         tuple(arch.linear_names),
         plan.spec,
         compress_linear,
-        install_fn=(
-            functools.partial(install_slim_linear, adapter_dtype=export_dtype)
-            if packed
-            else merge_install_counted
-        ),
+        install_fn=install,
         device=device,
         state_dir=state_dir,
         fingerprint=plan_fingerprint(

@@ -171,6 +171,28 @@ def _assign(root: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[attr] = t
 
 
+def _drop_storage(mod: nn.Module) -> None:
+    """Replaces ``mod``'s own tensors by meta tensors of the same shapes (frees their storage)."""
+    for store in (mod._parameters, mod._buffers):
+        for k, t in list(store.items()):
+            if t is not None and not t.is_meta:
+                meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                store[k] = nn.Parameter(meta, requires_grad=False) if k in mod._parameters else meta
+
+
+def drop_dense_after_install(install: Any) -> Any:
+    """``install_fn`` that then drops the result's dense weight view (``c.weight``, the
+    dequantised weight ``canonicalize`` computed) when the quantised codes hold it: the resume
+    state saves the codes, and the engine keeps a block's results until the next block."""
+
+    def install_then_drop(block: nn.Module, name: str, linear: nn.Module, c: Any) -> None:
+        install(block, name, linear, c)
+        if c.weight_q is not None and c.weight.numel():
+            c.weight = c.weight.new_empty(0)
+
+    return install_then_drop
+
+
 def _tensor_names(root: nn.Module) -> tuple[list[str], list[str]]:
     """(parameters and persistent buffers, non-persistent buffers) of ``root``, by name."""
     saved, volatile = [n for n, _ in root.named_parameters()], []
@@ -205,6 +227,7 @@ class StreamingSource:
         self.model: nn.Module | None = None
         self.reader: ShardReader | None = None
         self.loaded_blocks: list[int] = []
+        self._dense: dict[str, nn.Module] = {}
 
     # -- skeleton -------------------------------------------------------------------------------
     def build(self) -> nn.Module:
@@ -320,10 +343,17 @@ class StreamingSource:
                     f"{[f'{self.arch.blocks_path}.{i}.{n}' for n in left[:8]]}"
                 )
             self.loaded_blocks.append(i)
+            if stage == "load":
+                self._dense = {n: block.get_submodule(n) for n in self.arch.linear_names}
         elif stage == "done":
-            dense = [n for n in self.arch.linear_names if type(block.get_submodule(n)) is nn.Linear]
-            if dense:  # merged installs (export.packed=false) keep dense weights by design
-                log.debug("streaming: block %d keeps dense linears %s", i, dense)
+            # the replaced dense linears may still be referenced (the engine's locals until its
+            # next block): drop their storage now, before the next block is read
+            for n, old in self._dense.items():
+                if block.get_submodule(n) is not old:
+                    _drop_storage(old)
+                else:  # merged installs (export.packed=false) keep dense weights by design
+                    log.debug("streaming: block %d keeps the dense linear %s", i, n)
+            self._dense = {}
             gc.collect()
         else:
             raise ValueError(f"block_hook: unknown stage {stage!r}")
