@@ -129,7 +129,7 @@ def compress_model(
     keep_layers: bool = False,
     model_digest: str | None = None,
     export_dtype: str = "float32",
-    block_hook: Any = None,
+    stream: Any = None,
 ) -> CalibrationResult:
     """Compresses ``model`` in place with the plan's spec, one decoder block at a time.
 
@@ -142,8 +142,9 @@ def compress_model(
             from ``model``'s tensors when None.
         export_dtype: storage dtype of fp adapters (and of the uncompressed tensors, which the
             caller has already rounded with ``models.round_uncompressed``).
-        block_hook: the engine's per-block hook (``streaming.StreamingSource.block_hook``:
-            each block is read from the checkpoint just before it is compressed).
+        stream: the ``streaming.StreamingSource`` of a meta-device model: the engine's hook reads
+            each block just before it is compressed; the vocabulary tables are freed while the
+            blocks are compressed and read back after them.
     """
     from .arch import get_arch, get_blocks
     from .core.compress import compress_linear
@@ -155,6 +156,8 @@ def compress_model(
         return CalibrationResult()
     device = resolve_device(plan.device)
     inputs, kwargs = capture_block_inputs(model, blocks[0], calib_ids, plan.engine.batch_size)
+    if stream is not None:
+        stream.park()
     state_dir = None
     if run_dir is not None and plan.engine.resume:
         state_dir = Path(run_dir) / "calib_state"
@@ -163,7 +166,7 @@ def compress_model(
         if packed
         else merge_install_counted
     )
-    if block_hook is not None and not keep_layers:  # streaming: hold no dense copies
+    if stream is not None and not keep_layers:  # streaming: hold no dense copies
         from .streaming import drop_dense_after_install
 
         install = drop_dense_after_install(install)
@@ -187,9 +190,12 @@ def compress_model(
         offload_inputs=plan.engine.offload_inputs,
         block_prefix=arch.blocks_path,
         keep_layers=keep_layers,
-        block_hook=block_hook,
+        block_hook=None if stream is None else stream.block_hook,
     )
-    return engine.run(inputs, kwargs)
+    result = engine.run(inputs, kwargs)
+    if stream is not None:
+        stream.restore()
+    return result
 
 
 # -- the one compression path both entry points share ---------------------------------------------
@@ -350,7 +356,7 @@ def load_or_compress(
         packed=plan.export.packed,
         model_digest=base.model_digest,
         export_dtype=base.export_dtype,
-        block_hook=None if base.stream is None else base.stream.block_hook,
+        stream=base.stream,
     )
     emb = getattr(plan, "embeddings", None)
     if emb is not None and emb.bits is not None and not is_identity(plan.spec):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +85,18 @@ class ShardReader:
                 return k
         return None
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` for the model tensor names present in the checkpoint, each read
-        alone (one shard open at a time, closed right after)."""
+    def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields ``(name, tensor)`` for the model tensor names present in the checkpoint, one
+        at a time: each is read alone (its shard opened for it and closed right after, so no
+        mapped shard pages stay resident) and the caller drops it before the next is read."""
         from safetensors import safe_open
 
-        by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for n in names:
             k = self.key(n)
             if k is not None:
-                by_file[self.files[k]].append((n, k))
-        out = {}
-        for fname, pairs in by_file.items():
-            with safe_open(str(self.dir / fname), framework="pt") as f:
-                for n, k in pairs:
-                    out[n] = f.get_tensor(k)
-        return out
+                with safe_open(str(self.dir / self.files[k]), framework="pt") as f:
+                    t = f.get_tensor(k)
+                yield n, t
 
 
 def _checkpoint_dir(cfg: Any, tokenizer: Any) -> Path:
@@ -264,6 +260,28 @@ class StreamingSource:
             raise ValueError(f"streaming: the checkpoint in {self.dir} has no tensors {left[:8]}")
         return _finish(model, self.cfg)
 
+    def _vocab_modules(self) -> list[nn.Module]:
+        model = self.model
+        mods = [model.get_input_embeddings()]
+        if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+            mods.append(model.get_output_embeddings())
+        return mods
+
+    def park(self) -> None:
+        """Frees the input embedding and LM head while the blocks are compressed (only the
+        captured block-0 inputs are needed then); :meth:`restore` reads them back."""
+        for mod in self._vocab_modules():
+            _drop_storage(mod)
+        gc.collect()
+
+    def restore(self) -> None:
+        """Reads back everything outside the blocks that :meth:`park` freed (and re-ties)."""
+        prefix = self.arch.blocks_path + "."
+        model = self.model
+        names = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+        self._materialise(model, names, rounded=True)
+        self._tie(model)
+
     def _tie(self, model: nn.Module) -> None:
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if out_emb is not None and out_emb.weight.is_meta:
@@ -288,23 +306,19 @@ class StreamingSource:
         from .models import DTYPES
 
         base = "" if root is self.model else f"{self.arch.blocks_path}.{self._current}."
-        tensors = self.reader.read([base + n for n in names if n not in skip])
         rdt = DTYPES[self.export_dtype] if self.export_dtype != "float32" else None
-        for n in names:
-            if n in skip:
-                continue
-            t = tensors.pop(base + n, None)
-            if t is None:
-                continue  # a tied LM head (checked by _tie) or a buffer rebuilt by its module
+        for full, t in self.reader.read([base + n for n in names if n not in skip]):
+            n = full[len(base) :]
             if t.is_floating_point():
+                raw = t.dtype
                 t = t.to(self.dtype)
                 if not bool(torch.isfinite(t).all()):
                     bad = int((~torch.isfinite(t)).sum())
                     raise ValueError(
-                        f"model.path={self.cfg.path}: tensor {base + n} {tuple(t.shape)} has "
+                        f"model.path={self.cfg.path}: tensor {full} {tuple(t.shape)} has "
                         f"{bad} NaN/Inf values; the checkpoint is corrupt (nothing was compressed)"
                     )
-                if rounded and rdt is not None:
+                if rounded and rdt is not None and raw != rdt:  # (raw == rdt: exact already)
                     t = t.to(rdt).to(self.dtype)
             _assign(root, n, t)
 
