@@ -167,3 +167,9 @@ def test_tied_opt_checkpoint_streams_identically(tmp_path):
     a = load_file(tmp_path / "run_False" / "packed" / "model.safetensors")
     b = load_file(tmp_path / "run_True" / "packed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_tiny_model_cannot_stream(tmp_path):
+    cfg = make_cfg(["engine.streaming=true", "eval_dense=false"])
+    with pytest.raises(ConfigError, match="engine.streaming"):
+        run_compress(cfg, tmp_path / "run")

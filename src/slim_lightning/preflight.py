@@ -129,6 +129,10 @@ def preflight(
         if isinstance(config, PretrainedConfig):
             arch = _arch_of(config, plan.model.arch, get_arch)
             check_dims(plan.spec, linear_shapes(config, arch), plan.model.name)
+        if compress and getattr(plan.engine, "streaming", False):
+            from .streaming import check_streamable
+
+            check_streamable(plan.model)  # safetensors shards to read blocks from
     prepared.config = config
     check_seqlens(plan, config, data)
     if ckpt_path is not None and ckpt_path != "last":
