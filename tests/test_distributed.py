@@ -179,3 +179,28 @@ def test_a_failing_rank_stops_every_rank(tmp_path: Path) -> None:
     assert procs[0].returncode != 0 and procs[1].returncode != 0, outs
     assert "rank 1 failed while compressing block 0" in outs[0], outs[0][-2000:]
     assert "FloatingPointError: injected failure" in outs[1], outs[1][-2000:]
+
+
+def test_a_rank_follows_rank_zeros_run_dir(tmp_path: Path) -> None:
+    """A rank whose Hydra run directory (timestamp) differs moves its log to rank zero's."""
+    import logging
+
+    from slim_lightning.distributed import follow_run_dir
+
+    local, run_dir = tmp_path / "12-00-01", tmp_path / "12-00-00"
+    local.mkdir()
+    run_dir.mkdir()
+    logger = logging.getLogger("slim_test_follow")
+    logger.setLevel(logging.INFO)
+    h = logging.FileHandler(local / "compress.log")
+    logger.addHandler(h)
+    try:
+        logger.info("before")
+        follow_run_dir(local, run_dir)
+        logger.info("after")
+        assert not local.exists()
+        assert (run_dir / "compress.log").read_text().split() == ["before", "after"]
+    finally:
+        for x in list(logger.handlers):
+            logger.removeHandler(x)
+            x.close()

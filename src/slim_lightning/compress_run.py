@@ -67,7 +67,7 @@ def _run_distributed(ctx: Any, plan: Any, container: dict, run_dir: Path) -> dic
     may differ between ranks), locked and written by rank zero only; no resume state."""
     from contextlib import ExitStack
 
-    from .distributed import resume_requested
+    from .distributed import follow_run_dir, resume_requested
     from .errors import ConfigError
     from .rundir import run_session
 
@@ -80,7 +80,9 @@ def _run_distributed(ctx: Any, plan: Any, container: dict, run_dir: Path) -> dic
                 "state is single-process; a distributed run starts from block 0",
             )
         log.warning("engine.resume is off with several processes (no resume state is written)")
-    run_dir = Path(ctx.broadcast_object(str(run_dir), src=0))
+    local, run_dir = run_dir, Path(ctx.broadcast_object(str(run_dir), src=0))
+    if not ctx.is_main:
+        follow_run_dir(local, run_dir)
     with ExitStack() as stack:
         err, status = None, None
         try:

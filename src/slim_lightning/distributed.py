@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,6 +181,34 @@ def resume_requested() -> bool:
         if key == "engine.resume" and value.strip().lower() in ("true", "1", "yes", "on"):
             return True
     return False
+
+
+def follow_run_dir(local: Path, run_dir: Path) -> None:
+    """A non-zero rank whose own (Hydra, timestamped) run directory differs from rank zero's:
+    its log files move to rank zero's directory and its own directory goes if left empty."""
+    import logging as logging_
+
+    if local.resolve() == run_dir.resolve():
+        return
+    for logger in [logging_.getLogger(), *logging_.Logger.manager.loggerDict.values()]:
+        for h in list(getattr(logger, "handlers", [])):
+            path = Path(getattr(h, "baseFilename", ""))
+            if isinstance(h, logging_.FileHandler) and path.parent == local.resolve():
+                logger.removeHandler(h)
+                h.close()
+                target = run_dir / path.name
+                if path.is_file():  # what this rank logged so far
+                    with open(target, "a") as f:
+                        f.write(path.read_text())
+                    path.unlink()
+                new = logging_.FileHandler(target, mode="a")
+                new.setLevel(h.level)
+                new.setFormatter(h.formatter)
+                logger.addHandler(new)
+    try:
+        local.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def current() -> DistContext | None:
