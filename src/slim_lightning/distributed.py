@@ -18,8 +18,12 @@ writes the same packed checkpoint as one process:
 
 Errors inside a rank's own work (forwards, compression, evaluation, rank zero's exports) are
 agreed at fixed points (:meth:`DistContext.agree`): every rank then raises. Anything else ends
-that process; ``torchrun``'s agent then stops the others, and the process group's timeout
-(``SLIM_DIST_TIMEOUT_S``, default 1800 s) bounds every other wait.
+that process: with gloo the others' pending collective fails at once ("Connection closed by
+peer", measured ~1 s) and ``torchrun``'s agent stops the rest (SIGTERM); the process group's
+timeout (``SLIM_DIST_TIMEOUT_S``, default 1800 s) bounds every other wait (a hung rank).
+
+Resume state (``engine.resume``) is single-process: with several processes the default ``true``
+is turned off with a warning, and ``engine.resume=true`` given on the command line is refused.
 """
 
 from __future__ import annotations
