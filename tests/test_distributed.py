@@ -204,3 +204,18 @@ def test_a_rank_follows_rank_zeros_run_dir(tmp_path: Path) -> None:
         for x in list(logger.handlers):
             logger.removeHandler(x)
             x.close()
+
+
+def test_explicit_resume_is_refused_with_several_processes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from slim_lightning import compress_run, distributed
+    from slim_lightning.errors import ConfigError
+
+    ctx = SimpleNamespace(world_size=2, rank=0, is_main=True)
+    plan = SimpleNamespace(engine=SimpleNamespace(resume=True))
+    monkeypatch.setattr(distributed, "resume_requested", lambda: True)
+    with pytest.raises(ConfigError, match="engine.resume.*several processes"):
+        compress_run._run_distributed(ctx, plan, {}, tmp_path)
