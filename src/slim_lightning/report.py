@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,64 +69,70 @@ def _hwm_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _reset_hwm() -> bool:
-    try:  # Linux: "5" resets the peak-RSS watermark to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _rss_kib() -> int:
+    """Current RSS (KiB) from /proc/self/statm; 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class StageMemory:
     """Peak host RSS and peak device allocation per stage of a run (``report.json["memory"]``).
 
     ``with stage(timings, "compress"):`` records the stage's seconds into ``timings`` and its
-    peaks here. Each stage starts by resetting the peak watermarks (``/proc/self/clear_refs``;
-    ``torch.cuda.reset_peak_memory_stats``), so the numbers are the stage's own peaks, not the
-    run's so far; nested stages fold their peaks into the enclosing ones, and the whole-run peak
-    is kept separately (the reset also lowers ``ru_maxrss``). Where the watermark cannot be
-    reset, a stage reports the peak so far (``host_resettable: false``).
+    peaks here. The process-wide peak watermark is never reset (``/usr/bin/time`` and
+    ``ru_maxrss`` stay exact): a stage's host peak is the watermark when the stage raised it
+    (exact), otherwise the highest RSS a sampling thread saw during the stage (every
+    ``interval`` seconds). The device peak is ``torch.cuda.max_memory_allocated`` after
+    ``reset_peak_memory_stats`` at the stage's start. Nested stages fold into enclosing ones.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.02) -> None:
         self.stages: dict[str, dict[str, float | None]] = {}
-        self.run_peak_kib = 0
-        self.run_peak_cuda = 0
-        self._open: list[list] = []  # [name, host peak KiB, device peak bytes]
-        self.resettable = True
+        self.interval = interval
+        self._open: list[list] = []  # [name, host peak KiB, device peak bytes, hwm at start]
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
-    def _fold(self) -> None:
-        kib = _hwm_kib()
+    def _sample(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            kib = _rss_kib()
+            with self._lock:
+                for entry in self._open:
+                    entry[1] = max(entry[1], kib)
+
+    def begin(self, name: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sample, daemon=True, name="slim-mem")
+            self._thread.start()
         cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-        self.run_peak_kib = max(self.run_peak_kib, kib)
-        self.run_peak_cuda = max(self.run_peak_cuda, cuda)
-        for entry in self._open:
-            entry[1] = max(entry[1], kib)
-            entry[2] = max(entry[2], cuda)
-
-    def _reset(self) -> None:
-        self.resettable = _reset_hwm() and self.resettable
+        with self._lock:
+            for entry in self._open:  # the enclosing stages keep what they saw so far
+                entry[2] = max(entry[2], cuda)
+            self._open.append([name, _rss_kib(), 0, _hwm_kib()])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
-    def begin(self, name: str) -> None:
-        self._fold()
-        self._reset()
-        self._open.append([name, 0, 0])
-        self._fold()
-
     def end(self) -> None:
-        self._fold()
-        name, kib, cuda = self._open.pop()
+        hwm, rss = _hwm_kib(), _rss_kib()
+        cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        with self._lock:
+            name, kib, dev, hwm0 = self._open.pop()
+            kib = max(kib, rss, hwm if hwm > hwm0 else 0)
+            dev = max(dev, cuda)
+            for entry in self._open:
+                entry[1] = max(entry[1], kib)
+                entry[2] = max(entry[2], dev)
         self.stages[name] = {
             "host_peak_gib": kib / 2**20,
-            "device_peak_gib": cuda / 2**30 if torch.cuda.is_available() else None,
+            "device_peak_gib": dev / 2**30 if torch.cuda.is_available() else None,
         }
 
     def peak_rss_kib(self) -> int:
-        self._fold()
-        return max(self.run_peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return max(_hwm_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 MEMORY = StageMemory()
@@ -147,10 +155,10 @@ def peak_memory() -> dict[str, Any]:
     the per-stage peaks recorded by ``stage``."""
     out: dict[str, Any] = {"peak_rss_gib": MEMORY.peak_rss_kib() / 2**20}
     if torch.cuda.is_available():
-        out["peak_cuda_gib"] = max(MEMORY.run_peak_cuda, torch.cuda.max_memory_allocated()) / 2**30
+        stage_peaks = [v["device_peak_gib"] or 0.0 for v in MEMORY.stages.values()]
+        out["peak_cuda_gib"] = max([torch.cuda.max_memory_allocated() / 2**30, *stage_peaks])
     if MEMORY.stages:
         out["stages"] = dict(MEMORY.stages)
-        out["host_resettable"] = MEMORY.resettable
     return out
 
 
