@@ -131,6 +131,8 @@ def _run_compress(
         "ppl_dense": {},
     }
     windows = prepared.eval_windows
+    if getattr(plan.engine, "streaming", False):
+        report["ppl_dense_skipped"] = "engine.streaming: the dense model is never held whole"
     zs_tasks = tuple(getattr(plan.eval, "zero_shot", ()) or ()) if plan.eval is not None else ()
     # one perplexity loop (evaluation.perplexity) for the dense and the compressed model
     if windows is not None:
