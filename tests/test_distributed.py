@@ -43,8 +43,12 @@ def test_lpt_assign_balances_and_is_deterministic() -> None:
 
 
 def test_env_world_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # env_world() sets these for the env:// rendezvous; set-then-delete makes monkeypatch record
+    # them, so they are removed again after the test (delenv of an absent key records nothing,
+    # and a leaked WORLD_SIZE would make every later in-process run wait for a second rank)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     monkeypatch.setenv("SLURM_LOCALID", "1")
