@@ -17,7 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import build_plan, resolve_device
 from .evaluation import eval_loader, make_eval_windows
-from .report import linear_sizes, package_versions, plot_layers, stage, summarize_layers
+from .report import (
+    linear_sizes,
+    package_versions,
+    plot_layers,
+    reset_stages,
+    stage,
+    summarize_layers,
+)
 
 __all__ = ["eval_loader", "linear_sizes", "make_eval_windows", "run_compress"]
 
@@ -104,6 +111,7 @@ def _run_compress(
     from .preflight import preflight
 
     t_start = time.perf_counter()
+    reset_stages()  # per-stage memory of this run only
     if plan.export.servable and is_identity(plan.spec):
         raise ConfigError(
             "export.servable", True, "false for an identity (uncompressed) method: nothing to serve"

@@ -131,11 +131,21 @@ class StageMemory:
             "device_peak_gib": dev / 2**30 if torch.cuda.is_available() else None,
         }
 
+    def reset(self) -> None:
+        """Forgets the stages of an earlier run in this process (a new run starts)."""
+        with self._lock:
+            self.stages = {}
+
     def peak_rss_kib(self) -> int:
         return max(_hwm_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 MEMORY = StageMemory()
+
+
+def reset_stages() -> None:
+    """A new run starts: forget per-stage memory recorded earlier in this process."""
+    MEMORY.reset()
 
 
 @contextmanager

@@ -244,7 +244,8 @@ class StreamingSource:
         self.arch = get_arch(model, self.cfg.arch)
         self.blocks = get_blocks(model, self.arch)
         self.reader = ShardReader(
-            self.dir, getattr(model, "base_model_prefix", "model") or "model",
+            self.dir,
+            getattr(model, "base_model_prefix", "model") or "model",
             what=f"model.path={self.cfg.path}",
         )
         prefix = self.arch.blocks_path + "."
@@ -338,8 +339,7 @@ class StreamingSource:
             skip = linears if stage == "resume" else set()
             # linear weights stay in model.dtype unrounded (they are compressed); the rest is
             # rounded like round_uncompressed does
-            self._materialise(block, [n for n in saved if n in linears], rounded=False,
-                              skip=skip)
+            self._materialise(block, [n for n in saved if n in linears], rounded=False, skip=skip)
             self._materialise(block, [n for n in saved if n not in linears], rounded=True)
             for n in volatile:
                 self._rebuild_module(block, n.rpartition(".")[0])

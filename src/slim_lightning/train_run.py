@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .evaluation import indexed_eval_loader as eval_loader
-from .report import linear_sizes, package_versions, stage
+from .report import linear_sizes, package_versions, reset_stages, stage
 from .train_config import LoggerConfig, build_train_plan, logger_class, resolved_offline
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def _run_train(
     from .preflight import preflight
 
     t_start = time.perf_counter()
+    reset_stages()  # per-stage memory of this run only
     plan = tp.plan
     prepared = preflight(
         plan,
