@@ -242,7 +242,6 @@ def load_compressed(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import get_arch
-    from .formats import check_values
     from .modules import SLiMLinear
     from .runtime import set_backend
 
@@ -317,21 +316,7 @@ def load_compressed(
     for k, t in sd.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{weights}: tensor {k} has NaN/Inf values")
-    for name, mod in model.named_modules():
-        if isinstance(mod, SLiMLinear):
-            if mod.rank and mod.adapter_bits is not None and mod.lora_l.is_meta:
-                mod.rebuild_adapter_params()  # fp32 masters from the stored 4-bit codes
-            for label, pw in (
-                ("weight", mod.packed_weight()),
-                ("adapter_l", mod.packed_adapter("l")),
-                ("adapter_r", mod.packed_adapter("r")),
-            ):
-                if pw is None:
-                    continue
-                try:
-                    check_values(pw)
-                except ValueError as e:
-                    raise CheckpointError(f"{weights}: {name}.{label}: {e}") from None
+    restore_packed(model, f"{weights}: ")
     _materialise_buffers(model, get_arch(model), device)
     model.to(device)
     set_backend(model, backend)  # type: ignore[arg-type]
@@ -380,6 +365,33 @@ def install_layers(model: nn.Module, layers: dict[str, dict], where: str) -> Non
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{at}: {type(e).__name__}: {e}") from None
         model.set_submodule(name, new)
+
+
+def restore_packed(model: nn.Module, where: str, *, rebuild_all: bool = False) -> None:
+    """Rebuilds 4-bit adapters' fp32 parameters from their stored codes (bit-exact; those left on
+    the meta device, or all with ``rebuild_all``) and range-checks every packed tensor of every
+    ``SLiMLinear``; errors are ``CheckpointError`` prefixed with ``where``. Shared by
+    ``load_compressed`` and the transformers quantizer."""
+    from .formats import check_values
+    from .modules import SLiMLinear
+
+    for name, mod in model.named_modules():
+        if not isinstance(mod, SLiMLinear):
+            continue
+        if mod.rank and mod.adapter_bits is not None and (rebuild_all or mod.lora_l.is_meta):
+            device = mod.packed_weight().tensors["values"].device
+            mod.rebuild_adapter_params()
+            mod.to(device)
+        for label, pw in (
+            ("weight", mod.packed_weight()),
+            ("adapter_l", mod.packed_adapter("l")),
+            ("adapter_r", mod.packed_adapter("r")),
+        ):
+            if pw is not None:
+                try:
+                    check_values(pw)
+                except ValueError as e:
+                    raise CheckpointError(f"{where}{name}.{label}: {e}") from None
 
 
 def retie(model: nn.Module, tied_to: dict[str, str | None], sd: dict[str, torch.Tensor]) -> None:

@@ -113,6 +113,12 @@ def _head_meta(pw: PackedWeight, has_bias: bool) -> dict:
     }
 
 
+def _rel_err(pw: PackedWeight, w: torch.Tensor) -> float:
+    """Relative Frobenius error of the dequantised table against ``w``."""
+    w = w.detach().float()
+    return float((pw.to_dense() - w).norm() / w.norm().clamp_min(1e-30))
+
+
 @torch.no_grad()
 def quantize_embeddings(model: nn.Module, bits: int, group_size: int, packed: bool = True) -> dict:
     """Replaces the input embedding and the LM head by packed ``bits``-bit versions (in place);
@@ -132,16 +138,14 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int, packed: bo
     tied = head is not None and getattr(head, "weight", None) is emb.weight
     w = emb.weight.detach()
     pw = pack_absmax(w, bits, group_size)
-    err = float((pw.to_dense() - w.float()).norm() / w.float().norm().clamp_min(1e-30))
+    err = _rel_err(pw, w)
     if not packed:
         report = {"bits": bits, "group_size": group_size, "tied": tied, "packed": False}
         report["embedding_rel_err"] = report["head_rel_err"] = err
         emb.weight.copy_(pw.to_dense())
         if isinstance(head, nn.Linear) and not tied:
             hpw = pack_absmax(head.weight, bits, group_size)
-            report["head_rel_err"] = float(
-                (hpw.to_dense() - head.weight.float()).norm() / head.weight.float().norm()
-            )
+            report["head_rel_err"] = _rel_err(hpw, head.weight)
             head.weight.copy_(hpw.to_dense())
         return report
     new_emb = PackedEmbedding.from_packed(pw, emb.padding_idx, w.dtype)
@@ -161,9 +165,7 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int, packed: bo
             model.config.tie_word_embeddings = False  # tied here, by shared buffers
             report["head_rel_err"] = err
         else:
-            report["head_rel_err"] = float(
-                (hpw.to_dense() - hw.float()).norm() / hw.float().norm().clamp_min(1e-30)
-            )
+            report["head_rel_err"] = _rel_err(hpw, hw)
     return report
 
 

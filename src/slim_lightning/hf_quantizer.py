@@ -137,33 +137,20 @@ def register() -> bool:
 
 def finish_loading(model: Any, backend: str = "auto") -> None:
     """After the packed tensors are in place: rebuild 4-bit adapters' fp32 parameters from their
-    codes, range-check every packed tensor, pick the backend."""
+    codes and range-check every packed tensor (``checkpoint.restore_packed``; transformers has
+    initialised the unstored parameters, so all are rebuilt), check biases, pick the backend."""
     import torch
 
+    from .checkpoint import restore_packed
     from .checkpoint_checks import CheckpointError
-    from .formats import check_values
     from .modules import SLiMLinear
     from .runtime import set_backend
 
+    restore_packed(model, "", rebuild_all=True)
     for name, mod in model.named_modules():
-        if not isinstance(mod, SLiMLinear):
-            continue
-        if mod.rank and mod.adapter_bits is not None:
-            device = mod.packed_weight().tensors["values"].device
-            mod.rebuild_adapter_params()
-            mod.to(device)
-        for label, pw in (
-            ("weight", mod.packed_weight()),
-            ("adapter_l", mod.packed_adapter("l")),
-            ("adapter_r", mod.packed_adapter("r")),
-        ):
-            if pw is not None:
-                try:
-                    check_values(pw)
-                except ValueError as e:
-                    raise CheckpointError(f"{name}.{label}: {e}") from None
-        if mod.bias is not None and not bool(torch.isfinite(mod.bias).all()):
-            raise CheckpointError(f"{name}.bias has NaN/Inf values")
+        if isinstance(mod, SLiMLinear) and mod.bias is not None:
+            if not bool(torch.isfinite(mod.bias).all()):
+                raise CheckpointError(f"{name}.bias has NaN/Inf values")
     set_backend(model, backend)  # type: ignore[arg-type]
 
 
