@@ -54,6 +54,7 @@ class CalibrationResult:
     discarded_state: str | None = None
     fingerprint: str = ""
     seconds: float = 0.0
+    embeddings: dict[str, Any] | None = None  # quantize_embeddings' report (embeddings.bits)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -190,6 +191,7 @@ class CalibrationEngine:
         keep_layers: bool = False,
         block_hook: Callable[[int, nn.Module, str], None] | None = None,
         dist: Any = None,
+        offload_blocks: bool = False,
     ):
         self.blocks, self.linear_names, self.spec = blocks, linear_names, spec
         self.compress_fn, self.install_fn = compress_fn, install_fn
@@ -201,6 +203,11 @@ class CalibrationEngine:
         # streaming (slim_lightning.streaming): called with stage "resume" / "load" before a
         # block is re-installed / processed (materialises it) and "done" after it is committed
         self.block_hook = block_hook
+        # streaming with a resume state: a finished block is dropped from memory once committed
+        # (hook stage "offload"; the state holds it) and re-installed by reinstall_offloaded()
+        self.offload_blocks = offload_blocks and block_hook is not None
+        self.offloaded: list[int] = []
+        self._store: BlockStore | None = None
         # distributed (slim_lightning.distributed.DistContext; default: the active one, set by
         # compress_run under torchrun/srun): run() keeps this rank's batches (b % world_size ==
         # rank), exchanges statistics, spreads the linears over ranks; no resume state
@@ -247,13 +254,16 @@ class CalibrationEngine:
             inputs, kwargs = [inputs[b] for b in mine], [kwargs[b] for b in mine]
             self.dist.shares["batches"] = len(mine)
         kwargs = [to_device(kw, self.device) for kw in kwargs]
+        self._store = store
+        offload = self.offload_blocks and store is not None
         for i in range(start):  # re-install finished blocks from their saved state
-            block = self.blocks[i]
-            if self.block_hook is not None:
-                self.block_hook(i, block, "resume")
-            lin = self._linears(block)
-            for name, c in store.load_block(i).items():
-                self._install(i, block, name, lin[name], c, result)
+            if offload:  # stays on disk until reinstall_offloaded()
+                self.offloaded.append(i)
+                lin = self._linears(self.blocks[i])  # meta modules: shapes only
+                for name, c in store.load_block(i).items():
+                    self._record(i, name, lin[name], c, result)
+                continue
+            self._reinstall(i, result)
         if start > 0 and start < len(self.blocks):
             inputs = store.load_inputs(start)
         result.resumed_blocks = start
@@ -275,10 +285,19 @@ class CalibrationEngine:
             lin = self._linears(block)
             if self.dist is not None:  # statistics exchanged, linears spread over ranks
                 results = self._compress_block_dist(i, block, lin, inputs, kwargs)
-            else:
-                results = self._compress_block(i, block, lin, inputs, kwargs)
-            for name, c in results.items():
-                self._install(i, block, name, lin[name], c, result)
+                for name, c in results.items():
+                    self._install(i, block, name, lin[name], c, result)
+            else:  # each linear installed as soon as it is compressed (its dense weight can go)
+                results = self._compress_block(
+                    i,
+                    block,
+                    lin,
+                    inputs,
+                    kwargs,
+                    lambda n, c, i=i, block=block, lin=lin: self._install(
+                        i, block, n, lin[n], c, result
+                    ),
+                )
             if self.dist is not None:
                 inputs = self._forward_dist(i, block, inputs, kwargs)
             else:
@@ -289,8 +308,28 @@ class CalibrationEngine:
             if self.block_hook is not None:
                 self.block_hook(i, self.blocks[i], "done")
             bar.set_postfix(block=i, err=f"{_mean_metric(results, 'err_final'):.3g}")
+            del results, lin, block  # nothing of this block is held while the next one is read
+            if offload:
+                self.block_hook(i, self.blocks[i], "offload")
+                self.offloaded.append(i)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _reinstall(self, i: int, result: CalibrationResult | None) -> None:
+        """Installs block ``i``'s compressed linears from the resume state."""
+        block = self.blocks[i]
+        if self.block_hook is not None:
+            self.block_hook(i, block, "resume")
+        lin = self._linears(block)
+        for name, c in self._store.load_block(i).items():
+            self._install(i, block, name, lin[name], c, result)
+
+    def reinstall_offloaded(self) -> None:
+        """Re-installs the blocks ``run`` offloaded (``offload_blocks``), one at a time, from the
+        resume state: afterwards the model is whole again (packed)."""
+        for i in self.offloaded:
+            self._reinstall(i, None)
+        self.offloaded = []
 
     def _compress_one(self, i: int, j: int, m: nn.Linear, stats: LayerStats) -> CompressedLinear:
         # a fixed per-layer seed keeps randomized SVDs identical across resumes (and ranks)
@@ -308,6 +347,7 @@ class CalibrationEngine:
         lin: dict[str, nn.Linear],
         inputs: list[torch.Tensor],
         kwargs: list[dict],
+        install: Callable[[str, CompressedLinear], None],
     ) -> dict[str, CompressedLinear]:
         hooks = {
             n: _StatsHook(m.in_features, self.device, self.spec.needs_hessian)
@@ -319,10 +359,11 @@ class CalibrationEngine:
         finally:
             for h in handles:
                 h.remove()
-        return {
-            name: self._compress_one(i, j, m, hooks[name].stats())
-            for j, (name, m) in enumerate(lin.items())
-        }
+        results = {}
+        for j, (name, m) in enumerate(lin.items()):
+            results[name] = c = self._compress_one(i, j, m, hooks.pop(name).stats())
+            install(name, c)
+        return results
 
     # -- distributed (slim_lightning.distributed) ---------------------------------------------
     def _stats_dist(
@@ -459,12 +500,18 @@ class CalibrationEngine:
         name: str,
         linear: nn.Linear,
         c: CompressedLinear,
-        result: CalibrationResult,
+        result: CalibrationResult | None,
     ) -> None:
-        full = f"{self.block_prefix}.{i}.{name}"
         on_dev = _to_dev(c, linear.weight.device)
         self.install_fn(block, name, linear, on_dev)
         c.metrics.update(on_dev.metrics)  # install may add metrics (packed bits per weight)
+        if result is not None:  # (None: re-installed after an offload, recorded before)
+            self._record(i, name, linear, c, result)
+
+    def _record(
+        self, i: int, name: str, linear: nn.Module, c: CompressedLinear, result: CalibrationResult
+    ) -> None:
+        full = f"{self.block_prefix}.{i}.{name}"
         if self.keep_layers:
             result.layers[full] = c
         result.reports.append(

@@ -37,6 +37,10 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
+# weights with more values than this are dequantised in blocks of rows in the forward
+DEQUANT_STEP = 1 << 24  # 16 Mi values: 64 MiB in fp32
+
+
 class _PackedBaseMatmul(torch.autograd.Function):
     """``y = x (Q(W)*M)^T`` for a frozen packed weight: nothing dense is saved for the backward.
 
@@ -50,7 +54,20 @@ class _PackedBaseMatmul(torch.autograd.Function):
         ctx.mod = mod
         if base_fn is not None:
             return base_fn(mod, x)
-        return nn.functional.linear(x, mod.dense_weight().to(x.dtype))
+        pw = mod.packed_weight()
+        rows, cols = pw.shape
+        if rows * cols <= DEQUANT_STEP or pw.format not in ("dense", "nm"):
+            return nn.functional.linear(x, pw.to_dense().to(x.dtype))
+        # a large weight (an LM head): dequantised a block of output rows at a time, so the
+        # dense work copy stays ~DEQUANT_STEP values instead of the whole matrix
+        step = max(1, DEQUANT_STEP // cols)
+        return torch.cat(
+            [
+                nn.functional.linear(x, pw.row_block(s, min(s + step, rows)).to_dense().to(x.dtype))
+                for s in range(0, rows, step)
+            ],
+            dim=-1,
+        )
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -170,6 +170,7 @@ def compress_model(
         from .streaming import drop_dense_after_install
 
         install = drop_dense_after_install(install)
+        stream.low_precision_linears = packed  # (merged installs write model.dtype weights)
     engine = CalibrationEngine(
         blocks,
         tuple(arch.linear_names),
@@ -191,10 +192,28 @@ def compress_model(
         block_prefix=arch.blocks_path,
         keep_layers=keep_layers,
         block_hook=None if stream is None else stream.block_hook,
+        offload_blocks=stream is not None and not keep_layers,
     )
     result = engine.run(inputs, kwargs)
+    del inputs, kwargs
     if stream is not None:
-        stream.restore()
+        stream.restore()  # the vocabulary tables (16-bit where exact)
+        if not packed:
+            stream.upcast_vocab()
+    emb = getattr(plan, "embeddings", None)
+    if emb is not None and emb.bits is not None:
+        from .embeddings import quantize_embeddings
+
+        result.embeddings = quantize_embeddings(
+            model,
+            emb.bits,
+            emb.group_size,
+            packed=packed,
+            dtype=None if stream is None else stream.dtype,
+        )
+    if stream is not None:
+        stream.upcast_vocab()  # tables left unquantised: model.dtype, as a normal load holds
+        engine.reinstall_offloaded()  # the packed blocks, back from the resume state
     return result
 
 
@@ -358,13 +377,7 @@ def load_or_compress(
         export_dtype=base.export_dtype,
         stream=base.stream,
     )
-    emb = getattr(plan, "embeddings", None)
-    if emb is not None and emb.bits is not None and not is_identity(plan.spec):
-        from .embeddings import quantize_embeddings
-
-        base.embeddings = quantize_embeddings(
-            base.model, emb.bits, emb.group_size, packed=plan.export.packed
-        )
+    base.embeddings = base.calib_result.embeddings
     base.timings["compress_s"] = time.perf_counter() - t0
     base.compressed = True
     return base

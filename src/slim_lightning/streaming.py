@@ -177,16 +177,46 @@ def _drop_storage(mod: nn.Module) -> None:
 
 
 def drop_dense_after_install(install: Any) -> Any:
-    """``install_fn`` that then drops the result's dense weight view (``c.weight``, the
-    dequantised weight ``canonicalize`` computed) when the quantised codes hold it: the resume
-    state saves the codes, and the engine keeps a block's results until the next block."""
+    """``install_fn`` that then frees what is dense of the linear it replaced: the replaced
+    module's weight (when the install swapped the module, i.e. packed installs) and the result's
+    dense weight view (``c.weight``, the dequantised weight ``canonicalize`` computed) when the
+    quantised codes hold it (the resume state saves the codes; the engine keeps a block's
+    results until the block is committed)."""
 
     def install_then_drop(block: nn.Module, name: str, linear: nn.Module, c: Any) -> None:
         install(block, name, linear, c)
         if c.weight_q is not None and c.weight.numel():
             c.weight = c.weight.new_empty(0)
+        if block.get_submodule(name) is not linear:
+            _drop_storage(linear)
 
     return install_then_drop
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _upcast_weight(dtype: torch.dtype) -> tuple[Any, Any]:
+    """Forward pre/post hooks that let a linear stored in 16 bits compute in ``dtype``: the
+    weight is widened for the call (exactly: every 16-bit value is a ``dtype`` value) and the
+    16-bit parameter put back after it, so only one layer's wide copy exists at a time."""
+
+    def pre(mod: nn.Module, _args: tuple) -> None:
+        low = mod._parameters["weight"]
+        mod.__dict__["_slim_low_weight"] = low  # (plain attribute: not a registered parameter)
+        mod._parameters["weight"] = nn.Parameter(low.detach().to(dtype), requires_grad=False)
+
+    def post(mod: nn.Module, _args: tuple, _out: Any) -> None:
+        mod._parameters["weight"] = mod.__dict__.pop("_slim_low_weight")
+
+    return pre, post
+
+
+def _upcast_output(dtype: torch.dtype) -> Any:
+    def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out.to(dtype)
+
+    return hook
 
 
 def _tensor_names(root: nn.Module) -> tuple[list[str], list[str]]:
@@ -224,6 +254,10 @@ class StreamingSource:
         self.reader: ShardReader | None = None
         self.loaded_blocks: list[int] = []
         self._dense: dict[str, nn.Module] = {}
+        # keep 16-bit checkpoint tensors in 16 bits where that is exact (a wider model.dtype
+        # holds the same values): block linears when they are packed (set by compress_model)
+        # and the vocabulary tables; they compute in model.dtype through upcast hooks
+        self.low_precision_linears = False
 
     # -- skeleton -------------------------------------------------------------------------------
     def build(self) -> nn.Module:
@@ -251,7 +285,7 @@ class StreamingSource:
         prefix = self.arch.blocks_path + "."
         saved, volatile = _tensor_names(model)
         outside = [n for n in saved if not n.startswith(prefix)]
-        self._materialise(model, outside, rounded=True)
+        self._materialise(model, outside, rounded=True, low=self._vocab_names())
         self._tie(model)
         for n in volatile:  # non-persistent buffers (rotary inv_freq): rebuilt by their module
             if not n.startswith(prefix):
@@ -280,8 +314,43 @@ class StreamingSource:
         prefix = self.arch.blocks_path + "."
         model = self.model
         names = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
-        self._materialise(model, names, rounded=True)
+        self._materialise(model, names, rounded=True, low=self._vocab_names())
         self._tie(model)
+
+    def _vocab_names(self) -> set[str]:
+        mods = {id(m) for m in self._vocab_modules()}
+        return {n for n, m in self.model.named_modules() if id(m) in mods}
+
+    def upcast_vocab(self) -> None:
+        """Widens 16-bit vocabulary tables to ``model.dtype`` (what a non-streaming load holds)
+        and removes their upcast hooks; a no-op for tables already replaced (quantised)."""
+        wide: dict[int, nn.Parameter] = {}  # a tied table is widened once, shared again
+        for mod in self._vocab_modules():
+            w = getattr(mod, "weight", None)  # (quantised modules have packed buffers instead)
+            if isinstance(w, torch.Tensor) and w.dtype in _LOW and w.dtype != self.dtype:
+                if id(w) not in wide:
+                    wide[id(w)] = nn.Parameter(w.detach().to(self.dtype), w.requires_grad)
+                mod.weight = wide[id(w)]
+            for h in mod.__dict__.pop("_slim_upcast_hooks", []):
+                h.remove()
+
+    def _low_ok(self, raw: torch.dtype, rounded: bool) -> bool:
+        """Whether a ``raw``-typed tensor can stay in ``raw`` (its ``model.dtype`` values are
+        exactly the 16-bit ones, after the export rounding when ``rounded``)."""
+        if raw not in _LOW or self.dtype != torch.float32:
+            return False
+        return not rounded or self.export_dtype in ("float32", str(raw).removeprefix("torch."))
+
+    def _hook_low(self, mod: nn.Module) -> None:
+        """Upcast hooks on ``mod`` (a linear or an embedding with a 16-bit weight)."""
+        if "_slim_upcast_hooks" in mod.__dict__:
+            return
+        if isinstance(mod, nn.Embedding):
+            hooks = [mod.register_forward_hook(_upcast_output(self.dtype))]
+        else:
+            pre, post = _upcast_weight(self.dtype)
+            hooks = [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        mod.__dict__["_slim_upcast_hooks"] = hooks
 
     def _tie(self, model: nn.Module) -> None:
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -300,10 +369,20 @@ class StreamingSource:
         root.set_submodule(path, new)
 
     def _materialise(
-        self, root: nn.Module, names: list[str], *, rounded: bool, skip: set = frozenset()
+        self,
+        root: nn.Module,
+        names: list[str],
+        *,
+        rounded: bool,
+        skip: set = frozenset(),
+        low: set = frozenset(),
     ) -> None:
         """Reads ``names`` (relative to ``root``) into ``root`` as ``model.dtype`` tensors,
-        checking them for NaN/Inf and rounding the uncompressed ones to the export dtype."""
+        checking them for NaN/Inf and rounding the uncompressed ones to the export dtype.
+
+        The weights of the modules named in ``low`` stay in their 16-bit checkpoint dtype when
+        that is exact (``_low_ok``) and compute through upcast hooks.
+        """
         from .models import DTYPES
 
         base = "" if root is self.model else f"{self.arch.blocks_path}.{self._current}."
@@ -312,16 +391,25 @@ class StreamingSource:
             n = full[len(base) :]
             if t.is_floating_point():
                 raw = t.dtype
+                mod_name, _, attr = n.rpartition(".")
+                if attr == "weight" and mod_name in low and self._low_ok(raw, rounded):
+                    self._check_finite(full, t)
+                    _assign(root, n, t)
+                    self._hook_low(root.get_submodule(mod_name))
+                    continue
                 t = t.to(self.dtype)
-                if not bool(torch.isfinite(t).all()):
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise ValueError(
-                        f"model.path={self.cfg.path}: tensor {full} {tuple(t.shape)} has "
-                        f"{bad} NaN/Inf values; the checkpoint is corrupt (nothing was compressed)"
-                    )
+                self._check_finite(full, t)
                 if rounded and rdt is not None and raw != rdt:  # (raw == rdt: exact already)
                     t = t.to(rdt).to(self.dtype)
             _assign(root, n, t)
+
+    def _check_finite(self, full: str, t: torch.Tensor) -> None:
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"model.path={self.cfg.path}: tensor {full} {tuple(t.shape)} has "
+                f"{bad} NaN/Inf values; the checkpoint is corrupt (nothing was compressed)"
+            )
 
     # -- the engine's hook ----------------------------------------------------------------------
     def block_hook(self, i: int, block: nn.Module, stage: str) -> None:
@@ -330,7 +418,9 @@ class StreamingSource:
         Stages: ``load`` (block i from the shards, before it is processed), ``resume`` (its
         compressed layers come from the resume state: everything but the compressed linears'
         weights is read; those get uninitialised storage that the install replaces) and
-        ``done`` (after block i is installed and committed: nothing dense of its linears left).
+        ``done`` (after block i is installed and committed: nothing dense of its linears left)
+        and ``offload`` (after ``done`` when the engine offloads: the block becomes a meta
+        skeleton again; its compressed layers stay in the resume state).
         """
         self._current = i
         linears = {f"{n}.weight" for n in self.arch.linear_names}
@@ -339,7 +429,10 @@ class StreamingSource:
             skip = linears if stage == "resume" else set()
             # linear weights stay in model.dtype unrounded (they are compressed); the rest is
             # rounded like round_uncompressed does
-            self._materialise(block, [n for n in saved if n in linears], rounded=False, skip=skip)
+            low = set(self.arch.linear_names) if self.low_precision_linears else set()
+            self._materialise(
+                block, [n for n in saved if n in linears], rounded=False, skip=skip, low=low
+            )
             self._materialise(block, [n for n in saved if n not in linears], rounded=True)
             for n in volatile:
                 self._rebuild_module(block, n.rpartition(".")[0])
@@ -368,6 +461,20 @@ class StreamingSource:
                 else:  # merged installs (export.packed=false) keep dense weights by design
                     log.debug("streaming: block %d keeps the dense linear %s", i, n)
             self._dense = {}
+            gc.collect()
+        elif stage == "offload":
+            # block i is committed to the resume state: back to a meta skeleton (dense linears
+            # on meta, as before its load), so "resume" can re-install it later
+            for n in self.arch.linear_names:
+                m = block.get_submodule(n)
+                if not isinstance(m, nn.Linear):
+                    with torch.device("meta"):
+                        new = nn.Linear(
+                            m.in_features, m.out_features, bias=m.bias is not None, dtype=self.dtype
+                        )
+                    block.set_submodule(n, new)
+            for m in block.modules():
+                _drop_storage(m)
             gc.collect()
         else:
             raise ValueError(f"block_hook: unknown stage {stage!r}")

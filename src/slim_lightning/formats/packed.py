@@ -28,7 +28,7 @@ Quantisation fields (all formats, only when ``bits`` is not None):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Literal
 
@@ -215,6 +215,23 @@ class PackedWeight:
                 group_size=self.group_size,
             )
         return self.quant_tensor().dequantize(torch.float32)
+
+    def row_block(self, start: int, end: int) -> PackedWeight:
+        """Rows ``start:end`` as a PackedWeight of views (``dense`` and ``nm`` formats, whose
+        fields are row-major; ``in_scale`` is per column and shared). Dequantising the blocks
+        gives the rows of ``to_dense()`` exactly, with work memory of the block's size."""
+        if self.format not in ("dense", "nm"):
+            raise ValueError(f"row_block: the {self.format} format is not row-sliceable")
+        rows = self.shape[0]
+        if not 0 <= start < end <= rows:
+            raise ValueError(f"row_block: rows {start}:{end} outside 0:{rows}")
+        return replace(
+            self,
+            shape=(end - start, self.shape[1]),
+            nnz=self.nnz * (end - start) // rows,
+            tensors={k: v if k == "in_scale" else v[start:end] for k, v in self.tensors.items()},
+            dtypes=dict(self.dtypes),
+        )
 
     def nbytes(self) -> int:
         """Bytes of every stored tensor (values, metadata, bitmap, offsets, scales)."""
