@@ -277,3 +277,50 @@ def test_nm_fast_dequant_is_bit_exact(n, m, group, in_scale):
     qt = QuantTensor(q=q, scale=scale, group_size=gs, bits=4, in_scale=ins)
     pw = PackedWeight.from_quant(qt, mask, fmt="nm", n=n, m=m)
     assert torch.equal(pw.to_dense(), qt.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["nm", "dense"])
+def test_row_blocks_dequantise_to_the_rows_of_the_whole(fmt):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(50, 64, generator=g)
+    mask = torch.zeros(50, 64, dtype=torch.bool)
+    mask.view(50, 16, 4)[:, :, 1:3] = True
+    ins = torch.rand(64, generator=g) + 0.5
+    qt = absmax_quant(w * mask * ins, 4, 16)
+    qt.in_scale = ins
+    pw = PackedWeight.from_quant(qt, None if fmt == "dense" else mask, fmt=fmt)
+    whole = pw.to_dense()
+    for s, e in [(0, 7), (7, 50), (49, 50)]:
+        blk = pw.row_block(s, e)
+        assert blk.shape == (e - s, 64) and torch.equal(blk.to_dense(), whole[s:e])
+    assert sum(pw.row_block(s, min(s + 8, 50)).nnz for s in range(0, 50, 8)) == pw.nnz
+    with pytest.raises(ValueError, match="outside"):
+        pw.row_block(3, 51)
+    un = PackedWeight.from_quant(absmax_quant(w * mask, 4, 16), mask, fmt="unstructured")
+    with pytest.raises(ValueError, match="not row-sliceable"):
+        un.row_block(0, 2)
+
+
+def test_large_weights_are_dequantised_in_row_blocks(monkeypatch):
+    """Above DEQUANT_STEP values the packed forward multiplies block by block: the same output
+    (to float rounding), and no dense copy of the whole weight is made."""
+    from slim_lightning import linear_ops
+    from slim_lightning.formats import PackedWeight
+    from slim_lightning.modules import SLiMLinear
+
+    c = _compressed(CompressSpec(), d_out=96, d_in=64)
+    m = SLiMLinear.from_compressed(c)
+    x = torch.randn(2, 3, 64)
+    whole = m(x)
+    sizes = []
+    real = PackedWeight.to_dense
+
+    def spy(self):
+        sizes.append(self.shape[0])
+        return real(self)
+
+    monkeypatch.setattr(PackedWeight, "to_dense", spy)
+    monkeypatch.setattr(linear_ops, "DEQUANT_STEP", 64 * 10)
+    # equal up to the BLAS blocking of a narrower product (not bit-identical)
+    torch.testing.assert_close(m(x), whole, rtol=1e-5, atol=1e-6)
+    assert max(sizes) == 10 and sum(sizes) == 96

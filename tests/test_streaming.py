@@ -173,3 +173,83 @@ def test_random_tiny_model_cannot_stream(tmp_path):
     cfg = make_cfg(["engine.streaming=true", "eval_dense=false"])
     with pytest.raises(ConfigError, match="engine.streaming"):
         run_compress(cfg, tmp_path / "run")
+
+
+def _no_upcast_hooks(model) -> bool:
+    return not any("_slim_upcast_hooks" in m.__dict__ for m in model.modules())
+
+
+def test_blocks_offloaded_and_read_in_16_bits(ckpt, tmp_path):
+    """With a resume state, a committed block goes back to meta ("offload") and the packed
+    blocks are re-installed from the state at the end; a block's linears are held in their
+    16-bit checkpoint dtype (fp16 here) while it is compressed, and the model ends in fp32
+    with no upcast hooks left."""
+    from slim_lightning.config import build_plan
+    from slim_lightning.embeddings import PackedEmbedding
+    from slim_lightning.modules import SLiMLinear
+    from slim_lightning.pipeline import load_base, load_or_compress
+
+    plan = build_plan(make_cfg(_overrides(ckpt, True)))
+    assert plan.model.dtype == "float32"
+    base = load_base(plan)
+    blocks = base.model.model.layers
+    real, seen = base.stream, []
+    emb = base.model.model.embed_tokens
+    assert emb.weight.dtype == torch.float16  # vocabulary tables: 16 bits, computing in fp32
+    assert base.model.model.embed_tokens(torch.tensor([[1, 2]])).dtype == torch.float32
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __setattr__(self, name, value):  # compress_model's low_precision_linears
+            setattr(real, name, value)
+
+        def block_hook(self, i, block, stage):
+            real.block_hook(i, block, stage)
+            if stage == "load":
+                lins = [m for m in block.modules() if type(m) is torch.nn.Linear]
+                assert len(lins) == 7 and all(m.weight.dtype == torch.float16 for m in lins)
+                earlier = [p for j in range(i) for p in blocks[j].parameters()]
+                assert earlier and all(p.is_meta for p in earlier) if i else True
+            if stage == "offload":
+                assert all(t.is_meta for t in block.state_dict().values())
+            seen.append((i, stage))
+
+    base.stream = Spy()
+    out = load_or_compress(plan, tmp_path / "run", base=base)
+    assert seen == [(i, s) for i in range(2) for s in ("load", "done", "offload")] + [
+        (i, "resume") for i in range(2)
+    ]
+    model = out.model
+    sd = model.state_dict()
+    assert not any(t.is_meta for t in sd.values())
+    assert all(t.dtype != torch.float16 for t in sd.values() if t.is_floating_point())
+    assert isinstance(model.model.embed_tokens, PackedEmbedding) and _no_upcast_hooks(model)
+    assert sum(isinstance(m, SLiMLinear) for m in model.model.layers.modules()) == 14
+    assert len(out.calib_result.reports) == 14
+
+
+@pytest.mark.parametrize(
+    "dtype,extra",
+    [
+        (torch.float16, ("embeddings.bits=null",)),  # 16-bit tables widened at the end
+        (torch.float16, ("export.packed=false", "export.hf=true")),  # merged: fp32 linears
+        (torch.bfloat16, ("export.dtype=float16",)),  # bf16 linears exact; tables re-rounded
+    ],
+)
+def test_streaming_variants_equal_non_streaming(tmp_path, dtype, extra):
+    d = _save_tiny(tmp_path / "ckpt", dtype=dtype)
+    extra = ("method=wanda_absmax", *extra)
+    reports = {}
+    for streaming in (False, True):
+        reports[streaming] = run_compress(
+            make_cfg(_overrides(d, streaming, extra)), tmp_path / f"run_{streaming}"
+        )
+    assert reports[True]["ppl"] == reports[False]["ppl"]
+    sub = "hf" if "export.packed=false" in extra else "packed"
+    a = load_file(tmp_path / "run_False" / sub / "model.safetensors")
+    b = load_file(tmp_path / "run_True" / sub / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

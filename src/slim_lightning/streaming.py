@@ -267,7 +267,7 @@ class StreamingSource:
         from transformers import AutoModelForCausalLM
 
         from .arch import get_arch, get_blocks
-        from .models import _dtype_kw, _finish
+        from .models import _dtype_kw
 
         config = copy.deepcopy(self.config)
         if hasattr(config, "quantization_config"):
@@ -293,7 +293,11 @@ class StreamingSource:
         left = [n for n, t in model.state_dict().items() if not n.startswith(prefix) and t.is_meta]
         if left:
             raise ValueError(f"streaming: the checkpoint in {self.dir} has no tensors {left[:8]}")
-        return _finish(model, self.cfg)
+        # as models._finish, without its model.to(dtype): every tensor read is model.dtype
+        # already, except the 16-bit vocabulary tables, which stay 16-bit
+        model.eval()
+        model.config.use_cache = False
+        return model
 
     def _vocab_modules(self) -> list[nn.Module]:
         model = self.model

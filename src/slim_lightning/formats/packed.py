@@ -64,6 +64,11 @@ def _format_module(fmt: str) -> ModuleType:
         ) from None
 
 
+def _per_row(name: str, t: torch.Tensor, rows: int) -> bool:
+    """Whether field ``name`` holds one entry per matrix row (``row_block`` slices it)."""
+    return name != "in_scale" and t.dim() > 0 and t.shape[0] == rows
+
+
 @dataclass
 class PackedWeight:
     """One packed ``(rows, cols)`` matrix: format parameters plus its tensors (module docstring).
@@ -218,7 +223,8 @@ class PackedWeight:
 
     def row_block(self, start: int, end: int) -> PackedWeight:
         """Rows ``start:end`` as a PackedWeight of views (``dense`` and ``nm`` formats, whose
-        fields are row-major; ``in_scale`` is per column and shared). Dequantising the blocks
+        fields are row-major; ``in_scale`` (per column) and per-tensor scales are shared, not
+        sliced). Dequantising the blocks
         gives the rows of ``to_dense()`` exactly, with work memory of the block's size."""
         if self.format not in ("dense", "nm"):
             raise ValueError(f"row_block: the {self.format} format is not row-sliceable")
@@ -229,7 +235,9 @@ class PackedWeight:
             self,
             shape=(end - start, self.shape[1]),
             nnz=self.nnz * (end - start) // rows,
-            tensors={k: v if k == "in_scale" else v[start:end] for k, v in self.tensors.items()},
+            tensors={
+                k: v[start:end] if _per_row(k, v, rows) else v for k, v in self.tensors.items()
+            },
             dtypes=dict(self.dtypes),
         )
 
