@@ -230,3 +230,47 @@ def test_bits_per_weight_accounting():
     assert with_in == pytest.approx(got + 16 * (4096 + r) / 4096**2)
     # fp16 adapters: 16 bits per adapter value, no scales
     assert bits_per_weight(8, 8, weight_bits=None, sparsity=dense, rank=2) == 16.0 + 16 * 32 / 64
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CompressSpec(quant=QuantSpec("absmax", group_size=16), lowrank=LowRankSpec(method="none")),
+        CompressSpec(
+            quant=QuantSpec("absmax", group_size=-1),
+            sparsity=SparsitySpec("unstructured", ratio=0.6),
+            lowrank=LowRankSpec(method="none"),
+        ),
+        CompressSpec(quant=QuantSpec("none"), lowrank=LowRankSpec(method="none")),
+    ],
+)
+def test_row_blocks_give_the_whole_weight_result(spec):
+    """compress_linear_rows: the tensors of compress_linear exactly, the metrics combined
+    (relative errors, sparsity, bits per weight) to float rounding."""
+    from slim_lightning.core.compress import compress_linear_rows, row_separable
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(77, 64, generator=g)
+    x = torch.randn(300, 64, generator=g) * (torch.rand(64, generator=g) + 0.1)
+    st = LayerStats(sq_sum=(x * x).sum(0), abs_sum=x.abs().sum(0), n_tokens=300)
+    assert row_separable(spec)
+    a, b = compress_linear(w, st, spec), compress_linear_rows(w, st, spec, step=64 * 10)
+    assert torch.equal(a.weight, b.weight)
+    assert (a.mask is None) == (b.mask is None) and (a.mask is None or torch.equal(a.mask, b.mask))
+    if a.weight_q is not None:
+        assert torch.equal(a.weight_q.q, b.weight_q.q)
+        assert torch.equal(a.weight_q.scale, b.weight_q.scale)
+    assert a.metrics.keys() == b.metrics.keys()
+    for k, v in a.metrics.items():
+        assert b.metrics[k] == pytest.approx(v, rel=1e-6, nan_ok=True), k
+
+
+def test_specs_that_need_the_whole_weight_are_not_split():
+    from slim_lightning.core.compress import compress_linear_rows, row_separable
+
+    assert not row_separable(CompressSpec())  # SLiM-Quant (one scale) + adapters
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 32, generator=g)
+    st = LayerStats(sq_sum=torch.rand(32) + 0.5, abs_sum=torch.rand(32) + 0.5, n_tokens=10)
+    a, b = compress_linear(w, st, CompressSpec()), compress_linear_rows(w, st, CompressSpec(), 64)
+    assert torch.equal(a.weight, b.weight) and a.metrics.keys() == b.metrics.keys()

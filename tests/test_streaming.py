@@ -253,3 +253,30 @@ def test_streaming_variants_equal_non_streaming(tmp_path, dtype, extra):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_dense_perplexity_streams_block_by_block(ckpt, tmp_path):
+    """eval_dense with streaming: the dense model is evaluated one block at a time (read,
+    run, evicted) and gives the whole-model perplexity exactly."""
+    from slim_lightning.config import build_plan
+    from slim_lightning.evaluation import make_eval_windows, perplexity
+    from slim_lightning.pipeline import load_base
+    from slim_lightning.streaming import streaming_perplexity
+
+    base_over = [f"+model.path={ckpt}", "model.random_init=false"]
+    plan = build_plan(make_cfg([*base_over, "engine.streaming=true"]))
+    assert plan.eval_dense is True
+    whole = load_base(build_plan(make_cfg(base_over)))
+    windows = make_eval_windows(whole.tokenizer, plan.eval)
+    want = perplexity(whole.model, windows, batch_size=2, progress=False)
+    streamed = load_base(plan)
+    model, stream = streamed.model, streamed.stream
+    got = streaming_perplexity(model, windows, stream=stream, batch_size=2, progress=False)
+    assert got == want
+    assert all(t.is_meta for t in model.model.layers.state_dict().values())  # all evicted
+    assert model.model.layers is stream.blocks and _no_upcast_hooks(model.model.layers)
+
+    report = run_compress(make_cfg([*base_over, "engine.streaming=true"]), tmp_path / "run")
+    one = perplexity(whole.model, windows, batch_size=1, progress=False)  # the run's batches
+    assert report["ppl_dense"]["embedded"] == one["ppl"]
+    assert report["ppl"]["embedded"] > 1 and "ppl_dense_skipped" not in report

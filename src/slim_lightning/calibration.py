@@ -3,7 +3,7 @@
 For each decoder block, in order:
   1. run the block on the calibration activations (inputs come from the already-compressed
      previous blocks) with forward hooks that accumulate each linear's input statistics in fp32;
-  2. compress every linear of the block with ``compress_fn`` (``core.compress.compress_linear``);
+  2. compress every linear of the block with ``compress_fn`` (``core.compress.compress_linear_rows``);
   3. install the result (``install_fn``: merge into the dense weight, or a packed ``SLiMLinear``);
   4. re-run the block to produce the next block's inputs;
   5. commit the block's results and the next inputs in ``state_dir`` (files first, then the

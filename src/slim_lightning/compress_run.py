@@ -139,8 +139,14 @@ def _run_compress(
         "ppl_dense": {},
     }
     windows = prepared.eval_windows
-    if getattr(plan.engine, "streaming", False):
-        report["ppl_dense_skipped"] = "engine.streaming: the dense model is never held whole"
+    streaming = getattr(plan.engine, "streaming", False)
+    dense_ppl = None
+    if streaming:  # the dense model is never whole in memory: evaluated one block at a time
+        import functools
+
+        from .streaming import streaming_perplexity
+
+        dense_ppl = functools.partial(streaming_perplexity, stream=module.loaded.stream)
     zs_tasks = tuple(getattr(plan.eval, "zero_shot", ()) or ()) if plan.eval is not None else ()
     # one perplexity loop (evaluation.perplexity) for the dense and the compressed model
     if windows is not None:
@@ -148,11 +154,18 @@ def _run_compress(
         if plan.eval_dense:
             with stage(module.timings, "eval_dense"):
                 dense = perplexity_on(
-                    ctx, module.model, windows, device=device, progress=plan.engine.progress
+                    ctx,
+                    module.model,
+                    windows,
+                    dense_ppl,
+                    device=device,
+                    progress=plan.engine.progress,
                 )
             report["ppl_dense"][eval_name] = dense["ppl"]
     main = ctx is None or ctx.is_main  # zero-shot, exports and the report: rank zero only
-    if zs_tasks and plan.eval_dense and main:
+    if zs_tasks and plan.eval_dense and streaming:
+        report["zero_shot_dense_skipped"] = "engine.streaming: zero-shot needs the whole model"
+    elif zs_tasks and plan.eval_dense and main:
         with stage(module.timings, "zero_shot_dense"):
             report["zero_shot_dense"] = _zero_shot(module.model, module.tokenizer, plan, device)
 

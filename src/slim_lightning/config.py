@@ -119,8 +119,8 @@ class EngineConfig:
     offload_inputs: bool = False
     # read each decoder block from the checkpoint's safetensors just before it is compressed
     # (the model is built on the meta device; slim_lightning.streaming): for models larger
-    # than host memory. The dense model is then not evaluated (ppl_dense_skipped in the report)
-    # and dense_cache is off.
+    # than host memory. The dense evaluation (eval_dense) streams the blocks the same way;
+    # dense_cache is off.
     streaming: bool = False
 
     def __post_init__(self) -> None:
@@ -300,23 +300,14 @@ def build_plan(cfg: Any) -> CompressPlan:
     eval_dense = cfg.get("eval_dense", True)
     check_bool("eval_dense", eval_dense)
     if engine.streaming:
-        # a dense copy of every compressed layer is what streaming avoids holding; the dense
-        # model itself is never whole in memory, so it is not evaluated
+        # a dense copy of every compressed layer is what streaming avoids holding
         from .core.compress import is_identity
 
         if is_identity(spec):
             raise ConfigError(
                 "engine.streaming", True, "false for an identity (uncompressed) method"
             )
-        dense_cache = False
-        if eval_dense:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "engine.streaming=true: the dense model is not evaluated (eval_dense=false; "
-                "ppl_dense stays empty); the compressed model is"
-            )
-            eval_dense = False
+        dense_cache = False  # (eval_dense streams the dense model one block at a time)
     return CompressPlan(
         model=instantiate_group(cfg, "model"),
         calib=instantiate_group(cfg, "calib"),

@@ -279,13 +279,19 @@ def lpt_assign(costs: list[float], world_size: int) -> list[int]:
 
 
 def perplexity_sharded(
-    ctx: DistContext | None, model: torch.nn.Module, windows: torch.Tensor, **kw: Any
+    ctx: DistContext | None,
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    perplexity: Any = None,
+    **kw: Any,
 ) -> dict[str, Any]:
-    """``evaluation.perplexity`` with the windows sharded over ranks (window ``i`` -> rank
-    ``i % world_size``) and the fp64 NLL sums all-reduced; one process: the plain call."""
+    """``evaluation.perplexity`` (or another ``perplexity`` function with its signature, e.g.
+    ``streaming.streaming_perplexity``) with the windows sharded over ranks (window ``i`` ->
+    rank ``i % world_size``) and the fp64 NLL sums all-reduced; one process: the plain call."""
     import math
 
-    from .evaluation import perplexity
+    if perplexity is None:
+        from .evaluation import perplexity
 
     if ctx is None:
         return perplexity(model, windows, **kw)

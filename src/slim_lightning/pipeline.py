@@ -147,7 +147,7 @@ def compress_model(
             blocks are compressed and read back after them.
     """
     from .arch import get_arch, get_blocks
-    from .core.compress import compress_linear
+    from .core.compress import compress_linear_rows
     from .io import tensors_sha256
 
     arch = get_arch(model)
@@ -175,7 +175,7 @@ def compress_model(
         blocks,
         tuple(arch.linear_names),
         plan.spec,
-        compress_linear,
+        compress_linear_rows,  # (row blocks for large weights of row-separable specs)
         install_fn=install,
         device=device,
         state_dir=state_dir,

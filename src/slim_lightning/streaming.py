@@ -426,33 +426,9 @@ class StreamingSource:
         and ``offload`` (after ``done`` when the engine offloads: the block becomes a meta
         skeleton again; its compressed layers stay in the resume state).
         """
-        self._current = i
-        linears = {f"{n}.weight" for n in self.arch.linear_names}
         if stage in ("load", "resume"):
-            saved, volatile = _tensor_names(block)
-            skip = linears if stage == "resume" else set()
-            # linear weights stay in model.dtype unrounded (they are compressed); the rest is
-            # rounded like round_uncompressed does
-            low = set(self.arch.linear_names) if self.low_precision_linears else set()
-            self._materialise(
-                block, [n for n in saved if n in linears], rounded=False, skip=skip, low=low
-            )
-            self._materialise(block, [n for n in saved if n not in linears], rounded=True)
-            for n in volatile:
-                self._rebuild_module(block, n.rpartition(".")[0])
-            if stage == "resume":
-                for n in linears:
-                    mod, attr = _owner(block, n)
-                    w = mod._parameters[attr]
-                    mod._parameters[attr] = nn.Parameter(
-                        torch.empty(w.shape, dtype=self.dtype), requires_grad=w.requires_grad
-                    )
-            left = [n for n, t in block.state_dict().items() if t.is_meta]
-            if left:
-                raise ValueError(
-                    f"streaming: the checkpoint in {self.dir} has no tensors "
-                    f"{[f'{self.arch.blocks_path}.{i}.{n}' for n in left[:8]]}"
-                )
+            low = self.low_precision_linears and stage == "load"
+            self.read_block(i, block, resume=stage == "resume", low=low)
             self.loaded_blocks.append(i)
             if stage == "load":
                 self._dense = {n: block.get_submodule(n) for n in self.arch.linear_names}
@@ -467,21 +443,130 @@ class StreamingSource:
             self._dense = {}
             gc.collect()
         elif stage == "offload":
-            # block i is committed to the resume state: back to a meta skeleton (dense linears
-            # on meta, as before its load), so "resume" can re-install it later
-            for n in self.arch.linear_names:
-                m = block.get_submodule(n)
-                if not isinstance(m, nn.Linear):
-                    with torch.device("meta"):
-                        new = nn.Linear(
-                            m.in_features, m.out_features, bias=m.bias is not None, dtype=self.dtype
-                        )
-                    block.set_submodule(n, new)
-            for m in block.modules():
-                _drop_storage(m)
-            gc.collect()
+            self.evict_block(block)
         else:
             raise ValueError(f"block_hook: unknown stage {stage!r}")
+
+    def read_block(self, i: int, block: nn.Module, *, resume: bool = False, low: bool = False):
+        """Materialises block ``i`` from the shards (``resume``: all but its linears' weights,
+        which get uninitialised storage for an install to replace; ``low``: 16-bit linears,
+        computing through upcast hooks)."""
+        self._current = i
+        linears = {f"{n}.weight" for n in self.arch.linear_names}
+        saved, volatile = _tensor_names(block)
+        skip = linears if resume else set()
+        # linear weights stay unrounded (they are compressed); the rest is rounded like
+        # round_uncompressed does
+        self._materialise(
+            block,
+            [n for n in saved if n in linears],
+            rounded=False,
+            skip=skip,
+            low=set(self.arch.linear_names) if low else set(),
+        )
+        self._materialise(block, [n for n in saved if n not in linears], rounded=True)
+        for n in volatile:
+            self._rebuild_module(block, n.rpartition(".")[0])
+        if resume:
+            for n in linears:
+                mod, attr = _owner(block, n)
+                w = mod._parameters[attr]
+                mod._parameters[attr] = nn.Parameter(
+                    torch.empty(w.shape, dtype=self.dtype), requires_grad=w.requires_grad
+                )
+        left = [n for n, t in block.state_dict().items() if t.is_meta]
+        if left:
+            raise ValueError(
+                f"streaming: the checkpoint in {self.dir} has no tensors "
+                f"{[f'{self.arch.blocks_path}.{i}.{n}' for n in left[:8]]}"
+            )
+
+    def evict_block(self, block: nn.Module) -> None:
+        """Back to a meta skeleton (compressed linears become meta ``nn.Linear`` again, as
+        before the block was read), so that ``read_block`` can materialise it later."""
+        for n in self.arch.linear_names:
+            m = block.get_submodule(n)
+            if not isinstance(m, nn.Linear):
+                with torch.device("meta"):
+                    new = nn.Linear(
+                        m.in_features, m.out_features, bias=m.bias is not None, dtype=self.dtype
+                    )
+                block.set_submodule(n, new)
+        for m in block.modules():
+            _drop_storage(m)
+            for h in m.__dict__.pop("_slim_upcast_hooks", []):
+                h.remove()
+        gc.collect()
+
+
+class _Replay(nn.Module):
+    """Stands in for a model's decoder blocks: returns the last block's saved output."""
+
+    def __init__(self, out: Any):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.out
+
+
+@torch.no_grad()
+def streaming_perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    stream: StreamingSource,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """``evaluation.perplexity`` of the dense model of a streaming run, one block at a time.
+
+    The windows' hidden states go through block 0 (read from the shards, then evicted), then
+    block 1, ...; the last block's outputs are fed to the model's own head (final norm, LM head,
+    the fp32 NLL of ``per_window_nll``) by a stand-in for the block list. The same operations as
+    a whole-model forward, so the same perplexity; the host holds the vocabulary tables, one
+    block and the windows' hidden states. Blocks run on ``device``, the rest on the CPU.
+    """
+    import math
+
+    from tqdm.auto import tqdm
+
+    from .calibration import _block_output, capture_block_inputs, to_device
+    from .evaluation import per_window_nll
+
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n, seqlen>=2), got {tuple(windows.shape)}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    blocks = stream.blocks
+    hidden, kwargs = capture_block_inputs(model, blocks[0], windows, batch_size)
+    kwargs_dev = [to_device(kw, dev) for kw in kwargs]
+    outs: list[Any] = []
+    for i in tqdm(range(len(blocks)), desc="Perplexity (streamed)", disable=not progress):
+        block = blocks[i]
+        stream.read_block(i, block, low=True)
+        block.to(dev)
+        outs = [block(x.to(dev), **kw) for x, kw in zip(hidden, kwargs_dev)]
+        hidden = [_block_output(o).to("cpu") for o in outs]
+        stream.evict_block(block)
+    last = [to_device(o, "cpu") for o in outs]
+    del outs, hidden
+    path = stream.arch.blocks_path
+    total, n_tokens = torch.zeros((), dtype=torch.float64), 0
+    try:
+        for b, start in enumerate(range(0, windows.shape[0], batch_size)):
+            model.set_submodule(path, nn.ModuleList([_Replay(last[b])]))
+            nll, n = per_window_nll(model, windows[start : start + batch_size])
+            total += nll.double()
+            n_tokens += n
+    finally:
+        model.set_submodule(path, blocks)
+    mean = float(total) / n_tokens
+    return {
+        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        "nll": mean,
+        "n_tokens": n_tokens,
+    }
 
 
 def load_streaming(

@@ -299,3 +299,90 @@ def compress_linear(
     )
     out.metrics = metrics
     return out
+
+
+# -- large weights, a block of rows at a time ----------------------------------------------------
+# Values per row block of ``compress_linear_rows`` (4 Mi: 16 MiB per fp32 work copy).
+ROW_STEP = 1 << 22
+# Specs whose every output row is compressed independently of the others: elementwise pruning
+# scores with per-row masks (N:M groups along d_in, unstructured ratio per row), group AbsMax
+# along the row (or no quantisation), no adapters (a low-rank fit needs the whole matrix) and no
+# SLiM-Quant (one scale fitted on the whole tensor).
+ROW_PRUNERS = ("magnitude", "wanda")
+ROW_QUANTIZERS = ("none", "absmax")
+_RATIO_METRICS = (
+    "err_before_adapters",
+    "err_after_adapters",
+    "err_after_adapters_norefit",
+    "err_final",
+)
+
+
+def row_separable(spec: CompressSpec) -> bool:
+    """Whether ``spec`` compresses each output row independently (``compress_linear_rows``)."""
+    return (
+        spec.pruner.method in ROW_PRUNERS
+        and spec.quant.method in ROW_QUANTIZERS
+        and spec.quant.outlier_ratio == 0
+        and not ADAPTERS.get_entry(spec.lowrank.method).enabled
+    )
+
+
+def compress_linear_rows(
+    weight: torch.Tensor, stats: LayerStats, spec: CompressSpec, step: int = ROW_STEP
+) -> CompressedLinear:
+    """``compress_linear`` with work memory of ``step`` values instead of the whole weight.
+
+    For a row-separable spec (``row_separable``) and a weight of more than ``step`` values, the
+    rows are compressed in blocks of ``step // d_in`` and the results concatenated: the tensors
+    are exactly ``compress_linear``'s (every row sees the same operations), and the metrics are
+    combined exactly (relative errors from their per-block numerators and denominators, sparsity
+    and bits per weight by counts) up to float summation order. Other specs and small weights:
+    the plain call.
+    """
+    d_out, d_in = weight.shape
+    if not row_separable(spec) or weight.numel() <= step or d_out < 2:
+        return compress_linear(weight, stats, spec)
+    rows = max(1, step // d_in)
+    stat = stats.channel_stat("sq").to(weight.device)
+    try:
+        s_err = saliency(stat, "sq")
+    except ValueError:
+        s_err = torch.ones_like(stat)
+    parts: list[CompressedLinear] = []
+    dens: list[float] = []
+    for s in range(0, d_out, rows):
+        w = weight[s : s + rows]
+        parts.append(compress_linear(w, stats, spec))
+        dens.append(float(torch.linalg.norm(w.detach().float() * s_err[None, :])))
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    qts = [p.weight_q for p in parts]
+    qt = None
+    if qts[0] is not None:
+        qt = QuantTensor(
+            torch.cat([q.q for q in qts]),
+            torch.cat([q.scale for q in qts]),
+            qts[0].group_size,
+            qts[0].bits,
+            None,
+        )
+    out = CompressedLinear(
+        weight=torch.cat([p.weight for p in parts]),
+        weight_q=qt,
+        mask=cat([p.mask for p in parts]),
+    )
+    sizes = [p.weight.shape[0] * d_in for p in parts]
+    total = float(sum(sizes))
+    metrics: dict[str, float] = {}
+    for key in parts[0].metrics:
+        vals = [float(p.metrics[key]) for p in parts]
+        if key in _RATIO_METRICS:  # weighted_rel_error: num / den (num alone where den == 0)
+            num2 = sum((v * d if d > 0 else v) ** 2 for v, d in zip(vals, dens))
+            den2 = sum(d * d for d in dens)
+            metrics[key] = math.sqrt(num2 / den2) if den2 > 0 else math.sqrt(num2)
+        elif all(v == vals[0] or (math.isnan(v) and math.isnan(vals[0])) for v in vals):
+            metrics[key] = vals[0]
+        else:  # per-weight quantities (sparsity, bits per weight, ...): weighted by size
+            metrics[key] = sum(v * n for v, n in zip(vals, sizes)) / total
+    out.metrics = metrics
+    return out
