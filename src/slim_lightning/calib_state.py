@@ -43,8 +43,9 @@ def _inputs_name(i: int) -> str:
 def canonicalize(c: CompressedLinear) -> CompressedLinear:
     """Recomputes the dense views from the quantised parts so a reload is bit-identical."""
     if c.weight_q is not None:
+        c.weight = c.weight.new_empty(0)  # (freed first: one dense copy at a time)
         w = c.weight_q.dequantize()
-        c.weight = w * c.mask.to(w.dtype) if c.mask is not None else w
+        c.weight = w.mul_(c.mask.to(w.dtype)) if c.mask is not None else w
     if c.lora_l_q is not None:
         c.lora_l = c.lora_l_q.dequantize().T.contiguous()
     if c.lora_r_q is not None:
