@@ -219,8 +219,9 @@ def test_blocks_offloaded_and_read_in_16_bits(ckpt, tmp_path):
     base.stream = Spy()
     out = load_or_compress(plan, tmp_path / "run", base=base)
     assert seen == [(i, s) for i in range(2) for s in ("load", "done", "offload")] + [
-        (i, "resume") for i in range(2)
+        (i, "reload") for i in range(2)
     ]
+    assert not list((tmp_path / "run" / "calib_state" / "offloaded").iterdir())
     model = out.model
     sd = model.state_dict()
     assert not any(t.is_meta for t in sd.values())

@@ -203,8 +203,8 @@ class CalibrationEngine:
         # streaming (slim_lightning.streaming): called with stage "resume" / "load" before a
         # block is re-installed / processed (materialises it) and "done" after it is committed
         self.block_hook = block_hook
-        # streaming with a resume state: a finished block is dropped from memory once committed
-        # (hook stage "offload"; the state holds it) and re-installed by reinstall_offloaded()
+        # streaming with a resume state: a finished block is written to disk once committed and
+        # dropped from memory (hook stage "offload"), read back by reinstall_offloaded()
         self.offload_blocks = offload_blocks and block_hook is not None
         self.offloaded: list[int] = []
         self._store: BlockStore | None = None
@@ -257,13 +257,10 @@ class CalibrationEngine:
         self._store = store
         offload = self.offload_blocks and store is not None
         for i in range(start):  # re-install finished blocks from their saved state
-            if offload:  # stays on disk until reinstall_offloaded()
-                self.offloaded.append(i)
-                lin = self._linears(self.blocks[i])  # meta modules: shapes only
-                for name, c in store.load_block(i).items():
-                    self._record(i, name, lin[name], c, result)
-                continue
             self._reinstall(i, result)
+            if offload:  # (one at a time: each resumed block goes back to disk)
+                self.block_hook(i, self.blocks[i], "offload")
+                self.offloaded.append(i)
         if start > 0 and start < len(self.blocks):
             inputs = store.load_inputs(start)
         result.resumed_blocks = start
@@ -315,7 +312,7 @@ class CalibrationEngine:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _reinstall(self, i: int, result: CalibrationResult | None) -> None:
+    def _reinstall(self, i: int, result: CalibrationResult) -> None:
         """Installs block ``i``'s compressed linears from the resume state."""
         block = self.blocks[i]
         if self.block_hook is not None:
@@ -325,10 +322,10 @@ class CalibrationEngine:
             self._install(i, block, name, lin[name], c, result)
 
     def reinstall_offloaded(self) -> None:
-        """Re-installs the blocks ``run`` offloaded (``offload_blocks``), one at a time, from the
-        resume state: afterwards the model is whole again (packed)."""
+        """Reads back the blocks ``run`` offloaded (``offload_blocks``; hook stage ``reload``):
+        afterwards the model is whole again (packed)."""
         for i in self.offloaded:
-            self._reinstall(i, None)
+            self.block_hook(i, self.blocks[i], "reload")
         self.offloaded = []
 
     def _compress_one(self, i: int, j: int, m: nn.Linear, stats: LayerStats) -> CompressedLinear:
@@ -500,13 +497,12 @@ class CalibrationEngine:
         name: str,
         linear: nn.Linear,
         c: CompressedLinear,
-        result: CalibrationResult | None,
+        result: CalibrationResult,
     ) -> None:
         on_dev = _to_dev(c, linear.weight.device)
         self.install_fn(block, name, linear, on_dev)
         c.metrics.update(on_dev.metrics)  # install may add metrics (packed bits per weight)
-        if result is not None:  # (None: re-installed after an offload, recorded before)
-            self._record(i, name, linear, c, result)
+        self._record(i, name, linear, c, result)
 
     def _record(
         self, i: int, name: str, linear: nn.Module, c: CompressedLinear, result: CalibrationResult

@@ -171,6 +171,8 @@ def compress_model(
 
         install = drop_dense_after_install(install)
         stream.low_precision_linears = packed  # (merged installs write model.dtype weights)
+        if state_dir is not None:
+            stream.offload_dir = state_dir / "offloaded"
     engine = CalibrationEngine(
         blocks,
         tuple(arch.linear_names),
@@ -192,7 +194,7 @@ def compress_model(
         block_prefix=arch.blocks_path,
         keep_layers=keep_layers,
         block_hook=None if stream is None else stream.block_hook,
-        offload_blocks=stream is not None and not keep_layers,
+        offload_blocks=stream is not None and stream.offload_dir is not None,
     )
     result = engine.run(inputs, kwargs)
     del inputs, kwargs

@@ -258,6 +258,9 @@ class StreamingSource:
         # holds the same values): block linears when they are packed (set by compress_model)
         # and the vocabulary tables; they compute in model.dtype through upcast hooks
         self.low_precision_linears = False
+        # where finished blocks go while later ones are compressed (set by compress_model)
+        self.offload_dir: Path | None = None
+        self._offloaded: dict[int, dict[str, dict]] = {}  # block -> its SLiMLinear metas
 
     # -- skeleton -------------------------------------------------------------------------------
     def build(self) -> nn.Module:
@@ -423,8 +426,8 @@ class StreamingSource:
         compressed layers come from the resume state: everything but the compressed linears'
         weights is read; those get uninitialised storage that the install replaces) and
         ``done`` (after block i is installed and committed: nothing dense of its linears left)
-        and ``offload`` (after ``done`` when the engine offloads: the block becomes a meta
-        skeleton again; its compressed layers stay in the resume state).
+        ``offload`` (after ``done`` when the engine offloads: the finished block is written to
+        ``offload_dir`` and becomes a meta skeleton again) and ``reload`` (reads it back).
         """
         if stage in ("load", "resume"):
             low = self.low_precision_linears and stage == "load"
@@ -443,7 +446,9 @@ class StreamingSource:
             self._dense = {}
             gc.collect()
         elif stage == "offload":
-            self.evict_block(block)
+            self.offload_block(i, block)
+        elif stage == "reload":
+            self.reload_block(i, block)
         else:
             raise ValueError(f"block_hook: unknown stage {stage!r}")
 
@@ -480,6 +485,36 @@ class StreamingSource:
                 f"streaming: the checkpoint in {self.dir} has no tensors "
                 f"{[f'{self.arch.blocks_path}.{i}.{n}' for n in left[:8]]}"
             )
+
+    def offload_block(self, i: int, block: nn.Module) -> None:
+        """Writes finished block ``i`` (packed layers and all) to ``offload_dir`` and evicts it."""
+        from .io import atomic_save_tensors, make_dir
+        from .modules import SLiMLinear
+
+        if self.offload_dir is None:
+            raise ValueError("streaming: offload_block needs offload_dir")
+        make_dir(self.offload_dir)
+        self._offloaded[i] = {
+            n: block.get_submodule(n).meta()
+            for n in self.arch.linear_names
+            if isinstance(block.get_submodule(n), SLiMLinear)
+        }
+        atomic_save_tensors(block.state_dict(), self.offload_dir / f"block_{i:04d}.safetensors")
+        self.evict_block(block)
+
+    def reload_block(self, i: int, block: nn.Module) -> None:
+        """Reads back block ``i`` as ``offload_block`` wrote it (bit for bit)."""
+        from .io import load_tensors
+        from .modules import SLiMLinear
+
+        for n, meta in self._offloaded.pop(i).items():
+            block.set_submodule(n, SLiMLinear.from_meta(meta, device="meta"))
+        path = self.offload_dir / f"block_{i:04d}.safetensors"
+        block.load_state_dict(load_tensors(path), strict=True, assign=True)
+        path.unlink()  # (a later resume re-installs from the resume state)
+        _, volatile = _tensor_names(block)
+        for n in volatile:
+            self._rebuild_module(block, n.rpartition(".")[0])
 
     def evict_block(self, block: nn.Module) -> None:
         """Back to a meta skeleton (compressed linears become meta ``nn.Linear`` again, as
