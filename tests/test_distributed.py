@@ -110,6 +110,52 @@ def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path) -> Non
     assert not (a / "calib_state").exists()  # no resume state with several processes
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_streaming_equals_one_process(tmp_path: Path) -> None:
+    """engine.streaming under torchrun (each rank reads the blocks from the shards; the dense
+    model is evaluated block by block on sharded windows) writes the checkpoint of a plain
+    one-process run and reports its perplexities."""
+    from safetensors.torch import load_file
+
+    from slim_lightning.tiny import tiny_model
+
+    ckpt = tmp_path / "ckpt"
+    model, tok = tiny_model(kind="llama", seed=0)
+    model.to(torch.float16).save_pretrained(ckpt, safe_serialization=True, max_shard_size="40KB")
+    tok.save_pretrained(ckpt)
+    base = ["compress.py", "debug=default", f"+model.path={ckpt}", "model.random_init=false"]
+    a, b = tmp_path / "A", tmp_path / "B"
+    torchrun = ["torchrun", "--standalone", "--nproc-per-node=2"]
+    pa = subprocess.run(
+        [*torchrun, *base, "engine.streaming=true", f"hydra.run.dir={a}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pa.returncode == 0, (pa.stdout + pa.stderr)[-3000:]
+    pb = subprocess.run(
+        [sys.executable, *base, f"hydra.run.dir={b}"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pb.returncode == 0, pb.stderr[-3000:]
+    ta = load_file(a / "packed" / "model.safetensors")
+    tb = load_file(b / "packed" / "model.safetensors")
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ra = json.loads((a / "report.json").read_text())
+    rb = json.loads((b / "report.json").read_text())
+    assert ra["world_size"] == 2 and ra["config"]["engine"]["streaming"] is True
+    for key in ("ppl", "ppl_dense"):
+        assert rb[key] and ra[key].keys() == rb[key].keys()
+        for name, ppl in rb[key].items():
+            assert abs(ra[key][name] - ppl) <= 1e-6 * ppl, (key, name)
+
+
 FAILING = textwrap.dedent(
     """
     import os, sys, torch
