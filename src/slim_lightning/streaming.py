@@ -196,6 +196,36 @@ def drop_dense_after_install(install: Any) -> Any:
 _LOW = (torch.float16, torch.bfloat16)
 
 
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # pragma: no cover - not glibc
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hands freed heap memory back to the OS (glibc ``malloc_trim``): block-sized tensors are
+    freed every block, and without a trim the heap keeps their pages resident. No-op elsewhere."""
+    gc.collect()
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def mmap_large_allocations(threshold: int = 1 << 20) -> None:
+    """Fixes glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``), so allocations above
+    ``threshold`` bytes are mapped and unmapped on free instead of growing the heap (the dynamic
+    threshold otherwise rises to 32 MiB after the first large frees). No-op elsewhere."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+
+
 def _upcast_weight(dtype: torch.dtype) -> tuple[Any, Any]:
     """Forward pre/post hooks that let a linear stored in 16 bits compute in ``dtype``: the
     weight is widened for the call (exactly: every 16-bit value is a ``dtype`` value) and the
@@ -243,6 +273,7 @@ class StreamingSource:
 
         self.cfg, self.config, self.export_dtype = cfg, config, export_dtype
         self.dtype = DTYPES[cfg.dtype]
+        mmap_large_allocations()  # block-sized buffers go back to the OS when freed
         self.dir = _checkpoint_dir(cfg, tokenizer)
         from .sources import model_source
 
@@ -314,7 +345,7 @@ class StreamingSource:
         captured block-0 inputs are needed then); :meth:`restore` reads them back."""
         for mod in self._vocab_modules():
             _drop_storage(mod)
-        gc.collect()
+        return_freed_memory()
 
     def restore(self) -> None:
         """Reads back everything outside the blocks that :meth:`park` freed (and re-ties)."""
@@ -444,7 +475,7 @@ class StreamingSource:
                 else:  # merged installs (export.packed=false) keep dense weights by design
                     log.debug("streaming: block %d keeps the dense linear %s", i, n)
             self._dense = {}
-            gc.collect()
+            return_freed_memory()
         elif stage == "offload":
             self.offload_block(i, block)
         elif stage == "reload":
@@ -531,7 +562,7 @@ class StreamingSource:
             _drop_storage(m)
             for h in m.__dict__.pop("_slim_upcast_hooks", []):
                 h.remove()
-        gc.collect()
+        return_freed_memory()
 
 
 class _Replay(nn.Module):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -62,6 +62,33 @@ def _format_module(fmt: str) -> ModuleType:
         raise ValueError(
             f"unknown packed format {fmt!r}; allowed: nm, unstructured, dense"
         ) from None
+
+
+# matrices with more values than this are encoded a block of rows at a time (row-major formats)
+ENCODE_STEP = 1 << 22
+
+
+def _encode(
+    fmt: str, x: torch.Tensor, mask: torch.Tensor | None, **kw: Any
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``encode`` of format ``fmt``; ``nm`` and ``dense`` matrices larger than ``ENCODE_STEP``
+    values are encoded in row blocks and concatenated (rows are encoded independently, so the
+    tensors are equal; the int64 work tensors of an encode stay one block in size)."""
+    encode = _format_module(fmt).encode
+    rows, cols = x.shape
+    if fmt not in ("nm", "dense") or rows * cols <= ENCODE_STEP:
+        return encode(x, mask, **kw)
+    step = max(1, ENCODE_STEP // cols)
+    parts = [
+        encode(x[s : s + step], None if mask is None else mask[s : s + step], **kw)
+        for s in range(0, rows, step)
+    ]
+    for s, (t, _) in zip(range(0, rows, step), parts):
+        for k, v in t.items():
+            if v.dim() == 0 or v.shape[0] != min(step, rows - s):
+                raise ValueError(f"_encode: field {k} of {fmt} is not row-major")
+    tensors = {k: torch.cat([t[k] for t, _ in parts]) for k in parts[0][0]}
+    return tensors, sum(nnz for _, nnz in parts)
 
 
 def _per_row(name: str, t: torch.Tensor, rows: int) -> bool:
@@ -119,7 +146,7 @@ class PackedWeight:
         rows, cols = q.shape
         fmt = _choose_format(mask, cols, n, m) if fmt is None else fmt
         _check_codes(q, qt.bits)
-        t, nnz = _format_module(fmt).encode(q, mask, n=n, m=m, bits=qt.bits)
+        t, nnz = _encode(fmt, q, mask, n=n, m=m, bits=qt.bits)
         scale = qt.scale.to(torch.float32)
         n_groups = math.ceil(cols / qt.group_size)
         if scale.shape not in ((1, 1), (rows, n_groups)):
@@ -161,7 +188,7 @@ class PackedWeight:
         w = w.detach().to(torch.float32)
         rows, cols = w.shape
         fmt = _choose_format(mask, cols, n, m) if fmt is None else fmt
-        t, nnz = _format_module(fmt).encode(w, mask, n=n, m=m, bits=None)
+        t, nnz = _encode(fmt, w, mask, n=n, m=m, bits=None)
         return cls(
             format=fmt,
             shape=(rows, cols),
