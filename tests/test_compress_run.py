@@ -98,6 +98,9 @@ def test_rerun_resumes_from_saved_blocks(slim_run):
     again = run_compress(cfg, run_dir)
     assert again["resumed_blocks"] == 2
     assert again["ppl"] == report["ppl"]
+    # wall seconds of each block compressed by the run (none when all were resumed)
+    assert len(report["block_seconds"]) == 2 and min(report["block_seconds"]) > 0
+    assert again["block_seconds"] == []
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -55,6 +55,7 @@ class CalibrationResult:
     fingerprint: str = ""
     seconds: float = 0.0
     embeddings: dict[str, Any] | None = None  # quantize_embeddings' report (embeddings.bits)
+    block_seconds: list[float] = field(default_factory=list)  # wall time of each block run
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -276,6 +277,7 @@ class CalibrationEngine:
             total=len(self.blocks),
         )
         for i in bar:
+            tb = time.perf_counter()
             if self.block_hook is not None:
                 self.block_hook(i, self.blocks[i], "load")
             block = self.blocks[i].to(self.device)
@@ -305,6 +307,7 @@ class CalibrationEngine:
             if self.block_hook is not None:
                 self.block_hook(i, self.blocks[i], "done")
             bar.set_postfix(block=i, err=f"{_mean_metric(results, 'err_final'):.3g}")
+            result.block_seconds.append(round(time.perf_counter() - tb, 4))
             del results, lin, block  # nothing of this block is held while the next one is read
             if offload:
                 self.block_hook(i, self.blocks[i], "offload")

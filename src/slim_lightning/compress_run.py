@@ -240,6 +240,7 @@ def _finish(
             "discarded_state": module.calib_result.discarded_state,
             "fingerprint": module.calib_result.fingerprint,
         }
+        report["block_seconds"] = module.calib_result.block_seconds
     with stage(module.timings, "export"):
         if plan.export.packed and report["size"]:
             report["size"] = write_packed(  # sizes measured from the written file
