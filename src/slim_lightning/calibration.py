@@ -164,7 +164,8 @@ class CalibrationEngine:
         blocks: the model's decoder blocks, in order.
         linear_names: dotted names of the linears to compress inside each block.
         spec: the compression spec handed to ``compress_fn``.
-        compress_fn: ``(W fp32 (d_out, d_in), LayerStats, spec) -> CompressedLinear``.
+        compress_fn: ``(W (d_out, d_in), LayerStats, spec) -> CompressedLinear``; W is fp32,
+            or fp16/bf16 when the linear is stored so (streaming), to be computed on in fp32.
         install_fn: puts a result into the model (default: merge into the dense weight).
         device: where the current block and its activations run.
         state_dir: where per-block state is saved for resume (None: no resume); layout and
@@ -335,7 +336,12 @@ class CalibrationEngine:
         # a fixed per-layer seed keeps randomized SVDs identical across resumes (and ranks)
         torch.manual_seed(self.seed * 1_000_003 + i * 1009 + j)
         tl = time.perf_counter()
-        c = self.compress_fn(m.weight.data.float(), stats, self.spec)
+        # as stored: fp32, or the 16-bit weight of a streaming run (exact; compress_fn works in
+        # fp32, one row block at a time for large weights, so no whole fp32 copy is made here)
+        w = m.weight.data
+        c = self.compress_fn(
+            w if w.dtype in (torch.float16, torch.bfloat16) else w.float(), stats, self.spec
+        )
         c = canonicalize(_to_cpu(c))
         c.metrics["time_s"] = time.perf_counter() - tl
         return c

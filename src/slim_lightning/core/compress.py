@@ -349,33 +349,42 @@ def compress_linear_rows(
         s_err = saliency(stat, "sq")
     except ValueError:
         s_err = torch.ones_like(stat)
-    parts: list[CompressedLinear] = []
+    out: CompressedLinear | None = None
+    all_metrics: list[dict[str, float]] = []
     dens: list[float] = []
+    sizes: list[int] = []
     for s in range(0, d_out, rows):
         w = weight[s : s + rows]
-        parts.append(compress_linear(w, stats, spec))
+        c = compress_linear(w, stats, spec)
+        if out is None:  # the whole result, filled block by block (no concatenation copies)
+            qt = None
+            if c.weight_q is not None:
+                q0 = c.weight_q
+                scale = q0.scale
+                if scale.shape[0] == w.shape[0]:  # per-row groups
+                    scale = scale.new_empty((d_out, *scale.shape[1:]))
+                qt = QuantTensor(q0.q.new_empty((d_out, d_in)), scale, q0.group_size, q0.bits, None)
+            out = CompressedLinear(
+                weight=c.weight.new_empty((d_out, d_in)),
+                weight_q=qt,
+                mask=None if c.mask is None else c.mask.new_empty((d_out, d_in)),
+            )
+        e = s + w.shape[0]
+        out.weight[s:e] = c.weight
+        if out.mask is not None:
+            out.mask[s:e] = c.mask
+        if out.weight_q is not None:
+            out.weight_q.q[s:e] = c.weight_q.q
+            if out.weight_q.scale.shape[0] == d_out:
+                out.weight_q.scale[s:e] = c.weight_q.scale
+        all_metrics.append(c.metrics)
+        sizes.append(w.shape[0] * d_in)
         dens.append(float(torch.linalg.norm(w.detach().float() * s_err[None, :])))
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-    qts = [p.weight_q for p in parts]
-    qt = None
-    if qts[0] is not None:
-        qt = QuantTensor(
-            torch.cat([q.q for q in qts]),
-            torch.cat([q.scale for q in qts]),
-            qts[0].group_size,
-            qts[0].bits,
-            None,
-        )
-    out = CompressedLinear(
-        weight=torch.cat([p.weight for p in parts]),
-        weight_q=qt,
-        mask=cat([p.mask for p in parts]),
-    )
-    sizes = [p.weight.shape[0] * d_in for p in parts]
+        del c
     total = float(sum(sizes))
     metrics: dict[str, float] = {}
-    for key in parts[0].metrics:
-        vals = [float(p.metrics[key]) for p in parts]
+    for key in all_metrics[0]:
+        vals = [float(m[key]) for m in all_metrics]
         if key in _RATIO_METRICS:  # weighted_rel_error: num / den (num alone where den == 0)
             num2 = sum((v * d if d > 0 else v) ** 2 for v, d in zip(vals, dens))
             den2 = sum(d * d for d in dens)
