@@ -45,7 +45,9 @@ def canonicalize(c: CompressedLinear) -> CompressedLinear:
     if c.weight_q is not None:
         c.weight = c.weight.new_empty(0)  # (freed first: one dense copy at a time)
         w = c.weight_q.dequantize()
-        c.weight = w.mul_(c.mask.to(w.dtype)) if c.mask is not None else w
+        # (codes are 0 where pruned, so this only writes +0.0 over +0.0: the product by the
+        # mask, without a float copy of it)
+        c.weight = w.masked_fill_(~c.mask, 0.0) if c.mask is not None else w
     if c.lora_l_q is not None:
         c.lora_l = c.lora_l_q.dequantize().T.contiguous()
     if c.lora_r_q is not None:

@@ -194,6 +194,7 @@ class CalibrationEngine:
         block_hook: Callable[[int, nn.Module, str], None] | None = None,
         dist: Any = None,
         offload_blocks: bool = False,
+        dense_views: bool = True,
     ):
         self.blocks, self.linear_names, self.spec = blocks, linear_names, spec
         self.compress_fn, self.install_fn = compress_fn, install_fn
@@ -208,6 +209,10 @@ class CalibrationEngine:
         # streaming with a resume state: a finished block is written to disk once committed and
         # dropped from memory (hook stage "offload"), read back by reinstall_offloaded()
         self.offload_blocks = offload_blocks and block_hook is not None
+        # False (streaming packed installs): a quantised result's dense view is not computed;
+        # its ``weight`` is a meta tensor of the right shape (installs and the resume state use
+        # the codes)
+        self.dense_views = dense_views
         self.offloaded: list[int] = []
         self._store: BlockStore | None = None
         # distributed (slim_lightning.distributed.DistContext; default: the active one, set by
@@ -342,7 +347,11 @@ class CalibrationEngine:
         c = self.compress_fn(
             w if w.dtype in (torch.float16, torch.bfloat16) else w.float(), stats, self.spec
         )
-        c = canonicalize(_to_cpu(c))
+        if self.dense_views or c.weight_q is None:
+            c = canonicalize(_to_cpu(c))
+        else:
+            c.weight = torch.empty(c.weight.shape, dtype=torch.float32, device="meta")
+            c = _to_cpu(c)
         c.metrics["time_s"] = time.perf_counter() - tl
         return c
 
@@ -563,8 +572,10 @@ def _map_tensors(
 
 
 def _to_cpu(c: CompressedLinear) -> CompressedLinear:
-    return _map_tensors(c, lambda t: t.detach().to("cpu"))
+    return _map_tensors(c, lambda t: t if t.is_meta else t.detach().to("cpu"))
 
 
 def _to_dev(c: CompressedLinear, device: torch.device) -> CompressedLinear:
-    return c if device.type == "cpu" else _map_tensors(c, lambda t: t.to(device))
+    if device.type == "cpu":
+        return c
+    return _map_tensors(c, lambda t: t if t.is_meta else t.to(device))

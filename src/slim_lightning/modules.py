@@ -145,7 +145,7 @@ class SLiMLinear(nn.Module):
         """
         meta, pw, packed_ad = _pack_compressed(c, bias, n, m, adapter_dtype, META_VERSION)
         rank, quant_ad = meta["rank"], bool(packed_ad)
-        device = c.weight.device
+        device = (c.weight_q.q if c.weight_q is not None else c.weight).device
         mod = cls(meta, device=device)
         with torch.no_grad():
             for k, v in pw.tensors.items():

@@ -195,6 +195,7 @@ def compress_model(
         keep_layers=keep_layers,
         block_hook=None if stream is None else stream.block_hook,
         offload_blocks=stream is not None and stream.offload_dir is not None,
+        dense_views=stream is None or not packed or keep_layers,
     )
     result = engine.run(inputs, kwargs)
     del inputs, kwargs
