@@ -281,3 +281,18 @@ def test_dense_perplexity_streams_block_by_block(ckpt, tmp_path):
     one = perplexity(whole.model, windows, batch_size=1, progress=False)  # the run's batches
     assert report["ppl_dense"]["embedded"] == one["ppl"]
     assert report["ppl"]["embedded"] > 1 and "ppl_dense_skipped" not in report
+
+
+def test_corrupt_block_tensor_is_named(tmp_path):
+    """A NaN in a block's weight stops the streaming run when that block is read, naming it."""
+    from safetensors.torch import save_file
+
+    d = _save_tiny(tmp_path / "ckpt")
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.1.mlp.up_proj.weight"
+    shard = d / index[key]
+    tensors = load_file(shard)
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight .* 1 NaN/Inf"):
+        run_compress(make_cfg(_overrides(d, True, ("method=wanda_absmax",))), tmp_path / "run")
