@@ -6,7 +6,7 @@ each, on the same overrides, and records each run's compression seconds (``repor
 ``timings.compress_s``) and its blocks' wall seconds (``block_seconds``: one timed step per
 decoder block, 30 per SmolLM2 run). Writes medians, quartiles and the A/B ratio as JSON.
 
-    python benchmarks/distributed_bench.py OUT.json --rounds 3 -- calib.nsamples=16
+    python benchmarks/distributed_bench.py OUT.json --rounds 3 calib.nsamples=16
 
 Run it on an otherwise idle machine: both sides share its cores.
 """
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads per process on side A")
     ap.add_argument("--work", default="/tmp/distributed_bench")
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     base = [
         "compress.py",
         "eval_dense=false",
