@@ -221,7 +221,7 @@ def test_blocks_offloaded_and_read_in_16_bits(ckpt, tmp_path):
     assert seen == [(i, s) for i in range(2) for s in ("load", "done", "offload")] + [
         (i, "reload") for i in range(2)
     ]
-    assert not list((tmp_path / "run" / "calib_state" / "offloaded").iterdir())
+    assert not list((tmp_path / "run" / "offloaded").iterdir())
     model = out.model
     sd = model.state_dict()
     assert not any(t.is_meta for t in sd.values())
@@ -296,3 +296,25 @@ def test_corrupt_block_tensor_is_named(tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight .* 1 NaN/Inf"):
         run_compress(make_cfg(_overrides(d, True, ("method=wanda_absmax",))), tmp_path / "run")
+
+
+def test_blocks_are_offloaded_without_a_resume_state(ckpt, runs, tmp_path, monkeypatch):
+    """engine.resume=false: no resume state, but finished blocks still wait on disk."""
+    from slim_lightning.streaming import StreamingSource
+
+    seen = []
+    real = StreamingSource.offload_block
+
+    def spy(self, i, block):
+        real(self, i, block)
+        seen.append(i)
+        assert all(t.is_meta for t in block.state_dict().values())
+
+    monkeypatch.setattr(StreamingSource, "offload_block", spy)
+    run_dir = tmp_path / "run"
+    report = run_compress(make_cfg(_overrides(ckpt, True, ("engine.resume=false",))), run_dir)
+    assert seen == [0, 1] and not (run_dir / "calib_state").exists()
+    assert report["ppl"] == runs[False][1]["ppl"]
+    a = load_file(runs[False][0] / "packed" / "model.safetensors")
+    b = load_file(run_dir / "packed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -206,8 +206,8 @@ class CalibrationEngine:
         # streaming (slim_lightning.streaming): called with stage "resume" / "load" before a
         # block is re-installed / processed (materialises it) and "done" after it is committed
         self.block_hook = block_hook
-        # streaming with a resume state: a finished block is written to disk once committed and
-        # dropped from memory (hook stage "offload"), read back by reinstall_offloaded()
+        # streaming: a finished block is written to disk once committed and dropped from memory
+        # (hook stage "offload"), read back by reinstall_offloaded()
         self.offload_blocks = offload_blocks and block_hook is not None
         # False (streaming packed installs): a quantised result's dense view is not computed;
         # its ``weight`` is a meta tensor of the right shape (installs and the resume state use
@@ -262,7 +262,7 @@ class CalibrationEngine:
             self.dist.shares["batches"] = len(mine)
         kwargs = [to_device(kw, self.device) for kw in kwargs]
         self._store = store
-        offload = self.offload_blocks and store is not None
+        offload = self.offload_blocks
         for i in range(start):  # re-install finished blocks from their saved state
             self._reinstall(i, result)
             if offload:  # (one at a time: each resumed block goes back to disk)

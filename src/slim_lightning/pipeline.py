@@ -171,8 +171,13 @@ def compress_model(
 
         install = drop_dense_after_install(install)
         stream.low_precision_linears = packed  # (merged installs write model.dtype weights)
-        if state_dir is not None:
-            stream.offload_dir = state_dir / "offloaded"
+        if run_dir is not None:  # finished blocks wait there (one directory per rank)
+            from .distributed import current
+
+            ctx = current()
+            stream.offload_dir = Path(run_dir) / "offloaded"
+            if ctx is not None:
+                stream.offload_dir = stream.offload_dir / f"rank{ctx.rank}"
     engine = CalibrationEngine(
         blocks,
         tuple(arch.linear_names),
