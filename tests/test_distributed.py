@@ -27,6 +27,11 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    """A command in the repository root with one thread per process; output captured."""
+    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,14 +85,7 @@ def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path) -> Non
         stderr=subprocess.STDOUT,
         text=True,
     )
-    pb = subprocess.run(
-        [sys.executable, *cmd, f"hydra.run.dir={b}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    pb = _run([sys.executable, *cmd, f"hydra.run.dir={b}"])
     out_a = pa.communicate(timeout=300)[0]
     assert pb.returncode == 0, pb.stderr[-3000:]
     assert pa.returncode == 0, out_a[-3000:]
@@ -126,23 +124,9 @@ def test_torchrun_streaming_equals_one_process(tmp_path: Path) -> None:
     base = ["compress.py", "debug=default", f"+model.path={ckpt}", "model.random_init=false"]
     a, b = tmp_path / "A", tmp_path / "B"
     torchrun = ["torchrun", "--standalone", "--nproc-per-node=2"]
-    pa = subprocess.run(
-        [*torchrun, *base, "engine.streaming=true", f"hydra.run.dir={a}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    pa = _run([*torchrun, *base, "engine.streaming=true", f"hydra.run.dir={a}"])
     assert pa.returncode == 0, (pa.stdout + pa.stderr)[-3000:]
-    pb = subprocess.run(
-        [sys.executable, *base, f"hydra.run.dir={b}"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    pb = _run([sys.executable, *base, f"hydra.run.dir={b}"])
     assert pb.returncode == 0, pb.stderr[-3000:]
     ta = load_file(a / "packed" / "model.safetensors")
     tb = load_file(b / "packed" / "model.safetensors")

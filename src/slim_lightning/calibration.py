@@ -214,7 +214,6 @@ class CalibrationEngine:
         # the codes)
         self.dense_views = dense_views
         self.offloaded: list[int] = []
-        self._store: BlockStore | None = None
         # distributed (slim_lightning.distributed.DistContext; default: the active one, set by
         # compress_run under torchrun/srun): run() keeps this rank's batches (b % world_size ==
         # rank), exchanges statistics, spreads the linears over ranks; no resume state
@@ -261,10 +260,9 @@ class CalibrationEngine:
             inputs, kwargs = [inputs[b] for b in mine], [kwargs[b] for b in mine]
             self.dist.shares["batches"] = len(mine)
         kwargs = [to_device(kw, self.device) for kw in kwargs]
-        self._store = store
         offload = self.offload_blocks
         for i in range(start):  # re-install finished blocks from their saved state
-            self._reinstall(i, result)
+            self._reinstall(store, i, result)
             if offload:  # (one at a time: each resumed block goes back to disk)
                 self.block_hook(i, self.blocks[i], "offload")
                 self.offloaded.append(i)
@@ -321,13 +319,13 @@ class CalibrationEngine:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _reinstall(self, i: int, result: CalibrationResult) -> None:
+    def _reinstall(self, store: BlockStore, i: int, result: CalibrationResult) -> None:
         """Installs block ``i``'s compressed linears from the resume state."""
         block = self.blocks[i]
         if self.block_hook is not None:
             self.block_hook(i, block, "resume")
         lin = self._linears(block)
-        for name, c in self._store.load_block(i).items():
+        for name, c in store.load_block(i).items():
             self._install(i, block, name, lin[name], c, result)
 
     def reinstall_offloaded(self) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .formats import PackedWeight, pack_absmax
 from .formats.bitpack import _unpack_codes
+from .formats.packed import cat_row_blocks
 
 META_VERSION = 1
 
@@ -125,14 +126,9 @@ def pack_rows(w: torch.Tensor, bits: int, group_size: int, step: int = ROW_STEP)
     """``pack_absmax(w, bits, group_size)`` computed ``step`` rows at a time (equal codes and
     scales; the fp32 work copies are ``step`` rows, whatever ``w``'s dtype and size)."""
     rows = w.shape[0]
-    starts = range(0, rows, step)
-    parts = [pack_absmax(w[s : s + step], bits, group_size) for s in starts]
-    for s, p in zip(starts, parts):
-        for k, v in p.tensors.items():
-            if v.dim() == 0 or v.shape[0] != min(step, rows - s):
-                raise ValueError(f"pack_rows: field {k} is not row-major ({tuple(v.shape)})")
+    parts = [pack_absmax(w[s : s + step], bits, group_size) for s in range(0, rows, step)]
     out = copy.copy(parts[0])
-    out.tensors = {k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors}
+    out.tensors = cat_row_blocks([p.tensors for p in parts], rows, step, "pack_rows")
     out.shape = (rows, w.shape[1])
     out.nnz = sum(p.nnz for p in parts)
     return out

@@ -166,10 +166,10 @@ def compress_model(
         if packed
         else merge_install_counted
     )
-    if stream is not None and not keep_layers:  # streaming: hold no dense copies
+    if stream is not None:  # streaming: hold no dense copies (of results: unless kept)
         from .streaming import drop_dense_after_install
 
-        install = drop_dense_after_install(install)
+        install = drop_dense_after_install(install, drop_results=not keep_layers)
         stream.low_precision_linears = packed  # (merged installs write model.dtype weights)
         if run_dir is not None:  # finished blocks wait there (one directory per rank)
             from .distributed import current

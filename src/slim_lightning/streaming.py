@@ -176,16 +176,17 @@ def _drop_storage(mod: nn.Module) -> None:
                 store[k] = nn.Parameter(meta, requires_grad=False) if k in mod._parameters else meta
 
 
-def drop_dense_after_install(install: Any) -> Any:
+def drop_dense_after_install(install: Any, drop_results: bool = True) -> Any:
     """``install_fn`` that then frees what is dense of the linear it replaced: the replaced
-    module's weight (when the install swapped the module, i.e. packed installs) and the result's
-    dense weight view (``c.weight``, the dequantised weight ``canonicalize`` computed) when the
-    quantised codes hold it (the resume state saves the codes; the engine keeps a block's
-    results until the block is committed)."""
+    module's weight (when the install swapped the module, i.e. packed installs; merged installs
+    keep their dense weight by design) and, with ``drop_results``, the result's dense weight
+    view (``c.weight``, the dequantised weight ``canonicalize`` computed) when the quantised
+    codes hold it (the resume state saves the codes; the engine keeps a block's results until
+    the block is committed)."""
 
     def install_then_drop(block: nn.Module, name: str, linear: nn.Module, c: Any) -> None:
         install(block, name, linear, c)
-        if c.weight_q is not None and c.weight.numel():
+        if drop_results and c.weight_q is not None and c.weight.numel():
             c.weight = c.weight.new_empty(0)
         if block.get_submodule(name) is not linear:
             _drop_storage(linear)
@@ -283,8 +284,6 @@ class StreamingSource:
             self.config = AutoConfig.from_pretrained(str(self.dir), trust_remote_code=False)
         self.model: nn.Module | None = None
         self.reader: ShardReader | None = None
-        self.loaded_blocks: list[int] = []
-        self._dense: dict[str, nn.Module] = {}
         # keep 16-bit checkpoint tensors in 16 bits where that is exact (a wider model.dtype
         # holds the same values): block linears when they are packed (set by compress_model)
         # and the vocabulary tables; they compute in model.dtype through upcast hooks
@@ -459,25 +458,14 @@ class StreamingSource:
         Stages: ``load`` (block i from the shards, before it is processed), ``resume`` (its
         compressed layers come from the resume state: everything but the compressed linears'
         weights is read; those get uninitialised storage that the install replaces) and
-        ``done`` (after block i is installed and committed: nothing dense of its linears left)
+        ``done`` (after block i is installed and committed: freed memory goes back to the OS),
         ``offload`` (after ``done`` when the engine offloads: the finished block is written to
         ``offload_dir`` and becomes a meta skeleton again) and ``reload`` (reads it back).
         """
         if stage in ("load", "resume"):
             low = self.low_precision_linears and stage == "load"
             self.read_block(i, block, resume=stage == "resume", low=low)
-            self.loaded_blocks.append(i)
-            if stage == "load":
-                self._dense = {n: block.get_submodule(n) for n in self.arch.linear_names}
-        elif stage == "done":
-            # the replaced dense linears may still be referenced (the engine's locals until its
-            # next block): drop their storage now, before the next block is read
-            for n, old in self._dense.items():
-                if block.get_submodule(n) is not old:
-                    _drop_storage(old)
-                else:  # merged installs (export.packed=false) keep dense weights by design
-                    log.debug("streaming: block %d keeps the dense linear %s", i, n)
-            self._dense = {}
+        elif stage == "done":  # (the install dropped each replaced dense linear already)
             return_freed_memory()
         elif stage == "offload":
             self.offload_block(i, block)

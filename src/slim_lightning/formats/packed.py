@@ -83,12 +83,20 @@ def _encode(
         encode(x[s : s + step], None if mask is None else mask[s : s + step], **kw)
         for s in range(0, rows, step)
     ]
-    for s, (t, _) in zip(range(0, rows, step), parts):
-        for k, v in t.items():
-            if v.dim() == 0 or v.shape[0] != min(step, rows - s):
-                raise ValueError(f"_encode: field {k} of {fmt} is not row-major")
-    tensors = {k: torch.cat([t[k] for t, _ in parts]) for k in parts[0][0]}
+    tensors = cat_row_blocks([t for t, _ in parts], rows, step, f"the {fmt} encoding")
     return tensors, sum(nnz for _, nnz in parts)
+
+
+def cat_row_blocks(
+    parts: list[dict[str, torch.Tensor]], rows: int, step: int, what: str
+) -> dict[str, torch.Tensor]:
+    """The fields of the consecutive ``step``-row blocks of a ``rows``-row matrix, concatenated
+    along rows; raises ValueError naming ``what`` when a field is not one entry per row."""
+    for i, t in enumerate(parts):
+        for k, v in t.items():
+            if v.dim() == 0 or v.shape[0] != min(step, rows - i * step):
+                raise ValueError(f"{what}: field {k} is not row-major ({tuple(v.shape)})")
+    return {k: torch.cat([t[k] for t in parts]) for k in parts[0]}
 
 
 def _per_row(name: str, t: torch.Tensor, rows: int) -> bool:
