@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="compress")
 def main(cfg: DictConfig) -> None:
-    from slim_lightning.compress_run import run_compress
+    from slim_lightning.app.compress_run import run_compress
 
     run_compress(cfg, HydraConfig.get().runtime.output_dir)
 

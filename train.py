@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     run_train(cfg, HydraConfig.get().runtime.output_dir)
 

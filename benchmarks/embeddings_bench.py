@@ -22,10 +22,10 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from slim_lightning.checkpoint import load_compressed, read_meta, save_compressed
-    from slim_lightning.data import EvalConfig
-    from slim_lightning.embeddings import quantize_embeddings
-    from slim_lightning.evaluation import make_eval_windows, perplexity
-    from slim_lightning.runtime import set_dense_cache
+    from slim_lightning.data.config import EvalConfig
+    from slim_lightning.data.evaluation import make_eval_windows, perplexity
+    from slim_lightning.nn.backend import set_dense_cache
+    from slim_lightning.nn.embedding import quantize_embeddings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("packed")

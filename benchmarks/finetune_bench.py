@@ -45,7 +45,7 @@ def _rss_mib() -> float:
 
 
 def held_bytes(model) -> int:
-    from slim_lightning.report import held_bytes as _held  # torch loads after the env is set
+    from slim_lightning.nn.backend import held_bytes as _held
 
     return _held(model)
 
@@ -57,7 +57,8 @@ def _ranks(packed: str) -> dict[str, int]:
 
 
 def _dense(model_path: str):
-    from slim_lightning.models import ModelConfig, load_model
+    from slim_lightning.models.load import load_model
+    from slim_lightning.models.source import ModelConfig
 
     model, tok = load_model(ModelConfig(name="bench", path=model_path))
     return model, tok
@@ -85,7 +86,7 @@ def _qlora_model(model_path: str):
     import bitsandbytes as bnb
     import torch
 
-    from slim_lightning.models import block_linears, get_arch, get_blocks
+    from slim_lightning.models.arch import block_linears, get_arch, get_blocks
 
     model, tok = _dense(model_path)
     arch = get_arch(model)
@@ -109,7 +110,8 @@ def _qlora_model(model_path: str):
 
 
 def _windows(tok, n: int, seqlen: int):
-    from slim_lightning.data import CalibConfig, calibration_windows
+    from slim_lightning.data.config import CalibConfig
+    from slim_lightning.data.text import calibration_windows
 
     return calibration_windows(tok, CalibConfig(nsamples=n, seqlen=seqlen, seed=1))
 
@@ -119,15 +121,15 @@ def worker(a: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    from slim_lightning.evaluation import training_nll
+    from slim_lightning.data.evaluation import training_nll
 
     t0 = time.perf_counter()
     out: dict = {"config": a.worker}
     ranks = _ranks(a.packed)
     if a.worker in ("lean", "dense_cache", "gen_lean", "gen_cache"):
         from slim_lightning import load_compressed
-        from slim_lightning.adapters import mark_trainable
-        from slim_lightning.modules import set_dense_cache
+        from slim_lightning.nn.adapters import mark_trainable
+        from slim_lightning.nn.backend import set_dense_cache
 
         model, tok, _ = load_compressed(a.packed, verify=False)
         set_dense_cache(model, a.worker in ("dense_cache", "gen_cache"))
@@ -251,7 +253,8 @@ def main() -> None:
         src = results.get("gen_dense") or results.get("lora")
         dense_fp32 = src[0]["held_after_load_bytes"] if "gen_dense" in results else 0
     if not dense_fp32:
-        from slim_lightning.models import ModelConfig, load_model
+        from slim_lightning.models.load import load_model
+        from slim_lightning.models.source import ModelConfig
 
         dense_fp32 = held_bytes(load_model(ModelConfig(name="d", path=a.model))[0])
     table = _summary(results, dense_fp32)

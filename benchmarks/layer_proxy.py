@@ -34,10 +34,11 @@ def _cfg(overrides: list[str]):
 
 @torch.no_grad()
 def collect(common: list[str]) -> tuple[dict, dict]:
-    from slim_lightning.config import build_plan
+    from slim_lightning.compress.plan import build_plan
     from slim_lightning.core.types import LayerStats
-    from slim_lightning.data import calibration_windows
-    from slim_lightning.models import block_linears, get_arch, get_blocks, load_model
+    from slim_lightning.data.text import calibration_windows
+    from slim_lightning.models.arch import block_linears, get_arch, get_blocks
+    from slim_lightning.models.load import load_model
 
     plan = build_plan(_cfg(common))
     model, tok = load_model(plan.model)
@@ -68,7 +69,7 @@ def collect(common: list[str]) -> tuple[dict, dict]:
 
 
 def evaluate(weights: dict, stats: dict, overrides: list[str]) -> dict[str, float]:
-    from slim_lightning.config import build_plan
+    from slim_lightning.compress.plan import build_plan
     from slim_lightning.core.compress import compress_linear
 
     spec = build_plan(_cfg(overrides)).spec
@@ -117,7 +118,7 @@ def main() -> None:
     sep = argv.index("--") if "--" in argv else len(argv)
     common, variants = argv[:sep], argv[sep + 1 :]
     torch.manual_seed(0)
-    from slim_lightning.data import cache_root
+    from slim_lightning.io import cache_root
 
     key = hashlib.sha256("\x00".join(common).encode()).hexdigest()[:24]
     cache = cache_root() / "layer_proxy" / f"{key}.safetensors"

@@ -36,9 +36,9 @@ import torch
 def dump(out: Path, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from slim_lightning.config import build_plan
-    from slim_lightning.data import calibration_windows, eval_tokens, eval_windows
-    from slim_lightning.models import load_model
+    from slim_lightning.compress.plan import build_plan
+    from slim_lightning.data.text import calibration_windows, eval_tokens, eval_windows
+    from slim_lightning.models.load import load_model
 
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(conf, version_base="1.3"):

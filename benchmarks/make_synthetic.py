@@ -54,7 +54,7 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from slim_lightning.tiny import byte_tokenizer
+    from slim_lightning.models.tiny import byte_tokenizer
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

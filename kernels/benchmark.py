@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from slim_lightning.packed import pack_int4, pack_nm
+from slim_lightning.formats.bitpack import pack_int4
+from slim_lightning.formats.nm import pack_nm
 
 LLAMA2_SHAPES = [  # (d_out, d_in): 7B q/k/v/o, 7B up/gate, 7B down, 13B q/k/v/o, up/gate, down
     (4096, 4096),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slim_lightning.packed import pack_absmax
+from slim_lightning.formats import pack_absmax
 
 from .sparse24 import dense4_matmul, slim24_matmul
 

@@ -1,12 +1,13 @@
 """Plain-PyTorch twins of the Triton kernels in ``sparse24.py`` (same arguments, same packed
-tensors). They decode with ``slim_lightning.packed`` and compute in fp32; the tests compare the
+tensors). They decode with ``slim_lightning.formats`` and compute in fp32; the tests compare the
 kernels with them on fresh random inputs."""
 
 from __future__ import annotations
 
 import torch
 
-from slim_lightning.packed import nm_scatter, unpack_int4, unpack_uint
+from slim_lightning.formats.bitpack import unpack_int4, unpack_uint
+from slim_lightning.formats.nm import nm_scatter
 
 
 def _expand_scale(scale: torch.Tensor, rows: int, cols: int, group: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from slim_lightning.calibration import CalibrationEngine, capture_block_inputs
+from slim_lightning.compress.engine import CalibrationEngine
 from slim_lightning.core.types import CompressedLinear, CompressSpec, LayerStats, SparsitySpec
+from slim_lightning.models.arch import capture_block_inputs
 
 D, VOCAB, N_BLOCKS = 16, 50, 4
 

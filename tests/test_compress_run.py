@@ -12,11 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from slim_lightning import load_compressed
-from slim_lightning.compress_run import make_eval_windows, run_compress
-from slim_lightning.config import build_plan
-from slim_lightning.embeddings import PackedEmbedding
-from slim_lightning.evaluation import perplexity
-from slim_lightning.modules import SLiMLinear
+from slim_lightning.app.compress_run import run_compress
+from slim_lightning.compress.plan import build_plan
+from slim_lightning.data.evaluation import make_eval_windows, perplexity
+from slim_lightning.nn.embedding import PackedEmbedding
+from slim_lightning.nn.linear import SLiMLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))

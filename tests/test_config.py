@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from slim_lightning.config import build_plan, spec_from_cfg
+from slim_lightning.compress.plan import build_plan, spec_from_cfg
 from slim_lightning.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slim_lightning.data import (
-    CalibConfig,
-    EvalConfig,
+from slim_lightning.data.config import CalibConfig, EvalConfig
+from slim_lightning.data.text import (
     calibration_windows,
     embedded_parts,
     eval_tokens,
@@ -16,7 +15,7 @@ from slim_lightning.data import (
     tokenize_text,
 )
 from slim_lightning.errors import ConfigError
-from slim_lightning.models import byte_tokenizer
+from slim_lightning.models.tiny import byte_tokenizer
 
 
 def test_embedded_calibration_and_evaluation_are_disjoint():

@@ -1,4 +1,4 @@
-"""Distributed compression (``slim_lightning.distributed``): torchrun with 2 CPU processes writes
+"""Distributed compression (``slim_lightning.compress.distributed``): torchrun with 2 CPU processes writes
 the same packed checkpoint as one process; errors on one rank stop every rank."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slim_lightning.distributed import env_world, lpt_assign
+from slim_lightning.compress.distributed import env_world, lpt_assign
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_torchrun_streaming_equals_one_process(tmp_path: Path) -> None:
     one-process run and reports its perplexities."""
     from safetensors.torch import load_file
 
-    from slim_lightning.tiny import tiny_model
+    from slim_lightning.models.tiny import tiny_model
 
     ckpt = tmp_path / "ckpt"
     model, tok = tiny_model(kind="llama", seed=0)
@@ -144,8 +144,8 @@ FAILING = textwrap.dedent(
     """
     import os, sys, torch
     from torch import nn
-    from slim_lightning import distributed
-    from slim_lightning.calibration import CalibrationEngine, capture_block_inputs
+    from slim_lightning.compress import distributed
+    from slim_lightning.compress.engine import CalibrationEngine, capture_block_inputs
     from slim_lightning.core.types import CompressedLinear, CompressSpec
 
     class Block(nn.Module):
@@ -219,7 +219,7 @@ def test_a_rank_follows_rank_zeros_run_dir(tmp_path: Path) -> None:
     """A rank whose Hydra run directory (timestamp) differs moves its log to rank zero's."""
     import logging
 
-    from slim_lightning.distributed import follow_run_dir
+    from slim_lightning.compress.distributed import follow_run_dir
 
     local, run_dir = tmp_path / "12-00-01", tmp_path / "12-00-00"
     local.mkdir()
@@ -245,7 +245,8 @@ def test_explicit_resume_is_refused_with_several_processes(
 ) -> None:
     from types import SimpleNamespace
 
-    from slim_lightning import compress_run, distributed
+    from slim_lightning.app import compress_run
+    from slim_lightning.compress import distributed
     from slim_lightning.errors import ConfigError
 
     ctx = SimpleNamespace(world_size=2, rank=0, is_main=True)

@@ -11,11 +11,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from slim_lightning import load_compressed
-from slim_lightning.compress_run import make_eval_windows
-from slim_lightning.data import EvalConfig
-from slim_lightning.evaluation import perplexity
-from slim_lightning.modules import SLiMLinear
-from slim_lightning.report import held_bytes
+from slim_lightning.data.config import EvalConfig
+from slim_lightning.data.evaluation import make_eval_windows, perplexity
+from slim_lightning.nn.backend import held_bytes
+from slim_lightning.nn.linear import SLiMLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 

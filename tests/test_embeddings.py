@@ -11,12 +11,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import slim_lightning  # noqa: F401 - registers the transformers quantizer
-from slim_lightning.adapters import merge_to_dense
 from slim_lightning.checkpoint import load_compressed, read_meta, save_compressed
-from slim_lightning.config import EmbeddingConfig
-from slim_lightning.embeddings import PackedEmbedding, quantize_embeddings
+from slim_lightning.compress.plan import EmbeddingConfig
 from slim_lightning.errors import ConfigError
-from slim_lightning.modules import SLiMLinear
+from slim_lightning.nn.adapters import merge_to_dense
+from slim_lightning.nn.embedding import PackedEmbedding, quantize_embeddings
+from slim_lightning.nn.linear import SLiMLinear
 
 
 def _tiny(tied: bool) -> LlamaForCausalLM:
@@ -110,7 +110,7 @@ def test_dense_export_dequantises_and_reties(tmp_path):
 
 
 def test_embedding_config_is_validated(compose_cfg):
-    from slim_lightning.config import build_plan
+    from slim_lightning.compress.plan import build_plan
 
     assert EmbeddingConfig().bits is None
     with pytest.raises(ConfigError, match="embeddings.bits"):

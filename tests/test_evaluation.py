@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from slim_lightning.evaluation import per_window_nll, perplexity
+from slim_lightning.data.evaluation import per_window_nll, perplexity
 
 
 class Uniform(nn.Module):
@@ -59,7 +59,7 @@ def test_hand_computed_mixture():
 
 
 def test_batching_does_not_change_the_result():
-    from slim_lightning.models import tiny_model
+    from slim_lightning.models.tiny import tiny_model
 
     model, _ = tiny_model("llama")
     w = torch.randint(0, 250, (5, 12))
@@ -77,8 +77,8 @@ def test_rejects_bad_windows():
 
 
 def test_training_nll_equals_per_window_nll_and_its_gradient():
-    from slim_lightning.evaluation import per_window_nll, training_nll
-    from slim_lightning.models import tiny_model
+    from slim_lightning.data.evaluation import per_window_nll, training_nll
+    from slim_lightning.models.tiny import tiny_model
 
     model, _ = tiny_model("llama")
     ids = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(0))

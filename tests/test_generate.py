@@ -10,8 +10,8 @@ import torch
 from conftest import compose_config
 
 from slim_lightning import load_compressed
-from slim_lightning.compress_run import run_compress
-from slim_lightning.generate import main, prompt_ids
+from slim_lightning.app.compress_run import run_compress
+from slim_lightning.deploy.generate import main, prompt_ids
 
 PROMPT = "def add(a, b):\n    return"
 STATS = re.compile(

@@ -16,12 +16,12 @@ from transformers import AutoModelForCausalLM
 
 import slim_lightning  # noqa: F401 - registers the quantizer
 from slim_lightning import load_compressed
-from slim_lightning.checkpoint_checks import CheckpointError
-from slim_lightning.compress_run import make_eval_windows, run_compress
-from slim_lightning.config import build_plan
-from slim_lightning.evaluation import perplexity
-from slim_lightning.modules import SLiMLinear
-from slim_lightning.report import held_bytes
+from slim_lightning.app.compress_run import run_compress
+from slim_lightning.compress.plan import build_plan
+from slim_lightning.data.evaluation import make_eval_windows, perplexity
+from slim_lightning.errors import CheckpointError
+from slim_lightning.nn.backend import held_bytes
+from slim_lightning.nn.linear import SLiMLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_save_pretrained_round_trips(packed_run, tmp_path):
 
 def test_peft_lora_on_top_trains_only_its_own_weights(packed_run, tmp_path):
     peft = pytest.importorskip("peft")
-    from slim_lightning.hf_quantizer import peft_lora_config
+    from slim_lightning.deploy.hf_quantizer import peft_lora_config
 
     _, run_dir, _ = packed_run
     model = AutoModelForCausalLM.from_pretrained(run_dir / "packed")

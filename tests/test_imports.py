@@ -1,4 +1,5 @@
-"""Import purity: the compression core, the packed formats and the kernels stay lean.
+"""Import purity: the compression core, the packed formats, the runtime layer (``nn``) and the
+kernels stay lean (torch and triton only).
 
 Each module is imported in a fresh interpreter (so this test process's own imports do not matter)
 and must not pull in the training / config / model stack.
@@ -26,7 +27,12 @@ MODULES = (
     "slim_lightning.formats.unstructured",
     "slim_lightning.formats.dense",
     "slim_lightning.formats.packed",
-    "slim_lightning.packed",
+    "slim_lightning.nn.functional",
+    "slim_lightning.nn.linear",
+    "slim_lightning.nn.backend",
+    "slim_lightning.nn.embedding",
+    "slim_lightning.nn.adapters",
+    "slim_lightning.nn",
     "slim_lightning.kernels.reference",
     "slim_lightning.kernels.sparse24",
     "slim_lightning.kernels.ops",

@@ -19,8 +19,11 @@ from slim_lightning.kernels.sparse24 import dense4_matmul, slim24_matmul
 from slim_lightning.core.compress import compress_linear
 from slim_lightning.core.quant import absmax_quant
 from slim_lightning.core.types import CompressSpec, LayerStats, LowRankSpec, QuantSpec, SparsitySpec
-from slim_lightning.modules import SLiMLinear, set_backend
-from slim_lightning.packed import PackedWeight, pack_int4, pack_nm
+from slim_lightning.formats import PackedWeight
+from slim_lightning.formats.bitpack import pack_int4
+from slim_lightning.formats.nm import pack_nm
+from slim_lightning.nn.backend import set_backend
+from slim_lightning.nn.linear import SLiMLinear
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -1,10 +1,10 @@
-"""Per-stage peak memory (report.json["memory"]["stages"]): report.stage / StageMemory."""
+"""Per-stage peak memory (report.json["memory"]["stages"]): memory.stage / StageMemory."""
 
 from __future__ import annotations
 
 import resource
 
-from slim_lightning.report import StageMemory, peak_memory, stage
+from slim_lightning.memory import StageMemory, peak_memory, stage
 
 
 def _touch(mib: int) -> bytearray:
@@ -16,7 +16,7 @@ def _touch(mib: int) -> bytearray:
 
 def test_stage_peaks_are_each_stages_own_and_nest(monkeypatch):
     mem = StageMemory()
-    monkeypatch.setattr("slim_lightning.report.MEMORY", mem)
+    monkeypatch.setattr("slim_lightning.memory.MEMORY", mem)
     timings: dict[str, float] = {}
     with stage(timings, "big"):
         buf = _touch(300)
@@ -38,7 +38,7 @@ def test_stage_peaks_are_each_stages_own_and_nest(monkeypatch):
 
 
 def test_compress_report_has_stage_memory(compose_cfg, tmp_path):
-    from slim_lightning.compress_run import run_compress
+    from slim_lightning.app.compress_run import run_compress
 
     report = run_compress(compose_cfg("compress", ["debug=default", "eval_dense=false"]), tmp_path)
     stages = report["memory"]["stages"]

@@ -7,15 +7,10 @@ import torch
 from torch import nn
 
 from slim_lightning.errors import ConfigError
-from slim_lightning.models import (
-    ModelConfig,
-    block_linears,
-    embedded_smollm2_path,
-    get_arch,
-    get_blocks,
-    load_model,
-    tiny_model,
-)
+from slim_lightning.models.arch import block_linears, get_arch, get_blocks
+from slim_lightning.models.load import load_model
+from slim_lightning.models.source import ModelConfig, embedded_smollm2_path
+from slim_lightning.models.tiny import tiny_model
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])

@@ -17,7 +17,8 @@ from slim_lightning.core.types import (
     QuantSpec,
     SparsitySpec,
 )
-from slim_lightning.modules import SLiMLinear, set_backend
+from slim_lightning.nn.backend import set_backend
+from slim_lightning.nn.linear import SLiMLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -268,7 +269,7 @@ def test_lean_path_works_with_gradient_checkpointing(layers):
 
 
 def test_set_dense_cache_and_auto_backend(layers):
-    from slim_lightning.modules import set_dense_cache
+    from slim_lightning.nn.backend import set_dense_cache
 
     model = torch.nn.Sequential(SLiMLinear.from_compressed(layers["slim_q"], None))
     assert set_dense_cache(model, True) == 1 and model[0].cache_dense

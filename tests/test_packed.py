@@ -16,17 +16,10 @@ from slim_lightning.core.types import (
     QuantTensor,
     SparsitySpec,
 )
-from slim_lightning.packed import (
-    PackedWeight,
-    pack_int4,
-    pack_nm,
-    pack_uint,
-    pack_unstructured,
-    unpack_int4,
-    unpack_nm,
-    unpack_uint,
-    unpack_unstructured,
-)
+from slim_lightning.formats import PackedWeight
+from slim_lightning.formats.bitpack import pack_int4, pack_uint, unpack_int4, unpack_uint
+from slim_lightning.formats.nm import pack_nm, unpack_nm
+from slim_lightning.formats.unstructured import pack_unstructured, unpack_unstructured
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -304,9 +297,9 @@ def test_row_blocks_dequantise_to_the_rows_of_the_whole(fmt):
 def test_large_weights_are_dequantised_in_row_blocks(monkeypatch):
     """Above DEQUANT_STEP values the packed forward multiplies block by block: the same output
     (to float rounding), and no dense copy of the whole weight is made."""
-    from slim_lightning import linear_ops
     from slim_lightning.formats import PackedWeight
-    from slim_lightning.modules import SLiMLinear
+    from slim_lightning.nn import functional as linear_ops
+    from slim_lightning.nn.linear import SLiMLinear
 
     c = _compressed(CompressSpec(), d_out=96, d_in=64)
     m = SLiMLinear.from_compressed(c)

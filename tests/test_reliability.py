@@ -25,11 +25,10 @@ import torch
 from conftest import ROOT, compose_config
 
 from slim_lightning import load_compressed
-from slim_lightning.checkpoint import CheckpointError
-from slim_lightning.compress_run import run_compress
-from slim_lightning.config import build_plan
-from slim_lightning.errors import ConfigError
-from slim_lightning.rundir import RunDirBusy, acquire
+from slim_lightning.app.compress_run import run_compress
+from slim_lightning.app.rundir import RunDirBusy, acquire
+from slim_lightning.compress.plan import build_plan
+from slim_lightning.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,7 +235,7 @@ def test_failed_rerun_leaves_no_success_report_and_no_stale_outputs(tmp_path, mo
     def boom(*a, **k):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr("slim_lightning.pipeline.compress_model", boom)
+    monkeypatch.setattr("slim_lightning.compress.pipeline.compress_model", boom)
     with pytest.raises(RuntimeError, match="injected"):
         run_compress(cfg_of("lowrank.rank_ratio=0.25"), run_dir)
     rep = json.loads((run_dir / "report.json").read_text())
@@ -271,8 +270,8 @@ def no_weights(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the bad input was refused")
 
-    monkeypatch.setattr("slim_lightning.models.load_model", refuse)
-    monkeypatch.setattr("slim_lightning.pipeline.compress_model", refuse)
+    monkeypatch.setattr("slim_lightning.models.load.load_model", refuse)
+    monkeypatch.setattr("slim_lightning.compress.pipeline.compress_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -330,7 +329,7 @@ def test_eval_seqlen_one_is_a_config_error():
 
 
 def _hf_dir(tmp_path: Path, **tiny) -> Path:
-    from slim_lightning.models import tiny_model
+    from slim_lightning.models.tiny import tiny_model
 
     model, tok = tiny_model("llama", **tiny)
     d = tmp_path / "hf"
@@ -519,7 +518,7 @@ def train_cfg(*overrides: str):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     run_dir = tmp_path_factory.mktemp("trained")
     run_train(train_cfg(), run_dir)
@@ -528,7 +527,7 @@ def trained(tmp_path_factory):
 
 
 def test_garbage_ckpt_path_is_refused_before_weights_load(tmp_path, no_weights):
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
@@ -537,7 +536,7 @@ def test_garbage_ckpt_path_is_refused_before_weights_load(tmp_path, no_weights):
 
 
 def test_ckpt_of_another_base_is_refused(tmp_path, trained, reference, monkeypatch):
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     _, ckpt = trained
     # against a compressed checkpoint of another base: refused in preflight
@@ -551,13 +550,13 @@ def test_ckpt_of_another_base_is_refused(tmp_path, trained, reference, monkeypat
     def refuse(*a, **k):
         raise AssertionError("compressed although the checkpoint cannot be resumed")
 
-    monkeypatch.setattr("slim_lightning.pipeline.compress_model", refuse)
+    monkeypatch.setattr("slim_lightning.compress.pipeline.compress_model", refuse)
     with pytest.raises(ConfigError, match=r"ckpt_path.*fingerprint"):
         run_train(train_cfg(f"ckpt_path={ckpt}", "model.tiny.seed=7"), tmp_path / "b")
 
 
 def test_ckpt_resume_on_its_own_base_is_accepted(tmp_path, trained):
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     run_dir, ckpt = trained
     rep = run_train(
@@ -570,7 +569,7 @@ def test_ckpt_resume_on_its_own_base_is_accepted(tmp_path, trained):
 
 
 def test_training_text_too_short_is_refused_before_weights_load(tmp_path, no_weights):
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     text = tmp_path / "train.txt"
     text.write_text("Too short to train on. " * 3)

@@ -15,12 +15,12 @@ pytest.importorskip("compressed_tensors")
 pytest.importorskip("peft")
 
 from slim_lightning import load_compressed  # noqa: E402
-from slim_lightning.compress_run import run_compress  # noqa: E402
-from slim_lightning.config import build_plan  # noqa: E402
+from slim_lightning.app.compress_run import run_compress  # noqa: E402
+from slim_lightning.compress.plan import build_plan  # noqa: E402
+from slim_lightning.data.evaluation import make_eval_windows  # noqa: E402
+from slim_lightning.deploy.servable import write_servable  # noqa: E402
 from slim_lightning.errors import ConfigError  # noqa: E402
-from slim_lightning.evaluation import make_eval_windows  # noqa: E402
-from slim_lightning.modules import SLiMLinear  # noqa: E402
-from slim_lightning.servable import write_servable  # noqa: E402
+from slim_lightning.nn.linear import SLiMLinear  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_packed_vocab_tables_are_written_dense(served, tmp_path, tied):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from slim_lightning.embeddings import quantize_embeddings
+    from slim_lightning.nn.embedding import quantize_embeddings
 
     report, run_dir, _, _, windows = served
     if report["method"] != "slim_q":

@@ -1,4 +1,4 @@
-"""engine.streaming: blocks read from safetensors shards one at a time (slim_lightning.streaming).
+"""engine.streaming: blocks read from safetensors shards one at a time (slim_lightning.compress.streaming).
 
 A tiny LLaMA is saved as a sharded safetensors checkpoint (fp16, several shards, so the index
 path and the export-dtype rounding are exercised); streaming and non-streaming runs must write
@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from slim_lightning.compress_run import run_compress
+from slim_lightning.app.compress_run import run_compress
 from slim_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def make_cfg(overrides: list[str]):
 
 
 def _save_tiny(directory: Path, kind: str = "llama", dtype=torch.float16) -> Path:
-    from slim_lightning.tiny import tiny_model
+    from slim_lightning.models.tiny import tiny_model
 
     model, tok = tiny_model(kind=kind, seed=0)
     model.to(dtype)
@@ -79,9 +79,9 @@ def test_streaming_output_equals_non_streaming(runs):
 def test_no_dense_block_weight_left(ckpt, tmp_path):
     """After streaming compression every block linear is packed and nothing dense of it is
     left; blocks are read only when the engine reaches them (the rest stays on meta)."""
-    from slim_lightning.config import build_plan
-    from slim_lightning.modules import SLiMLinear
-    from slim_lightning.pipeline import load_base, load_or_compress
+    from slim_lightning.compress.pipeline import load_base, load_or_compress
+    from slim_lightning.compress.plan import build_plan
+    from slim_lightning.nn.linear import SLiMLinear
 
     plan = build_plan(make_cfg(_overrides(ckpt, True, ("method=wanda_absmax",))))
     assert plan.dense_cache is False and plan.eval_dense is False
@@ -118,7 +118,7 @@ def test_no_dense_block_weight_left(ckpt, tmp_path):
 
 
 def test_resume_after_interrupted_streaming_run(ckpt, runs, tmp_path, monkeypatch):
-    from slim_lightning import calibration
+    from slim_lightning.compress import engine as calibration
 
     run_dir = tmp_path / "run"
     cfg = make_cfg(_overrides(ckpt, True))
@@ -144,7 +144,7 @@ def test_resume_after_interrupted_streaming_run(ckpt, runs, tmp_path, monkeypatc
 
 
 def test_checkpoint_without_safetensors_is_refused(tmp_path):
-    from slim_lightning.tiny import tiny_model
+    from slim_lightning.models.tiny import tiny_model
 
     model, tok = tiny_model(kind="llama", seed=0)
     model.config.save_pretrained(tmp_path)
@@ -184,10 +184,10 @@ def test_blocks_offloaded_and_read_in_16_bits(ckpt, tmp_path):
     blocks are re-installed from the state at the end; a block's linears are held in their
     16-bit checkpoint dtype (fp16 here) while it is compressed, and the model ends in fp32
     with no upcast hooks left."""
-    from slim_lightning.config import build_plan
-    from slim_lightning.embeddings import PackedEmbedding
-    from slim_lightning.modules import SLiMLinear
-    from slim_lightning.pipeline import load_base, load_or_compress
+    from slim_lightning.compress.pipeline import load_base, load_or_compress
+    from slim_lightning.compress.plan import build_plan
+    from slim_lightning.nn.embedding import PackedEmbedding
+    from slim_lightning.nn.linear import SLiMLinear
 
     plan = build_plan(make_cfg(_overrides(ckpt, True)))
     assert plan.model.dtype == "float32"
@@ -259,10 +259,9 @@ def test_streaming_variants_equal_non_streaming(tmp_path, dtype, extra):
 def test_dense_perplexity_streams_block_by_block(ckpt, tmp_path):
     """eval_dense with streaming: the dense model is evaluated one block at a time (read,
     run, evicted) and gives the whole-model perplexity exactly."""
-    from slim_lightning.config import build_plan
-    from slim_lightning.evaluation import make_eval_windows, perplexity
-    from slim_lightning.pipeline import load_base
-    from slim_lightning.streaming import streaming_perplexity
+    from slim_lightning.compress.pipeline import load_base
+    from slim_lightning.compress.plan import build_plan
+    from slim_lightning.data.evaluation import make_eval_windows, perplexity, streaming_perplexity
 
     base_over = [f"+model.path={ckpt}", "model.random_init=false"]
     plan = build_plan(make_cfg([*base_over, "engine.streaming=true"]))
@@ -300,7 +299,7 @@ def test_corrupt_block_tensor_is_named(tmp_path):
 
 def test_blocks_are_offloaded_without_a_resume_state(ckpt, runs, tmp_path, monkeypatch):
     """engine.resume=false: no resume state, but finished blocks still wait on disk."""
-    from slim_lightning.streaming import StreamingSource
+    from slim_lightning.compress.streaming import StreamingSource
 
     seen = []
     real = StreamingSource.offload_block

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from slim_lightning.errors import ConfigError
-from slim_lightning.train_config import build_train_plan
+from slim_lightning.train.plan import build_train_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -118,7 +118,7 @@ def test_optimizer_presets_instantiate_and_step():
 
 
 def test_lr_schedule_warmup_then_linear_decay():
-    from slim_lightning.train_config import lr_lambda
+    from slim_lightning.train.plan import lr_lambda
 
     f = lr_lambda(warmup=4, total=10, schedule="linear")
     assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
@@ -127,15 +127,15 @@ def test_lr_schedule_warmup_then_linear_decay():
 
 # -- module -----------------------------------------------------------------------------------
 def tiny_module(tmp_path, extra: list[str] = ()):
-    from slim_lightning.lightning_module import SLiMModule
-    from slim_lightning.training import build_train_plan
+    from slim_lightning.train.module import SLiMModule
+    from slim_lightning.train.plan import build_train_plan
 
     tp = build_train_plan(make_cfg([*DEBUG, "+peft=true", *extra]))
     return SLiMModule(tp.plan, str(tmp_path), train=tp)
 
 
 def test_setup_is_idempotent_and_trains_only_adapters(tmp_path):
-    from slim_lightning.modules import SLiMLinear
+    from slim_lightning.nn.linear import SLiMLinear
 
     m = tiny_module(tmp_path)
     for stage in ("validate", "fit", "fit", "validate"):
@@ -162,7 +162,7 @@ def test_setup_is_idempotent_and_trains_only_adapters(tmp_path):
 def test_ste_gradient_equals_gradient_at_the_quantised_adapters():
     from slim_lightning.core.quant import absmax_quant
     from slim_lightning.core.types import CompressedLinear
-    from slim_lightning.modules import SLiMLinear
+    from slim_lightning.nn.linear import SLiMLinear
 
     g = torch.Generator().manual_seed(0)
     d_out, d_in, r = 16, 32, 4
@@ -191,7 +191,7 @@ def test_ste_gradient_equals_gradient_at_the_quantised_adapters():
 # -- runs -------------------------------------------------------------------------------------
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     """4 steps straight == 2 steps + resume to 4 (epochs of 2 steps: resume at an epoch end)."""
-    from slim_lightning.train_run import run_train
+    from slim_lightning.app.train_run import run_train
 
     text = tmp_path / "train.txt"
     text.write_text(("The quick brown fox jumps over the lazy dog. " * 3)[:100])  # 3 blocks

@@ -9,10 +9,10 @@ import re
 import pytest
 from conftest import compose_config
 
-from slim_lightning.config import build_plan
-from slim_lightning.data import embedded_parts
+from slim_lightning.compress.plan import build_plan
+from slim_lightning.data.text import embedded_parts
+from slim_lightning.data.zeroshot_task import N_CHOICES, TASK, continuation_examples, write_examples
 from slim_lightning.errors import ConfigError
-from slim_lightning.zeroshot_task import N_CHOICES, TASK, continuation_examples, write_examples
 
 
 def _norm(text: str) -> str:
@@ -76,8 +76,8 @@ def compressed():
 
     from slim_lightning.core.compress import compress_linear
     from slim_lightning.core.types import CompressSpec, LayerStats, LowRankSpec, QuantSpec
-    from slim_lightning.modules import SLiMLinear
-    from slim_lightning.tiny import tiny_model
+    from slim_lightning.models.tiny import tiny_model
+    from slim_lightning.nn.linear import SLiMLinear
 
     model, tok = tiny_model()
     spec = CompressSpec(quant=QuantSpec(group_size=16), lowrank=LowRankSpec(quant_group_size=16))
@@ -95,9 +95,9 @@ def test_zero_shot_runs_offline_on_a_compressed_model(compressed, tmp_path, monk
     pytest.importorskip(
         "lm_eval", reason="zero-shot evaluation needs lm-eval (slim-lightning[eval])"
     )
-    from slim_lightning.evaluation import zero_shot
-    from slim_lightning.modules import SLiMLinear
-    from slim_lightning.runtime import set_dense_cache
+    from slim_lightning.data.evaluation import zero_shot
+    from slim_lightning.nn.backend import set_dense_cache
+    from slim_lightning.nn.linear import SLiMLinear
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["load_compressed", "save_compressed"]
 
 
@@ -25,7 +26,7 @@ def save_compressed(*args: Any, **kwargs: Any) -> Any:
 def _register_with_transformers() -> None:
     # AutoModelForCausalLM.from_pretrained(RUN/packed) works after `import slim_lightning`; the
     # registration waits until transformers loads its quantizer registry (no import cost here)
-    from .hf_quantizer import install_hook
+    from .deploy.hf_quantizer import install_hook
 
     install_hook()
 

@@ -62,3 +62,7 @@ def make_dataclass(cls: type, group: str, values: dict) -> Any:
         if k not in names:
             raise ConfigError(f"{group}.{k}", values[k], "keys " + ", ".join(sorted(names)))
     return cls(**values)
+
+
+class CheckpointError(ValueError):
+    """A packed checkpoint is missing, damaged, edited or inconsistent (names the file)."""

@@ -279,3 +279,9 @@ def _json_default(o: Any) -> Any:
 
         return dataclasses.asdict(o)
     return str(o)
+
+
+def cache_root(override: str | None = None) -> Path:
+    """Cache root: ``override``, else ``$SLIM_LIGHTNING_CACHE``, else ``~/.cache/slim_lightning``."""
+    root = override or os.environ.get("SLIM_LIGHTNING_CACHE") or "~/.cache/slim_lightning"
+    return Path(root).expanduser()

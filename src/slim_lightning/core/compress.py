@@ -94,17 +94,6 @@ def bits_per_weight(
     return total / numel
 
 
-def is_identity(spec: CompressSpec) -> bool:
-    """True when ``spec`` changes nothing: dense, unquantised, no adapters, no joint OPTQ."""
-    sp, q, pr, lr = spec.sparsity, spec.quant, spec.pruner, spec.lowrank
-    return (
-        sp.pattern == "dense"
-        and q.method == "none"
-        and not ADAPTERS.get_entry(lr.method).enabled
-        and not (PRUNERS.get_entry(pr.method).joint_quant and pr.joint_quant)
-    )
-
-
 def weighted_rel_error(w: torch.Tensor, w_hat: torch.Tensor, s: torch.Tensor) -> float:
     """Saliency-weighted relative error ``||(W - W_hat) diag(s)||_F / ||W diag(s)||_F``."""
     num = torch.linalg.norm((w - w_hat) * s[None, :])
@@ -206,7 +195,7 @@ def compress_linear(
         s_err = torch.ones_like(stat)
         metrics["err_uniform_weights"] = 1.0
 
-    if is_identity(spec):  # the `dense` method: weight returned unchanged
+    if spec.is_identity:  # the `dense` method: weight returned unchanged
         metrics.update(
             sparsity=0.0,
             rank=0.0,

@@ -180,6 +180,20 @@ class CompressSpec:
             self.sparsity.pattern != "dense" or self.pruner.joint_quant
         )
 
+    @property
+    def is_identity(self) -> bool:
+        """True when this spec changes nothing (the ``dense`` method): dense, unquantised, no
+        adapters, no joint OPTQ."""
+        from slim_lightning.core.registry import ADAPTERS, PRUNERS
+
+        sp, q, pr, lr = self.sparsity, self.quant, self.pruner, self.lowrank
+        return (
+            sp.pattern == "dense"
+            and q.method == "none"
+            and not ADAPTERS.get_entry(lr.method).enabled
+            and not (PRUNERS.get_entry(pr.method).joint_quant and pr.joint_quant)
+        )
+
 
 @dataclass
 class CompressedLinear:

@@ -7,8 +7,7 @@ the ``QuantTensor`` contract; ``to_dense()`` reproduces ``QuantTensor.dequantize
 included.
 
 Integer codes (4-bit two's complement nibbles, low nibble first, or ``int8``) and floating-point
-fields (stored as their bit patterns: fp16 -> ``int16``, fp32 -> ``int32``) follow
-``formats.bitpack``.
+fields (stored as their bit patterns: fp16 -> ``int16``, fp32 -> ``int32``): ``formats.bitpack``.
 
 Formats (``format`` field; all tensors are row-major and contiguous), one module each, listed in
 ``FORMATS``:

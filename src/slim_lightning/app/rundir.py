@@ -1,0 +1,192 @@
+"""One run per run directory: an OS lock, a status in ``report.json``, no stale outputs.
+
+``run_session(run_dir, ...)`` wraps the body of ``compress.py`` and ``train.py``:
+
+* it takes an exclusive ``flock`` on ``RUN/.lock`` for the run's whole life, so a second run
+  started into the same directory fails at once (:class:`RunDirBusy`) instead of interleaving its
+  files with the first; the lock dies with the process, so a killed run never leaves it held;
+* it removes what a killed writer left (``.<name>.*`` temp files and directories) and the
+  previous run's outputs (``report.json``, ``packed/``, ``hf/``, ``compressed/``, ``layers.png``),
+  except those this run reads (``compressed.path``, ``ckpt_path`` inside the directory); resume
+  state (``calib_state/``) and Lightning checkpoints stay: they are verified before reuse;
+* it writes ``report.json`` with ``status: running`` first and ``status: failed`` (with the error)
+  when the body raises, so a failed run never leaves a success report behind; the body writes
+  ``status: done`` itself;
+* under Hydra it writes ``.hydra/`` (config, overrides) only after taking the lock (the root
+  configs set ``hydra.output_subdir: null`` so Hydra does not overwrite a running job's copy).
+
+Only global rank zero locks and writes; the other ranks of a distributed run share its directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_json, make_dir, remove_stale_temps
+
+LOCK = ".lock"
+OUTPUTS = ("report.json", "packed", "hf", "compressed", "layers.png", "rank_hashes")
+
+
+class RunDirBusy(RuntimeError):
+    """The run directory cannot be used: another live process holds its lock, or it cannot be
+    created or written."""
+
+
+def global_rank() -> int:
+    """This process's rank from the launcher's environment (0 when not distributed)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        v = os.environ.get(var)
+        if v is not None and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+    except OSError:
+        return "unknown process"
+
+
+def acquire(run_dir: Path) -> int:
+    """Takes the run directory's exclusive lock; returns its fd (held until closed)."""
+    try:
+        make_dir(run_dir)
+    except OSError as e:
+        raise RunDirBusy(
+            f"hydra.run.dir: cannot create the run directory {run_dir} ({e.strerror}); choose a "
+            "writable directory"
+        ) from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirBusy(f"hydra.run.dir: {run_dir} is not writable; choose another directory")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(run_dir / LOCK, flags, 0o666)
+    except OSError as e:
+        raise RunDirBusy(f"hydra.run.dir: cannot create the lock {run_dir / LOCK}: {e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = _holder(fd)
+        os.close(fd)
+        raise RunDirBusy(
+            f"hydra.run.dir: {run_dir} is in use by another run ({who}); wait for it to "
+            "finish or choose another hydra.run.dir"
+        ) from None
+    info = (
+        f"pid {os.getpid()} on {socket.gethostname()}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
+    )
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, info.encode())
+    return fd
+
+
+def _inside(p: Path, d: Path) -> bool:
+    try:
+        p.resolve().relative_to(d.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def clear_outputs(run_dir: Path, keep: tuple[str | Path | None, ...] = ()) -> list[str]:
+    """Removes the previous run's outputs and stale temps; keeps anything under ``keep``."""
+    removed = remove_stale_temps(run_dir)
+    kept = [Path(k).expanduser() for k in keep if k]
+    for name in OUTPUTS:
+        p = run_dir / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if any(_inside(k, p) or _inside(p, k) for k in kept):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(name)
+    return removed
+
+
+def _save_hydra_files(run_dir: Path) -> None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+    except ImportError:
+        return
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    d = make_dir(run_dir / ".hydra")
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(d / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)).encode())
+    atomic_write_bytes(d / "hydra.yaml", OmegaConf.to_yaml(hc).encode())
+
+
+@contextmanager
+def run_session(
+    run_dir: str | Path,
+    kind: str,
+    *,
+    config: Any = None,
+    keep: tuple[str | Path | None, ...] = (),
+) -> Iterator[dict[str, Any]]:
+    """Holds the run directory for the body of one run (see the module docstring).
+
+    Args:
+        kind: ``compress`` or ``train`` (recorded in the status).
+        config: the resolved config (plain dict), saved as ``.hydra/config.yaml`` under Hydra.
+        keep: inputs of this run that live in ``run_dir`` and must not be cleared.
+
+    Yields:
+        The status dict (``status``, ``kind``, ``started``, ``removed``) for the final report.
+    """
+    run_dir = Path(run_dir)
+    status: dict[str, Any] = {"status": "running", "kind": kind, "started": time.time()}
+    if global_rank() != 0:
+        yield status
+        return
+    fd = acquire(run_dir)
+    try:
+        status["removed"] = clear_outputs(run_dir, keep)
+        if config is not None:
+            from omegaconf import OmegaConf
+
+            from ..io import atomic_write_bytes
+
+            _save_hydra_files(run_dir)
+            if (run_dir / ".hydra").is_dir():
+                atomic_write_bytes(
+                    run_dir / ".hydra" / "config.yaml",
+                    OmegaConf.to_yaml(OmegaConf.create(config)).encode(),
+                )
+        atomic_write_json(run_dir / "report.json", {**status, "pid": os.getpid()})
+        try:
+            yield status
+        except BaseException as e:
+            failed = {
+                **status,
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}"[:2000],
+                "finished": time.time(),
+            }
+            try:
+                atomic_write_json(run_dir / "report.json", failed)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,204 @@
+"""Packed compressed checkpoints: the layout, and saving a compressed model.
+
+A checkpoint directory holds:
+
+* ``model.safetensors``: the model's ``state_dict``. Every ``SLiMLinear`` contributes its packed
+  buffers (4-bit codes, sparsity metadata, scales, packed adapters) and its adapter parameters;
+  the rest (embeddings, norms, LM head) is stored as it is in the model. A tied LM head is stored
+  once (under the embedding's name).
+* ``config.json`` and the tokenizer files: the base model's Hugging Face config and tokenizer.
+* ``slim.json``: ``{"format": "slim-lightning", "version": 1, "layers": {module name:
+  SLiMLinear.meta()}, "plan": method and every option, "versions": package versions,
+  "calibration": fingerprint, "results": evaluation results of the run that wrote it,
+  "base_sha256": digest of the packed base (what fine-tuning checkpoints are tied to),
+  "files": {file name: sha256} of every other file}``, written last.
+
+The directory is written under a temporary name and renamed when complete, so a crash never leaves
+a half-written checkpoint. Loading is in ``checkpoint.load``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..dtypes import FLOAT_DTYPES as _FLOAT
+from ..io import atomic_dir
+from .layout import (
+    FORMAT,
+    META,
+    VERSION,
+    WEIGHTS,
+    written_sizes,
+)
+
+
+def _tied_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: earlier key}`` for every tensor that shares storage with an earlier one (tied
+    embeddings: a float LM head weight, or a quantised head's packed buffers)."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    dup = {}
+    for k, v in sd.items():
+        if v.device.type == "meta":
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            dup[k] = seen[key]
+        else:
+            seen[key] = k
+    return dup
+
+
+def save_compressed(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    plan: Any = None,
+    results: dict[str, Any] | None = None,
+    calibration: str | None = None,
+    dtype: str | None = None,
+    base_sha256: str | None = None,
+) -> Path:
+    """Writes ``model`` (with ``SLiMLinear`` layers installed) as a packed checkpoint.
+
+    Each thing is stored once: packed weights and quantised adapters as their codes and scales
+    (the fp32 adapter parameters are rebuilt from them on load, bit-exactly; off-grid parameters
+    are re-quantised first, which is what the forward computes anyway), fp adapters at their
+    ``adapter_dtype``, everything else (embeddings, norms, lm_head, biases) at ``dtype``.
+    ``slim.json`` records the sizes measured from the written file.
+
+    Args:
+        model: a Hugging Face causal LM whose compressed linears are ``SLiMLinear`` modules.
+        tokenizer: its tokenizer (saved alongside; may be None).
+        out_dir: target directory (replaced atomically if it exists).
+        plan: the ``CompressPlan`` (method and every option are recorded).
+        results: evaluation results to record (e.g. the run's ``ppl``).
+        calibration: calibration-data fingerprint.
+        dtype: storage dtype of the uncompressed tensors (default: the model's own). Lossless
+            when the values were rounded to it (``models.round_uncompressed``; the pipeline does).
+        base_sha256: ``adapters.state_hashes(model)["base"]`` when the caller already has it
+            (hashing a large packed base twice is avoidable work); computed otherwise.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    from ..io import fault_point, file_sha256
+    from ..nn.adapters import state_hashes
+    from ..nn.embedding import PackedEmbedding
+    from ..nn.linear import SLiMLinear
+    from .layout import package_versions
+
+    out_dir = Path(out_dir)
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, SLiMLinear)}
+    if not mods:
+        raise ValueError("save_compressed: the model has no SLiMLinear layers (nothing is packed)")
+    compute = str(next(model.parameters()).dtype).removeprefix("torch.")
+    store = dtype or compute
+    if store not in _FLOAT:
+        raise ValueError(f"save_compressed: dtype {store!r}; allowed: {', '.join(_FLOAT)}")
+    for m in mods.values():
+        if not m.adapters_on_grid():
+            m.requantize_adapters()
+    layers = {n: m.meta() for n, m in mods.items()}
+    embeddings = {n: m.meta() for n, m in model.named_modules() if isinstance(m, PackedEmbedding)}
+    head = model.get_output_embeddings()
+    sized = {n: m for n, m in mods.items() if m is not head}  # the head counts with the rest
+    sd = model.state_dict()
+    tied_to = _tied_keys(model, sd)
+    tied = list(tied_to)
+    tensors = {}
+    for k, v in sd.items():
+        if k in tied:
+            continue
+        owner, _, attr = k.rpartition(".")
+        mod = mods.get(owner)
+        if mod is not None and attr in ("lora_l", "lora_r"):
+            if mod.adapter_bits is not None:
+                continue  # rebuilt from the packed codes on load
+            v = v.to(_FLOAT[mod.adapter_dtype])
+        elif mod is not None and attr == "bias":
+            v = v.to(_FLOAT[store])
+            layers[owner]["bias_dtype"] = store
+        elif mod is None and v.is_floating_point():
+            v = v.to(_FLOAT[store])
+        tensors[k] = v.detach().to("cpu").contiguous()
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": layers,
+        "tied": tied,
+        "tied_to": tied_to,
+        "embeddings": embeddings,
+        "dtype": store,
+        "compute_dtype": compute,
+        "base_sha256": base_sha256 or state_hashes(model)["base"],
+        "versions": package_versions(),
+        "calibration": calibration,
+        "results": _jsonable(results or {}),
+    }
+    if plan is not None:
+        meta["plan"] = {
+            "method": getattr(plan, "method_name", None),
+            "spec": asdict(plan.spec),
+            "model": _jsonable(plan.model),
+            "calib": _jsonable(getattr(plan, "calib", None)),
+            "seed": getattr(plan, "seed", None),
+        }
+    with atomic_dir(out_dir) as tmp:
+        fault_point(f"write {out_dir.name}/{WEIGHTS}")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        config = copy.deepcopy(model.config)  # the caller's model keeps its own config
+        # what transformers' "slim" quantizer (hf_quantizer.py) builds the model from
+        config.quantization_config = hf_quantization_config(
+            layers, embeddings, tied_to, store, compute
+        )
+        fault_point(f"write {out_dir.name}/config.json")
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta["size"] = written_sizes(tmp / WEIGHTS, model, sized, tied)
+        # every file's sha256, so a load can verify that nothing changed since it was written
+        meta["files"] = {
+            f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != META
+        }
+        fault_point(f"write {out_dir.name}/{META}")
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    return out_dir
+
+
+def hf_quantization_config(
+    layers: dict[str, dict],
+    embeddings: dict[str, dict],
+    tied_to: dict[str, str],
+    dtype: str,
+    compute_dtype: str,
+) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config``: everything ``from_pretrained`` needs to build
+    the compressed skeleton (``quant_method: slim``; read by ``hf_quantizer.SLiMHfQuantizer``)."""
+    return {
+        "quant_method": "slim",
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": layers,
+        "embeddings": embeddings,
+        "tied_to": tied_to,
+        "dtype": dtype,
+        "compute_dtype": compute_dtype,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if hasattr(obj, "__dataclass_fields__"):
+        obj = asdict(obj)
+    return json.loads(json.dumps(obj, default=str))

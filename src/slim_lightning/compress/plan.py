@@ -1,0 +1,324 @@
+"""Typed, validated run plans built from Hydra configs.
+
+Every config group is a ``_target_`` to a frozen dataclass that validates itself in
+``__post_init__`` (``QuantConfig``, ``SparsityConfig``, ``PrunerConfig``, ``LowRankConfig``,
+``EngineConfig``, ``ExportConfig`` here; ``ModelConfig``, ``CalibConfig``, ``EvalConfig``,
+``TrainDataConfig``, ``TrainerConfig`` next to their code). :func:`build_plan` instantiates them
+once, adds the cross-group checks (:func:`validate_spec`) and returns the ``CompressPlan`` that
+the entry point passes down; nothing downstream reads the raw config again. A typo or an
+impossible value fails at start with the key, the bad value and what is allowed
+(:class:`~slim_lightning.errors.ConfigError`). Allowed method names come from the registries
+in ``core.registry``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.registry import ADAPTERS, PRUNERS, QUANTIZERS
+from ..core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
+from ..device import resolve_device
+from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
+
+
+# -- per-group validators (also applied to specs built in code: validate_spec) -------------------
+def _validate_quant(q: QuantSpec) -> None:
+    check_choice("quant.method", q.method, tuple(QUANTIZERS))
+    if q.method != "none":
+        check_int("quant.bits", q.bits, 2, 8)
+    if not (isinstance(q.group_size, int) and (q.group_size == -1 or q.group_size >= 1)):
+        raise ConfigError("quant.group_size", q.group_size, "-1 (per-channel) or an integer >= 1")
+    check_choice("quant.error_model", q.error_model, ("reference", "exact"))
+    check_range("quant.outlier_ratio", q.outlier_ratio, 0.0, 0.5)
+    check_range("quant.outlier_scale", q.outlier_scale, 1.0, 1e3)
+    if q.outlier_ratio > 0 and q.method != "slim_quant":
+        raise ConfigError(
+            "quant.outlier_ratio", q.outlier_ratio, "0 unless quant.method=slim_quant"
+        )
+
+
+def _validate_sparsity(s: SparsitySpec) -> None:
+    check_choice("sparsity.pattern", s.pattern, ("dense", "nm", "unstructured"))
+    if s.pattern == "nm":
+        check_int("sparsity.m", s.m, 2, 64)
+        check_int("sparsity.n", s.n, 1, s.m - 1)
+    if s.pattern == "unstructured":
+        check_range("sparsity.ratio", s.ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+def _validate_pruner(p: PrunerSpec) -> None:
+    check_choice("pruner.method", p.method, tuple(PRUNERS))
+    check_choice("pruner.order", p.order, ("mask_then_quant", "quant_then_mask"))
+    check_int("pruner.blocksize", p.blocksize, 1)
+    check_range("pruner.damp", p.damp, 0.0, 1.0, lo_open=True)
+    check_bool("pruner.joint_quant", p.joint_quant)
+    if p.joint_quant and not PRUNERS[p.method].joint_quant:
+        joint = ", ".join(k for k, v in PRUNERS.items() if v.joint_quant)
+        raise ConfigError("pruner.joint_quant", True, f"true only with pruner={joint}")
+
+
+def _validate_lowrank(lr: LowRankSpec) -> None:
+    check_choice("lowrank.method", lr.method, tuple(ADAPTERS))
+    check_range("lowrank.rank_ratio", lr.rank_ratio, 0.0, 1.0, lo_open=True)
+    check_choice("lowrank.rank_rounding", lr.rank_rounding, ("none", "up", "down"))
+    check_int("lowrank.rank_multiple", lr.rank_multiple, 1)
+    check_choice("lowrank.svd", lr.svd, ("exact", "randomized"))
+    check_int("lowrank.oversample", lr.oversample, 0)
+    check_int("lowrank.niter", lr.niter, 0)
+    check_choice("lowrank.split", lr.split, ("left", "balanced"))
+    check_int("lowrank.refit_rounds", lr.refit_rounds, 1, 20)
+    if lr.quant_bits is not None:
+        check_int("lowrank.quant_bits", lr.quant_bits, 2, 8)
+    check_int("lowrank.quant_group_size", lr.quant_group_size, 1)
+    check_choice("lowrank.stat", lr.stat, ("sq", "abs"))
+    for key in ("refit", "quant_before_refit", "quant_in_scale"):
+        check_bool(f"lowrank.{key}", getattr(lr, key))
+
+
+@dataclass(frozen=True)
+class QuantConfig(QuantSpec):
+    """The ``quant`` group: a ``QuantSpec`` that validates itself."""
+
+    def __post_init__(self) -> None:
+        _validate_quant(self)
+
+
+@dataclass(frozen=True)
+class SparsityConfig(SparsitySpec):
+    """The ``sparsity`` group: a ``SparsitySpec`` that validates itself."""
+
+    def __post_init__(self) -> None:
+        _validate_sparsity(self)
+
+
+@dataclass(frozen=True)
+class PrunerConfig(PrunerSpec):
+    """The ``pruner`` group: a ``PrunerSpec`` that validates itself."""
+
+    def __post_init__(self) -> None:
+        _validate_pruner(self)
+
+
+@dataclass(frozen=True)
+class LowRankConfig(LowRankSpec):
+    """The ``lowrank`` group: a ``LowRankSpec`` that validates itself."""
+
+    def __post_init__(self) -> None:
+        _validate_lowrank(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Layer-wise calibration engine settings (``engine.*``)."""
+
+    batch_size: int = 8
+    resume: bool = True
+    progress: bool = True
+    offload_inputs: bool = False
+    # read each decoder block from the checkpoint's safetensors just before it is compressed
+    # (the model is built on the meta device; slim_lightning.compress.streaming): for models larger
+    # than host memory. The dense evaluation (eval_dense) streams the blocks the same way;
+    # dense_cache is off.
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("engine.batch_size", self.batch_size, 1)
+        for key in ("resume", "progress", "offload_inputs", "streaming"):
+            check_bool(f"engine.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What the run writes besides ``report.json`` (``export.*``)."""
+
+    hf: bool = False
+    packed: bool = True
+    # storage dtype of what stays uncompressed (embeddings, norms, lm_head, biases, fp adapters):
+    # auto = the original checkpoint's dtype (float16 for GGUF files, which hold no 16-bit dtype)
+    dtype: str = "auto"
+    # also write DIR/servable: a compressed-tensors int4 base + a PEFT LoRA adapter that serving
+    # engines (vLLM) load (slim_lightning.deploy.servable; needs slim-lightning[serve])
+    servable: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("export.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
+        for key in ("hf", "packed", "servable"):
+            check_bool(f"export.{key}", getattr(self, key))
+        if self.servable and not self.packed:
+            raise ConfigError(
+                "export.servable",
+                True,
+                "false unless export.packed=true (it is written from "
+                "the packed SLiMLinear layers, which export.packed=false merges away)",
+            )
+        if self.servable:
+            import importlib.util
+
+            missing = [
+                n for n in ("compressed_tensors", "peft") if importlib.util.find_spec(n) is None
+            ]
+            if missing:
+                raise ConfigError(
+                    "export.servable",
+                    True,
+                    f"false unless {' and '.join(missing)} is installed "
+                    "(pip install 'slim-lightning[serve]')",
+                )
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Quantised input embedding and LM head (``embeddings.*``; ``embeddings.py``)."""
+
+    # null = keep them in export.dtype (default); 8 or 4 = groupwise AbsMax codes
+    bits: int | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            check_choice("embeddings.bits", self.bits, (None, 4, 8))
+        check_int("embeddings.group_size", self.group_size, 1)
+
+
+@dataclass(frozen=True)
+class CompressPlan:
+    """Everything one compression run needs, validated."""
+
+    model: Any  # slim_lightning.models.ModelConfig
+    calib: Any  # slim_lightning.data.text.CalibConfig
+    eval: Any  # slim_lightning.data.text.EvalConfig | None
+    spec: CompressSpec
+    engine: EngineConfig
+    export: ExportConfig
+    method_name: str = "custom"
+    seed: int = 0
+    device: str = "cpu"  # resolved by build_plan (``auto`` -> cuda when available, else cpu)
+    eval_dense: bool = True
+    # keep a dequantised dense copy of every compressed layer (CPU speed for the memory of the
+    # dense model); off, only packed weights stay resident and are dequantised just in time
+    dense_cache: bool = False
+    embeddings: EmbeddingConfig = EmbeddingConfig()
+
+
+def validate_spec(spec: CompressSpec) -> None:
+    """Raises ConfigError for any impossible compression setting (each group, then across)."""
+    q, s, p = spec.quant, spec.sparsity, spec.pruner
+    _validate_quant(q)
+    _validate_sparsity(s)
+    _validate_pruner(p)
+    _validate_lowrank(spec.lowrank)
+    if PRUNERS[p.method].prune is not None and s.pattern == "nm" and p.blocksize % s.m:
+        raise ConfigError(
+            "pruner.blocksize", p.blocksize, f"a multiple of sparsity.m={s.m} (column blocks)"
+        )
+    if p.joint_quant and q.method != "absmax":
+        raise ConfigError(
+            "quant.method", q.method, "absmax with pruner.joint_quant=true (OPTQ grid)"
+        )
+
+
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def instantiate_group(cfg: Any, key: str) -> Any:
+    """``hydra.utils.instantiate`` of a group node, re-raising our ConfigError (and naming the
+    key of an unknown field) instead of Hydra's wrapper."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class, instantiate
+
+    node = cfg.get(key)
+    if node is None:
+        return None
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, ConfigError):
+            if isinstance(cause, TypeError) and _UNEXPECTED.search(str(cause)):
+                field = _UNEXPECTED.search(str(cause)).group(1)
+                try:
+                    names = sorted(f.name for f in dataclasses.fields(get_class(node._target_)))
+                except Exception:  # noqa: BLE001 - not a dataclass target
+                    names = []
+                raise ConfigError(
+                    f"{key}.{field}", node.get(field), "keys " + ", ".join(names)
+                ) from None
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _group(cfg: Any, key: str, cls: type, accept: type | None = None) -> Any:
+    """The group ``key`` as ``cls``: instantiated from its ``_target_`` (which must build an
+    ``accept`` instance, default ``cls``), or built from a plain node (configs written without
+    ``_target_``), or ``cls()`` when absent."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get(key)
+    if node is None:
+        return cls()
+    if "_target_" in node:
+        obj = instantiate_group(cfg, key)
+        accept = accept or cls
+        if not isinstance(obj, accept):
+            raise ConfigError(f"{key}._target_", node.get("_target_"), f"a {accept.__name__}")
+        return obj
+    return make_dataclass(cls, key, OmegaConf.to_container(node, resolve=True))
+
+
+def spec_from_cfg(cfg: Any) -> CompressSpec:
+    """Builds and validates the CompressSpec from the ``quant/sparsity/pruner/lowrank`` groups."""
+    spec = CompressSpec(
+        quant=_group(cfg, "quant", QuantConfig, QuantSpec),
+        sparsity=_group(cfg, "sparsity", SparsityConfig, SparsitySpec),
+        pruner=_group(cfg, "pruner", PrunerConfig, PrunerSpec),
+        lowrank=_group(cfg, "lowrank", LowRankConfig, LowRankSpec),
+    )
+    validate_spec(spec)
+    return spec
+
+
+def build_plan(cfg: Any) -> CompressPlan:
+    """Validates a composed compress/train config and returns the typed plan (no heavy work).
+
+    Built once, at the entry point, and passed down (``SLiMModule`` takes it).
+    """
+    spec = spec_from_cfg(cfg)
+    engine = _group(cfg, "engine", EngineConfig)
+    export = _group(cfg, "export", ExportConfig)
+    embeddings = _group(cfg, "embeddings", EmbeddingConfig)
+    device = str(cfg.get("device", "auto"))
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")
+    device = resolve_device(device)  # resolved once: the plan carries cpu | cuda[:N]
+    seed = cfg.get("seed", 0)
+    check_int("seed", seed, 0)
+    dense_cache = cfg.get("dense_cache", False)
+    check_bool("dense_cache", dense_cache)
+    eval_dense = cfg.get("eval_dense", True)
+    check_bool("eval_dense", eval_dense)
+    if engine.streaming:
+        # a dense copy of every compressed layer is what streaming avoids holding
+        if spec.is_identity:
+            raise ConfigError(
+                "engine.streaming", True, "false for an identity (uncompressed) method"
+            )
+        dense_cache = False  # (eval_dense streams the dense model one block at a time)
+    return CompressPlan(
+        model=instantiate_group(cfg, "model"),
+        calib=instantiate_group(cfg, "calib"),
+        eval=instantiate_group(cfg, "eval"),
+        spec=spec,
+        engine=engine,
+        export=export,
+        method_name=str(cfg.get("method_name", "custom")),
+        seed=seed,
+        device=device,
+        eval_dense=eval_dense,
+        dense_cache=dense_cache,
+        embeddings=embeddings,
+    )

@@ -1,0 +1,153 @@
+"""Autograd functions and helpers ``SLiMLinear`` is built on (``slim_lightning.nn.linear``).
+
+* ``FakeQuantSTE``: AbsMax fake quantisation with a straight-through gradient (quantised adapters),
+* ``PackedBaseMatmul``: the packed base product, dequantised just in time in forward and backward,
+* ``version_key``: the contents identity that keys ``SLiMLinear``'s dense / adapter caches,
+* ``strip_tensors`` / ``tensor_meta``: pieces of ``SLiMLinear.meta()``,
+* ``pack_compressed``: ``SLiMLinear.from_compressed``'s checks and packing.
+
+Imports only ``slim_lightning.core`` and ``slim_lightning.formats``: ``nn.linear`` builds on it
+(``functional`` <- ``linear`` <- ``backend``, ``adapters``, ``embedding``), never the reverse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.quant import fake_quant_absmax
+from ..core.types import CompressedLinear
+from ..formats import PackedWeight
+
+
+class FakeQuantSTE(torch.autograd.Function):
+    """AbsMax fake quantisation along columns with a straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, w, bits: int, group_size: int, in_scale=None) -> torch.Tensor:
+        return fake_quant_absmax(w, bits, group_size, in_scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None, None
+
+
+# weights with more values than this are dequantised in blocks of rows in the forward
+DEQUANT_STEP = 1 << 24  # 16 Mi values: 64 MiB in fp32
+
+
+class PackedBaseMatmul(torch.autograd.Function):
+    """``y = x (Q(W)*M)^T`` for a frozen packed weight: nothing dense is saved for the backward.
+
+    forward: dequantise (or run ``base_fn``, e.g. the Triton kernel) then multiply; backward:
+    dequantise again and return ``grad_x = grad_y (Q(W)*M)``. No gradient for the weight (it is
+    a set of integer buffers).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mod: nn.Module, base_fn=None) -> torch.Tensor:
+        ctx.mod = mod
+        if base_fn is not None:
+            return base_fn(mod, x)
+        pw = mod.packed_weight()
+        rows, cols = pw.shape
+        if rows * cols <= DEQUANT_STEP or pw.format not in ("dense", "nm"):
+            return nn.functional.linear(x, pw.to_dense().to(x.dtype))
+        # a large weight (an LM head): dequantised a block of output rows at a time, so the
+        # dense work copy stays ~DEQUANT_STEP values instead of the whole matrix
+        step = max(1, DEQUANT_STEP // cols)
+        return torch.cat(
+            [
+                nn.functional.linear(x, pw.row_block(s, min(s + step, rows)).to_dense().to(x.dtype))
+                for s in range(0, rows, step)
+            ],
+            dim=-1,
+        )
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        w = ctx.mod.dense_weight().to(grad.dtype)  # (d_out, d_in), freed after this call
+        return grad @ w, None, None
+
+
+def version_key(*tensors: torch.Tensor | None) -> tuple:
+    """Identity of tensors' contents: storage pointer, in-place version counter, device, dtype.
+
+    Inference tensors (created under ``torch.inference_mode``) have no version counter; they
+    cannot be modified in place outside inference mode, so their pointer identifies them.
+    """
+    return tuple(
+        None
+        if t is None
+        else (t.data_ptr(), -1 if t.is_inference() else t._version, t.device, t.dtype)
+        for t in tensors
+    )
+
+
+def strip_tensors(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "tensors"}
+
+
+def tensor_meta(tensors: dict[str, torch.Tensor]) -> dict:
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in tensors.items()
+    }
+
+
+def pack_compressed(
+    c: CompressedLinear,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    adapter_dtype: str,
+    version: int,
+) -> tuple[dict, PackedWeight, dict[str, PackedWeight]]:
+    """``SLiMLinear.from_compressed``'s packing step: checks ``c`` and ``bias`` and packs them.
+
+    Returns:
+        ``(meta, packed weight, packed adapters {"l", "r"} (empty unless quantised))``.
+    """
+    if c.weight_q is not None:
+        pw = PackedWeight.from_quant(c.weight_q, c.mask, n=n, m=m)
+    else:
+        pw = PackedWeight.from_float(c.weight, c.mask, n=n, m=m)
+    d_out, d_in = pw.shape
+    if tuple(c.weight.shape) != (d_out, d_in):
+        raise ValueError(f"weight_q shape {pw.shape} != weight shape {tuple(c.weight.shape)}")
+    rank = c.rank if (c.lora_l is not None and c.lora_r is not None) else 0
+    quant_ad = rank > 0 and c.lora_l_q is not None and c.lora_r_q is not None
+    if rank and (c.lora_l_q is None) != (c.lora_r_q is None):
+        raise ValueError("lora_l_q and lora_r_q must both be set or both be None")
+    meta = {
+        "version": version,
+        "in_features": d_in,
+        "out_features": d_out,
+        "rank": rank,
+        "adapter_bits": c.lora_l_q.bits if quant_ad else None,
+        "adapter_dtype": "float32" if quant_ad or not rank else adapter_dtype,
+        "has_bias": bias is not None,
+        "weight": pw.meta(),
+    }
+    if bias is not None:
+        if tuple(bias.shape) != (d_out,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != ({d_out},)")
+        meta["bias_dtype"] = str(bias.dtype).removeprefix("torch.")
+    packed_ad = {}
+    if quant_ad:
+        if c.lora_l_q.bits != c.lora_r_q.bits:
+            raise ValueError("lora_l_q and lora_r_q must have the same bit width")
+        packed_ad = {
+            "l": PackedWeight.from_quant(c.lora_l_q, fmt="dense"),
+            "r": PackedWeight.from_quant(c.lora_r_q, fmt="dense"),
+        }
+        if packed_ad["l"].shape != (rank, d_in) or packed_ad["r"].shape != (d_out, rank):
+            raise ValueError(
+                f"quantised adapters have shapes {packed_ad['l'].shape}, "
+                f"{packed_ad['r'].shape}; expected ({rank}, {d_in}), ({d_out}, {rank})"
+            )
+        meta["adapter_l"] = packed_ad["l"].meta()
+        meta["adapter_r"] = packed_ad["r"].meta()
+    return meta, pw, packed_ad
