@@ -145,7 +145,9 @@ FAILING = textwrap.dedent(
     import os, sys, torch
     from torch import nn
     from slim_lightning.compress import distributed
-    from slim_lightning.compress.engine import CalibrationEngine, capture_block_inputs
+    from slim_lightning.compress.engine import CalibrationEngine
+    from slim_lightning.compress.steps import make_step
+    from slim_lightning.models.arch import capture_block_inputs
     from slim_lightning.core.types import CompressedLinear, CompressSpec
 
     class Block(nn.Module):
@@ -180,7 +182,7 @@ FAILING = textwrap.dedent(
     inputs, kwargs = capture_block_inputs(model, model.blocks[0], ids, 2)
     try:
         CalibrationEngine(model.blocks, ("fc1", "fc2"), CompressSpec(), compress,
-                          progress=False).run(inputs, kwargs)
+                          progress=False, block_step=make_step(ctx)).run(inputs, kwargs)
     finally:
         distributed.shutdown(ctx)
     print("finished")
