@@ -57,7 +57,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+            targets = [
+                f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names
+            ]
         else:
             continue
         found |= {t for t in targets if t in modules and t != name}

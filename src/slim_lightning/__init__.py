@@ -6,7 +6,7 @@ from typing import Any
 
 from .version import __version__
 
-__all__ = ["load_compressed", "save_compressed"]
+__all__ = ["__version__", "load_compressed", "save_compressed"]
 
 
 def load_compressed(path: Any, **kwargs: Any) -> Any:
