@@ -71,11 +71,12 @@ def test_env_world_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(), ("reconstruct=block",)], ids=["one_shot", "reconstruct"])
+def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path, extra: tuple) -> None:
     from safetensors.torch import load_file
 
     a, b = tmp_path / "A", tmp_path / "B"
-    cmd = ["compress.py", "debug=default"]
+    cmd = ["compress.py", "debug=default", *extra]
     torchrun = ["torchrun", "--standalone", "--nproc-per-node=2"]
     pa = subprocess.Popen(
         [*torchrun, *cmd, f"hydra.run.dir={a}"],

@@ -49,13 +49,16 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     # several processes (torchrun / srun): slim_lightning.compress.distributed; one process: None
     ctx = init_distributed(plan.device)
+    ok = False
     try:
         if ctx is None:
             with run_session(run_dir, "compress", config=container) as status:
                 return _run_compress(plan, container, run_dir, status)
-        return _run_distributed(ctx, plan, container, run_dir)
+        report = _run_distributed(ctx, plan, container, run_dir)
+        ok = True
+        return report
     finally:
-        shutdown(ctx)
+        shutdown(ctx, synchronize=ok)
 
 
 def _run_distributed(ctx: Any, plan: Any, container: dict, run_dir: Path) -> dict[str, Any]:

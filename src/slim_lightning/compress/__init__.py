@@ -1,6 +1,6 @@
 """One-shot compression: ``plan`` (typed groups -> ``CompressPlan``) -> ``pipeline``
 (load-or-compress) -> ``engine`` (the layer-wise pass) with ``resume`` (per-block commits),
-``distributed`` (block steps across ranks) and ``streaming`` (models larger than memory)."""
+``distributed`` (block steps across ranks), ``reconstruct`` (block-wise reconstruction) and ``streaming`` (models larger than memory)."""
 
 from .plan import (
     CompressPlan,
@@ -10,6 +10,7 @@ from .plan import (
     LowRankConfig,
     PrunerConfig,
     QuantConfig,
+    ReconConfig,
     SparsityConfig,
     build_plan,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "LowRankConfig",
     "PrunerConfig",
     "QuantConfig",
+    "ReconConfig",
     "SparsityConfig",
     "build_plan",
 ]

@@ -246,13 +246,21 @@ def init_distributed(device: str) -> DistContext | None:
     return ctx
 
 
-def shutdown(ctx: DistContext | None) -> None:
-    """Leaves the process group (when this module created it)."""
+def shutdown(ctx: DistContext | None, *, synchronize: bool = False) -> None:
+    """Leaves the process group (when this module created it).
+
+    ``synchronize`` (a run that ended normally on every rank): a barrier first, so no rank
+    tears its gloo connections down while a peer still talks on them (a rank leaving early
+    made its peer's destructor abort with "terminate called without an active exception").
+    A failed run skips it: the peers may never reach the barrier.
+    """
     if ctx is None:
         return
     import torch.distributed as dist
 
     if ctx.owns_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -94,6 +94,8 @@ class CalibrationEngine:
         block_step: Any = None,
         offload_blocks: bool = False,
         dense_views: bool = True,
+        reconstruct: Any = None,
+        norm_dtype: torch.dtype = torch.float32,
     ):
         self.blocks, self.linear_names, self.spec = blocks, linear_names, spec
         self.compress_fn, self.install_fn = compress_fn, install_fn
@@ -117,6 +119,10 @@ class CalibrationEngine:
         # process alone (default), or a rank of a distributed run (``steps.DistributedStep``:
         # this rank's batches, statistics exchanged, linears spread over ranks; no resume state)
         self.step = LocalStep() if block_step is None else block_step
+        # block-wise reconstruction (``reconstruct.ReconConfig`` with mode "block", else None):
+        # the dense path's activations are carried beside the compressed ones as its targets
+        self.recon = reconstruct if getattr(reconstruct, "mode", "none") == "block" else None
+        self.norm_dtype = norm_dtype
 
     # -- main loop ----------------------------------------------------------------------------
     def _linears(self, block: nn.Module) -> dict[str, nn.Linear]:
@@ -156,12 +162,17 @@ class CalibrationEngine:
             if offload:  # (one at a time: each resumed block goes back to disk)
                 self.block_hook(i, self.blocks[i], "offload")
                 self.offloaded.append(i)
+        dense = list(inputs) if self.recon is not None else None  # the dense path's inputs
         if start > 0 and start < len(self.blocks):
             inputs = store.load_inputs(start)
+            if dense is not None:
+                dense = store.load_inputs(start, dense=True)
         result.resumed_blocks = start
         result.discarded_state = self.discarded
         result.fingerprint = self.fingerprint
         inputs = [x if self.offload_inputs else x.to(self.device) for x in inputs]
+        if dense is not None:
+            dense = [x if self.offload_inputs else x.to(self.device) for x in dense]
 
         bar = tqdm(
             range(start, len(self.blocks)),
@@ -176,22 +187,27 @@ class CalibrationEngine:
                 self.block_hook(i, self.blocks[i], "load")
             block = self.blocks[i].to(self.device)
             lin = self._linears(block)
-            # each linear installed as soon as the step hands it over (its dense weight can go)
-            results = self.step.compress(
-                self,
-                i,
-                block,
-                lin,
-                inputs,
-                kwargs,
-                lambda n, c, i=i, block=block, lin=lin: self._install(
-                    i, block, n, lin[n], c, result
-                ),
+            install = lambda n, c, i=i, block=block, lin=lin: self._install(  # noqa: E731
+                i, block, n, lin[n], c, result
             )
+            norms: dict[str, torch.Tensor] = {}
+            if self.recon is None:
+                # each linear installed as soon as the step hands it over (its dense weight can go)
+                results = self.step.compress(self, i, block, lin, inputs, kwargs, install)
+            else:  # installed once the block is reconstructed
+                results, norms, dense = self._reconstructed(i, block, lin, inputs, dense, kwargs)
+                for name, c in results.items():
+                    install(name, c)
             inputs = self.step.forward(self, i, block, inputs, kwargs)
             self.blocks[i].to("cpu")
             if store is not None:
-                store.save_block(i, results, [x.to("cpu") for x in inputs])
+                store.save_block(
+                    i,
+                    results,
+                    [x.to("cpu") for x in inputs],
+                    dense=None if dense is None else [x.to("cpu") for x in dense],
+                    extra=norms,
+                )
             if self.block_hook is not None:
                 self.block_hook(i, self.blocks[i], "done")
             bar.set_postfix(block=i, err=f"{_mean_metric(results, 'err_final'):.3g}")
@@ -203,14 +219,68 @@ class CalibrationEngine:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def _reconstructed(
+        self,
+        i: int,
+        block: nn.Module,
+        lin: dict[str, nn.Linear],
+        inputs: list[torch.Tensor],
+        dense: list[torch.Tensor],
+        kwargs: list[dict],
+    ) -> tuple[dict[str, CompressedLinear], dict[str, torch.Tensor], list[torch.Tensor]]:
+        """One-shot compression of block ``i``, then block-wise reconstruction
+        (:mod:`.reconstruct`) against the dense block's outputs on the dense path.
+
+        Returns the results to install, the trained norm gains and the next dense inputs.
+        """
+        from .reconstruct import reconstruct_block
+
+        targets = self.run_block(block, dense, kwargs)  # the block is still dense here
+        targets_c = self.run_block(block, inputs, kwargs) if self.recon.target_mix > 0 else None
+        pending: dict[str, CompressedLinear] = {}
+        results = self.step.compress(self, i, block, lin, inputs, kwargs, pending.__setitem__)
+        gather = getattr(self.step, "gather", lambda xs: xs)  # every batch, on every rank
+        results, norms, rep = reconstruct_block(
+            block,
+            lin,
+            results,
+            gather(inputs),
+            gather(kwargs),
+            gather(targets),
+            self.recon,
+            seed=self.seed * 1_000_003 + i * 1009 + 17,
+            device=self.device,
+            norm_dtype=self.norm_dtype,
+            targets_c=None if targets_c is None else gather(targets_c),
+            label=f"reconstruct block {i}",
+        )
+        if self.dense_views is False:
+            for c in results.values():
+                if c.weight_q is not None:
+                    c.weight = torch.empty(c.weight.shape, dtype=torch.float32, device="meta")
+        log.info(
+            "block %d reconstructed: held-out error %.4g -> %.4g (epoch %d, %.1f s)",
+            i,
+            rep["recon_err_before"],
+            rep["recon_err_after"],
+            rep["recon_best_epoch"],
+            rep["recon_s"],
+        )
+        return results, norms, targets
+
     def _reinstall(self, store: BlockStore, i: int, result: CalibrationResult) -> None:
-        """Installs block ``i``'s compressed linears from the resume state."""
+        """Installs block ``i``'s compressed linears (and trained norm gains) from the resume
+        state."""
         block = self.blocks[i]
         if self.block_hook is not None:
             self.block_hook(i, block, "resume")
         lin = self._linears(block)
         for name, c in store.load_block(i).items():
             self._install(i, block, name, lin[name], c, result)
+        params = dict(block.named_parameters())
+        with torch.no_grad():
+            for name, t in store.load_extra(i).items():
+                params[name].data.copy_(t.to(params[name].dtype))
 
     def reinstall_offloaded(self) -> None:
         """Reads back the blocks ``run`` offloaded (``offload_blocks``; hook stage ``reload``):

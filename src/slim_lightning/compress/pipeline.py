@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.types import CompressedLinear
+from ..dtypes import FLOAT_DTYPES
 from ..models.arch import capture_block_inputs
 from .engine import CalibrationEngine, CalibrationResult, merge_install
 from .plan import CompressPlan
@@ -98,6 +99,9 @@ def plan_fingerprint(
         "torch": torch.__version__,
         "slim_lightning": __version__,
     }
+    recon = getattr(plan, "reconstruct", None)
+    if recon is not None and recon.mode != "none":
+        record["reconstruct"] = asdict(recon)
     h.update(json.dumps(record, sort_keys=True, default=str).encode())
     ids = calib_ids.detach().cpu().contiguous()
     h.update(f"{ids.dtype}|{tuple(ids.shape)}".encode())
@@ -195,6 +199,8 @@ def compress_model(
         offload_blocks=stream is not None and stream.offload_dir is not None,
         dense_views=stream is None or not packed or keep_layers,
         block_step=make_step(dist),
+        reconstruct=plan.reconstruct,
+        norm_dtype=FLOAT_DTYPES[export_dtype],
     )
     result = engine.run(inputs, kwargs)
     del inputs, kwargs

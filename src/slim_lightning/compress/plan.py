@@ -184,6 +184,37 @@ class EmbeddingConfig:
 
 
 @dataclass(frozen=True)
+class ReconConfig:
+    """Block-wise reconstruction after each block's one-shot compression (``reconstruct.*``;
+    ``compress.reconstruct``). ``mode: none`` keeps the one-shot result."""
+
+    mode: str = "none"  # none | block
+    epochs: int = 4  # passes over the training batches (best held-out epoch kept)
+    holdout: float = 0.125  # share of the calibration batches held out for early stopping
+    loss: str = "rel_mse"  # ||t - y||^2 / ||t||^2 per batch
+    target_mix: float = 0.0  # weight of the dense block on the compressed inputs as a target
+    lr_weight: float = 0.01  # Adam, kept weights in grid steps
+    lr_scale: float = 0.002  # Adam, log group scales
+    lr_adapter: float = 0.01  # Adam, adapter codes in grid steps (fp adapters: absolute)
+    lr_norm: float = 0.0005  # Adam, norm gains
+    train_weights: bool = True
+    train_scales: bool = True
+    train_adapters: bool = True
+    train_norms: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("reconstruct.mode", self.mode, ("none", "block"))
+        check_int("reconstruct.epochs", self.epochs, 0, 1000)
+        check_range("reconstruct.holdout", self.holdout, 0.0, 0.5, lo_open=True)
+        check_choice("reconstruct.loss", self.loss, ("rel_mse",))
+        check_range("reconstruct.target_mix", self.target_mix, 0.0, 1.0)
+        for key in ("lr_weight", "lr_scale", "lr_adapter", "lr_norm"):
+            check_range(f"reconstruct.{key}", getattr(self, key), 0.0, 10.0)
+        for key in ("train_weights", "train_scales", "train_adapters", "train_norms"):
+            check_bool(f"reconstruct.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
 class CompressPlan:
     """Everything one compression run needs, validated."""
 
@@ -201,6 +232,7 @@ class CompressPlan:
     # dense model); off, only packed weights stay resident and are dequantised just in time
     dense_cache: bool = False
     embeddings: EmbeddingConfig = EmbeddingConfig()
+    reconstruct: ReconConfig = ReconConfig()
 
 
 def validate_spec(spec: CompressSpec) -> None:
@@ -291,6 +323,7 @@ def build_plan(cfg: Any) -> CompressPlan:
     engine = _group(cfg, "engine", EngineConfig)
     export = _group(cfg, "export", ExportConfig)
     embeddings = _group(cfg, "embeddings", EmbeddingConfig)
+    reconstruct = _group(cfg, "reconstruct", ReconConfig)
     device = str(cfg.get("device", "auto"))
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")
@@ -321,4 +354,5 @@ def build_plan(cfg: Any) -> CompressPlan:
         eval_dense=eval_dense,
         dense_cache=dense_cache,
         embeddings=embeddings,
+        reconstruct=reconstruct,
     )

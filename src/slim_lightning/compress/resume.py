@@ -36,6 +36,7 @@ class ResumeStateDiscarded(UserWarning):
 
 
 STATE_FORMAT = 2
+EXTRA = "__block__."  # prefix of a block's other trained tensors in block_NNNN.safetensors
 
 
 def _inputs_name(i: int) -> str:
@@ -212,14 +213,25 @@ class BlockStore:
         return nxt
 
     def save_block(
-        self, i: int, results: dict[str, CompressedLinear], inputs: list[torch.Tensor]
+        self,
+        i: int,
+        results: dict[str, CompressedLinear],
+        inputs: list[torch.Tensor],
+        dense: list[torch.Tensor] | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Commits block ``i``'s results and the inputs of block ``i + 1`` (CPU tensors)."""
+        """Commits block ``i``'s results and the inputs of block ``i + 1`` (CPU tensors).
+
+        ``dense``: the dense path's inputs of block ``i + 1`` (block reconstruction's targets);
+        ``extra``: other trained tensors of the block by parameter name (norm gains).
+        """
         tensors, meta = {}, {}
         for name, c in results.items():
             t, m = compressed_to_tensors(name, c)
             tensors.update(t)
             meta.update(m)
+        for name, t in (extra or {}).items():
+            tensors[f"{EXTRA}{name}"] = t.detach().to("cpu").contiguous()
         written = {}
         for fname, write in (
             (f"block_{i:04d}.safetensors", lambda p: atomic_save_tensors(tensors, p)),
@@ -229,7 +241,9 @@ class BlockStore:
             written[fname] = file_sha256(self.state_dir / fname)
         if i + 1 < self.n_blocks:
             fname = _inputs_name(i + 1)
-            atomic_save_tensors({f"b{j}": x for j, x in enumerate(inputs)}, self.state_dir / fname)
+            saved = {f"b{j}": x for j, x in enumerate(inputs)}
+            saved.update({f"d{j}": x for j, x in enumerate(dense or [])})
+            atomic_save_tensors(saved, self.state_dir / fname)
             written[fname] = file_sha256(self.state_dir / fname)
         files = {k: v for k, v in self._committed.items() if k.startswith("block_")}
         files.update(written)
@@ -253,7 +267,15 @@ class BlockStore:
         meta = json.loads((self.state_dir / f"block_{i:04d}.json").read_text())
         return {n: compressed_from_tensors(n, t, meta) for n in self.linear_names}
 
-    def load_inputs(self, i: int) -> list[torch.Tensor]:
-        """The committed inputs of block ``i`` (one tensor per batch)."""
+    def load_extra(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s other trained tensors (norm gains), by parameter name."""
+        t = load_tensors(self.state_dir / f"block_{i:04d}.safetensors")
+        return {k[len(EXTRA) :]: v for k, v in t.items() if k.startswith(EXTRA)}
+
+    def load_inputs(self, i: int, dense: bool = False) -> list[torch.Tensor]:
+        """The committed inputs of block ``i`` (one tensor per batch); ``dense``: the dense
+        path's inputs saved beside them."""
         saved = load_tensors(self.state_dir / _inputs_name(i))
-        return [saved[f"b{j}"] for j in range(len(saved))]
+        key = "d" if dense else "b"
+        n = sum(1 for k in saved if k.startswith(key))
+        return [saved[f"{key}{j}"] for j in range(n)]

@@ -251,6 +251,15 @@ class DistributedStep:
         self._costs = {n: float(c.metrics.get("time_s", 0.0)) or 1e-9 for n, c in results.items()}
         return results
 
+    def gather(self, mine: list) -> list:
+        """Every rank's share of a per-batch list, in batch order, on every rank (block
+        reconstruction trains on all batches, identically on each rank)."""
+        from ..models.arch import to_device
+
+        ws = self.ctx.world_size
+        shares = self.ctx.all_gather_object([to_device(x, "cpu") for x in mine])  # (on CPU)
+        return [shares[b % ws][b // ws] for b in range(self.n_batches)]
+
     def forward(
         self, engine: Any, i: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]
     ) -> list[torch.Tensor]:

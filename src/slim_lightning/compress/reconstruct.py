@@ -1,0 +1,326 @@
+"""Block-wise reconstruction: after a block's linears are compressed one-shot, train what the
+packed format can still change so the block's output matches the dense model's.
+
+What trains (each a switch of ``reconstruct.*``): the kept weights as real values ``v`` in grid
+units whose forward is ``round(v)`` clamped to the b-bit range (straight-through estimator: the
+mask never changes, the values end exactly on the grid), the group scales (as ``s0 * exp(u)``),
+both adapter factors through the same 4-bit STE (or as fp values when the adapters are not
+quantised) and the block's norm gains. Adam with one learning rate per group, the engine's
+calibration batches split into training and held-out batches (``holdout``), a few epochs, the
+best held-out epoch kept (epoch 0 is the one-shot result, so the held-out error never rises).
+
+The target is the dense block on the dense path's inputs (the drift of earlier blocks is
+corrected), optionally mixed with the dense block on the compressed inputs (``target_mix``); the
+loss is scale-free, ``||t - y||^2 / ||t||^2`` per batch. Everything is seeded and runs in one
+process on the batches given (a distributed run gathers every batch first, so each rank trains
+the same block the same way).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.types import CompressedLinear, QuantTensor
+from ..io import fault_point
+from ..models.arch import block_output, to_device
+from .resume import canonicalize
+
+
+def _ste_round(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``clamp(round(v))`` forward, identity backward."""
+    return v + (torch.clamp(torch.round(v), lo, hi) - v).detach()
+
+
+def _expand(scale: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    return scale.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def _fp16_exact(x: torch.Tensor) -> bool:
+    return bool(torch.equal(x.to(torch.float16).to(torch.float32), x.float()))
+
+
+class _QuantParam(nn.Module):
+    """A ``QuantTensor`` as trainable grid values and log-scales; ``value()`` is the dequantised
+    matrix the packed layer would compute from the snapped codes."""
+
+    def __init__(self, qt: QuantTensor, mask: torch.Tensor | None, train_v: bool, train_s: bool):
+        super().__init__()
+        self.group, self.bits = qt.group_size, qt.bits
+        self.lo, self.hi = -(2 ** (qt.bits - 1)), 2 ** (qt.bits - 1) - 1
+        self.v = nn.Parameter(qt.q.float(), requires_grad=train_v)
+        self.register_buffer("s0", qt.scale.float().clone())
+        self.u = nn.Parameter(torch.zeros_like(self.s0), requires_grad=train_s)
+        self.in_scale = None if qt.in_scale is None else qt.in_scale.float()
+        self.mask = mask
+        # scales stored in fp16 by the packed format stay fp16-representable (same sizes)
+        self.half_scales = _fp16_exact(self.s0)
+
+    def scale(self) -> torch.Tensor:
+        s = self.s0 * torch.exp(self.u)
+        return s.to(torch.float16).float() if self.half_scales and not self.training else s
+
+    def value(self) -> torch.Tensor:
+        cols = self.v.shape[1]
+        w = _ste_round(self.v, self.lo, self.hi) * _expand(self.scale(), self.group, cols)
+        if self.in_scale is not None:
+            w = w / self.in_scale[None, :]
+        if self.mask is not None:
+            w = w * self.mask
+        return w
+
+    @torch.no_grad()
+    def snap(self) -> QuantTensor:
+        q = torch.clamp(torch.round(self.v), self.lo, self.hi)
+        if self.mask is not None:
+            q = q * self.mask
+        s = self.s0 * torch.exp(self.u)
+        if self.half_scales:
+            s = s.to(torch.float16).float()
+        return QuantTensor(q.to(torch.int8), s.contiguous(), self.group, self.bits, self.in_scale)
+
+
+class ReconLinear(nn.Module):
+    """The trainable view of one compressed linear: ``x W^T + (x L) R + b``."""
+
+    def __init__(self, c: CompressedLinear, bias: torch.Tensor | None, cfg: Any):
+        super().__init__()
+        self.c, self.bias = c, None if bias is None else bias.detach()
+        mask = None if c.mask is None else c.mask.float()
+        self.wq = self.w = None
+        if c.weight_q is not None:
+            self.wq = _QuantParam(c.weight_q, mask, cfg.train_weights, cfg.train_scales)
+        else:
+            self.w = nn.Parameter(c.weight.float().clone(), requires_grad=cfg.train_weights)
+            self.mask = mask
+        self.lq = self.rq = self.l = self.r = None
+        if c.lora_l_q is not None and c.lora_r_q is not None:
+            self.lq = _QuantParam(c.lora_l_q, None, cfg.train_adapters, cfg.train_scales)
+            self.rq = _QuantParam(c.lora_r_q, None, cfg.train_adapters, cfg.train_scales)
+        elif c.lora_l is not None and c.lora_r is not None:
+            self.l = nn.Parameter(c.lora_l.float().clone(), requires_grad=cfg.train_adapters)
+            self.r = nn.Parameter(c.lora_r.float().clone(), requires_grad=cfg.train_adapters)
+
+    def weight_value(self) -> torch.Tensor:
+        if self.wq is not None:
+            return self.wq.value()
+        return self.w if self.mask is None else self.w * self.mask
+
+    def adapters(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.lq is not None:
+            return self.lq.value().T, self.rq.value().T  # (d_in, r), (r, d_out)
+        if self.l is not None:
+            return self.l, self.r
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.float()
+        y = x @ self.weight_value().T
+        ad = self.adapters()
+        if ad is not None:
+            y = y + (x @ ad[0]) @ ad[1]
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(dt)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        g: dict[str, list[nn.Parameter]] = {"weight": [], "scale": [], "adapter": []}
+        if self.wq is not None:
+            g["weight"].append(self.wq.v)
+            g["scale"].append(self.wq.u)
+        else:
+            g["weight"].append(self.w)
+        for p in (self.lq, self.rq):
+            if p is not None:
+                g["adapter"].append(p.v)
+                g["scale"].append(p.u)
+        for p in (self.l, self.r):
+            if p is not None:
+                g["adapter"].append(p)
+        return {k: [p for p in v if p.requires_grad] for k, v in g.items()}
+
+    @torch.no_grad()
+    def snap(self) -> CompressedLinear:
+        """The trained layer as a ``CompressedLinear`` of the same format and sizes."""
+        c = self.c
+        out = CompressedLinear(
+            weight=c.weight,
+            weight_q=c.weight_q,
+            mask=c.mask,
+            lora_l=c.lora_l,
+            lora_r=c.lora_r,
+            lora_l_q=c.lora_l_q,
+            lora_r_q=c.lora_r_q,
+            metrics=dict(c.metrics),
+        )
+        if self.wq is not None:
+            out.weight_q = self.wq.snap()
+        else:
+            out.weight = self.weight_value().detach().clone()
+        if self.lq is not None:
+            out.lora_l_q, out.lora_r_q = self.lq.snap(), self.rq.snap()
+        elif self.l is not None:
+            out.lora_l, out.lora_r = self.l.detach().clone(), self.r.detach().clone()
+        return canonicalize(out)
+
+
+def norm_params(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's norm gains (1-d weights of modules whose class name says norm)."""
+    out = {}
+    for mname, mod in block.named_modules():
+        if "norm" in type(mod).__name__.lower():
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.ndim == 1:
+                    out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def rel_err(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    t, y = t.float(), y.float()
+    return ((t - y) ** 2).sum() / (t * t).sum().clamp_min(1e-30)
+
+
+def reconstruct_block(
+    block: nn.Module,
+    lin: dict[str, nn.Linear],
+    results: dict[str, CompressedLinear],
+    inputs: list[torch.Tensor],
+    kwargs: list[dict],
+    targets: list[torch.Tensor],
+    cfg: Any,
+    *,
+    seed: int,
+    device: torch.device,
+    norm_dtype: torch.dtype = torch.float32,
+    targets_c: list[torch.Tensor] | None = None,
+    label: str = "reconstruct",
+) -> tuple[dict[str, CompressedLinear], dict[str, torch.Tensor], dict[str, float]]:
+    """Trains block ``block`` (its linears still dense, their one-shot ``results`` given).
+
+    Args:
+        inputs / kwargs: every calibration batch's compressed-path input and block kwargs.
+        targets: the dense block's output on the dense path, per batch.
+        targets_c: the dense block's output on ``inputs`` (used when ``cfg.target_mix > 0``).
+        norm_dtype: trained norm gains are rounded to it (the export dtype of uncompressed
+            tensors), so the run evaluates what the checkpoint stores.
+
+    Returns:
+        The snapped results, the trained norm gains (empty when frozen or unchanged) and a
+        report: held-out error before / after, best epoch, seconds.
+    """
+    t0 = time.perf_counter()
+    n = len(inputs)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist()
+    n_hold = max(1, round(n * cfg.holdout)) if n > 1 else 0
+    hold, train = sorted(order[:n_hold]), sorted(order[n_hold:])
+    if not hold:  # one batch: it is both (early stopping cannot help)
+        hold = train
+    views = {name: ReconLinear(results[name], lin[name].bias, cfg).to(device) for name in lin}
+    norms = norm_params(block) if cfg.train_norms else {}
+    frozen = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    norm0 = {k: p.detach().clone() for k, p in norms.items()}
+    for p in norms.values():
+        p.requires_grad_(True)
+    groups: dict[str, list[nn.Parameter]] = {"weight": [], "scale": [], "adapter": []}
+    for v in views.values():
+        for k, ps in v.param_groups().items():
+            groups[k] += ps
+    groups["norm"] = list(norms.values())
+    lrs = {
+        "weight": cfg.lr_weight,
+        "scale": cfg.lr_scale,
+        "adapter": cfg.lr_adapter,
+        "norm": cfg.lr_norm,
+    }
+    param_groups = [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps and lrs[k] > 0]
+    originals = {name: lin[name] for name in lin}
+    for name, v in views.items():
+        block.set_submodule(name, v)
+    mix = float(cfg.target_mix)
+
+    def loss_of(b: int) -> torch.Tensor:
+        y = _out(block, inputs[b], kwargs[b], device)
+        loss = rel_err(targets[b].to(device), y)
+        if mix > 0 and targets_c is not None:
+            loss = (1 - mix) * loss + mix * rel_err(targets_c[b].to(device), y)
+        return loss
+
+    def held_out() -> float:
+        with torch.no_grad():
+            for v in views.values():
+                v.eval()
+            e = sum(
+                float(rel_err(targets[b].to(device), _out(block, inputs[b], kwargs[b], device)))
+                for b in hold
+            ) / len(hold)
+            for v in views.values():
+                v.train()
+        return e
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {str(i): p.detach().clone() for i, p in enumerate(_all_params(views, norms))}
+
+    try:
+        before = held_out()
+        best, best_epoch, best_state = before, 0, snapshot()
+        steps = 0
+        if param_groups and cfg.epochs > 0 and train:
+            opt = torch.optim.Adam(param_groups)
+            with torch.enable_grad():
+                for epoch in range(1, cfg.epochs + 1):
+                    perm = torch.randperm(len(train), generator=g).tolist()
+                    for k in perm:
+                        opt.zero_grad(set_to_none=True)
+                        loss = loss_of(train[k])
+                        if not math.isfinite(float(loss.detach())):
+                            break
+                        loss.backward()
+                        opt.step()
+                        steps += 1
+                    fault_point(label)  # (a kill here resumes from the last committed block)
+                    e = held_out()
+                    if e < best:
+                        best, best_epoch, best_state = e, epoch, snapshot()
+        for p, saved in zip(_all_params(views, norms), best_state.values()):
+            p.data.copy_(saved)
+        for v in views.values():
+            v.eval()
+        snapped = {name: v.snap() for name, v in views.items()}
+        trained_norms = {}
+        with torch.no_grad():
+            for k, p in norms.items():
+                p.data.copy_(p.data.to(norm_dtype).to(p.dtype))
+                if not torch.equal(p.data, norm0[k]):
+                    trained_norms[k] = p.detach().to("cpu").clone()
+    finally:
+        for name, m in originals.items():
+            block.set_submodule(name, m)
+        for p, req in frozen.items():
+            p.requires_grad_(req)
+    report = {
+        "recon_err_before": before,
+        "recon_err_after": best,
+        "recon_best_epoch": float(best_epoch),
+        "recon_steps": float(steps),
+        "recon_s": time.perf_counter() - t0,
+    }
+    for c in snapped.values():
+        c.metrics.update(report)
+    return snapped, trained_norms, report
+
+
+def _out(block: nn.Module, x: torch.Tensor, kw: dict, device: torch.device) -> torch.Tensor:
+    return block_output(block(x.to(device), **to_device(kw, device)))
+
+
+def _all_params(views: dict[str, ReconLinear], norms: dict[str, nn.Parameter]) -> list:
+    ps = [p for v in views.values() for p in v.parameters()]
+    return ps + list(norms.values())

@@ -1,0 +1,183 @@
+"""Block-wise reconstruction (``reconstruct=block``): the mask and the format never change, the
+values end on their grids, the block error falls, and resume / streaming / options hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+
+from slim_lightning.app.compress_run import run_compress
+from slim_lightning.compress.pipeline import compress_model
+from slim_lightning.compress.plan import build_plan
+from slim_lightning.compress.reconstruct import ReconLinear, norm_params
+from slim_lightning.errors import ConfigError
+from slim_lightning.models.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = ["debug=default", "eval_dense=false", "+model.tiny.num_hidden_layers=3"]
+
+
+def plan_of(*overrides: str):
+    return build_plan(compose_config("compress", [*BASE, *overrides]))
+
+
+FAST = ("reconstruct.epochs=6", "reconstruct.lr_weight=0.1", "reconstruct.lr_adapter=0.1")
+
+
+def _compress(recon: str, *overrides: str, **kw):
+    plan = plan_of(f"reconstruct={recon}", *(FAST if recon == "block" else ()), *overrides)
+    model, _ = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(0, 259, (32, 32), generator=torch.Generator().manual_seed(1))
+    res = compress_model(model, plan, ids, None, packed=False, keep_layers=True, **kw)
+    return model, res
+
+
+@pytest.fixture(scope="module")
+def both():
+    return _compress("none"), _compress("block")
+
+
+def test_block_zero_keeps_its_mask_and_ends_on_the_grid(both):
+    (_, one), (_, rec) = both
+    block0 = [n for n in one.layers if ".layers.0." in n]
+    assert block0
+    moved = 0
+    for name in block0:
+        a, b = one.layers[name], rec.layers[name]
+        assert torch.equal(a.mask, b.mask), name  # positions never change
+        for qa, qb in (
+            (a.weight_q, b.weight_q),
+            (a.lora_l_q, b.lora_l_q),
+            (a.lora_r_q, b.lora_r_q),
+        ):
+            if qa is None:
+                assert qb is None
+                continue
+            lo, hi = -(2 ** (qb.bits - 1)), 2 ** (qb.bits - 1) - 1
+            assert qb.q.dtype == torch.int8 and qb.q.shape == qa.q.shape
+            assert int(qb.q.min()) >= lo and int(qb.q.max()) <= hi
+            assert qb.scale.shape == qa.scale.shape and qb.group_size == qa.group_size
+            moved += int((qb.q != qa.q).sum())
+        assert int(b.weight_q.q[~b.mask].abs().sum()) == 0  # pruned codes stay 0
+        assert torch.equal(b.weight, b.weight_q.dequantize() * b.mask)  # the dense view is exact
+        assert torch.equal(b.lora_l, b.lora_l_q.dequantize().T)
+    assert moved > 0  # reconstruction did change codes
+
+
+def test_block_error_falls_and_is_reported(both):
+    _, (_, rec) = both
+    blocks = {}
+    for r in rec.reports:
+        blocks[r["block"]] = (r["recon_err_before"], r["recon_err_after"])
+    assert len(blocks) == 3
+    assert all(after <= before for before, after in blocks.values())
+    assert any(after < 0.99 * before for before, after in blocks.values())
+
+
+def test_view_at_init_computes_the_one_shot_layer(both):
+    (_, one), _ = both
+    cfg = plan_of("reconstruct=block").reconstruct
+    name = next(n for n in one.layers if n.endswith("mlp.down_proj"))
+    c = one.layers[name]
+    view = ReconLinear(c, None, cfg).eval()
+    x = torch.randn(5, c.weight.shape[1])
+    want = x @ c.effective_weight().T
+    torch.testing.assert_close(view(x), want, rtol=1e-5, atol=1e-5)
+    snapped = view.snap()  # untrained: the same codes and scales back
+    assert torch.equal(snapped.weight_q.q, c.weight_q.q)
+    assert torch.equal(snapped.weight_q.scale, c.weight_q.scale)
+
+
+def test_frozen_groups_stay_put():
+    plan = plan_of(
+        "reconstruct=block",
+        *FAST,
+        "reconstruct.train_weights=false",
+        "reconstruct.train_adapters=false",
+        "reconstruct.train_norms=false",
+    )
+    (_, one), _ = _compress("none"), None
+    model, _ = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(0, 259, (32, 32), generator=torch.Generator().manual_seed(1))
+    norms0 = {k: p.detach().clone() for k, p in norm_params(model.model.layers[0]).items()}
+    res = compress_model(model, plan, ids, None, packed=False, keep_layers=True)
+    for name in (n for n in res.layers if ".layers.0." in n):
+        a, b = one.layers[name], res.layers[name]
+        assert torch.equal(a.weight_q.q, b.weight_q.q), name  # codes frozen, scales may move
+        assert torch.equal(a.lora_l_q.q, b.lora_l_q.q), name
+    for k, p in norm_params(model.model.layers[0]).items():
+        assert torch.equal(p, norms0[k]), k
+
+
+def test_norm_gains_train_and_round_to_the_export_dtype(both):
+    (m_one, _), (m_rec, _) = both
+    a, b = norm_params(m_one.model.layers[0]), norm_params(m_rec.model.layers[0])
+    assert a.keys() == b.keys() and a
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("reconstruct.epochs=-1", "reconstruct.epochs"),
+        ("reconstruct.loss=l1", "reconstruct.loss"),
+        ("reconstruct.mode=layer", "reconstruct.mode"),
+        ("reconstruct.holdout=0.9", "reconstruct.holdout"),
+        ("reconstruct.lr_weight=-1", "reconstruct.lr_weight"),
+        ("reconstruct.train_norms=1", "reconstruct.train_norms"),
+        ("+reconstruct.steps=3", "reconstruct.steps"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        plan_of("reconstruct=block", override)
+    assert e.value.key == key
+
+
+def test_kill_during_reconstruction_resumes_byte_identical(tmp_path):
+    import hashlib
+
+    from test_reliability import forked
+
+    cfg = compose_config("compress", [*BASE, "reconstruct=block"])
+    ref = tmp_path / "ref" / "run"
+    assert forked(lambda: run_compress(cfg, ref)) == 0
+    run = tmp_path / "killed" / "run"
+    # killed in block 2's reconstruction, after block 1 was committed
+    code = forked(lambda: run_compress(cfg, run), {"SLIM_FAULT": "kill:reconstruct block 2"})
+    assert code == -9
+    progress = json.loads((run / "calib_state" / "progress.json").read_text())
+    assert progress["next_block"] == 2
+    assert forked(lambda: run_compress(cfg, run)) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["resumed_blocks"] == 2
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    assert sha(run / "packed" / "model.safetensors") == sha(ref / "packed" / "model.safetensors")
+
+
+def test_streaming_reconstruction_equals_in_memory(tmp_path):
+    from safetensors.torch import load_file
+    from test_streaming import _overrides, _save_tiny, make_cfg
+
+    ckpt = _save_tiny(tmp_path / "ckpt")
+    out = {}
+    for streaming in (False, True):
+        run = tmp_path / f"run_{streaming}"
+        cfg = make_cfg(_overrides(ckpt, streaming, ("reconstruct=block",)))
+        out[streaming] = (run, run_compress(cfg, run))
+    (d0, r0), (d1, r1) = out[False], out[True]
+    assert r1["ppl"] == r0["ppl"]
+    a = load_file(d0 / "packed" / "model.safetensors")
+    b = load_file(d1 / "packed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(r.get("recon_err_after", 1) < r.get("recon_err_before", 0) for r in r1["layers"])
