@@ -189,14 +189,15 @@ class ReconConfig:
     ``compress.reconstruct``). ``mode: none`` keeps the one-shot result."""
 
     mode: str = "none"  # none | block
-    epochs: int = 4  # passes over the training batches (best held-out epoch kept)
+    epochs: int = 2  # passes over the training batches (best held-out epoch kept)
     holdout: float = 0.125  # share of the calibration batches held out for early stopping
+    batch_windows: int = 1  # calibration windows per optimiser step (0: a whole engine batch)
     loss: str = "rel_mse"  # ||t - y||^2 / ||t||^2 per batch
     target_mix: float = 0.0  # weight of the dense block on the compressed inputs as a target
-    lr_weight: float = 0.01  # Adam, kept weights in grid steps
-    lr_scale: float = 0.002  # Adam, log group scales
-    lr_adapter: float = 0.01  # Adam, adapter codes in grid steps (fp adapters: absolute)
-    lr_norm: float = 0.0005  # Adam, norm gains
+    lr_weight: float = 0.03  # Adam, kept weights in grid steps
+    lr_scale: float = 0.003  # Adam, log group scales
+    lr_adapter: float = 0.03  # Adam, adapter codes in grid steps (fp adapters: absolute)
+    lr_norm: float = 0.001  # Adam, norm gains
     train_weights: bool = True
     train_scales: bool = True
     train_adapters: bool = True
@@ -205,6 +206,7 @@ class ReconConfig:
     def __post_init__(self) -> None:
         check_choice("reconstruct.mode", self.mode, ("none", "block"))
         check_int("reconstruct.epochs", self.epochs, 0, 1000)
+        check_int("reconstruct.batch_windows", self.batch_windows, 0)
         check_range("reconstruct.holdout", self.holdout, 0.0, 0.5, lo_open=True)
         check_choice("reconstruct.loss", self.loss, ("rel_mse",))
         check_range("reconstruct.target_mix", self.target_mix, 0.0, 1.0)

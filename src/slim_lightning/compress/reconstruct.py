@@ -246,11 +246,20 @@ def reconstruct_block(
         block.set_submodule(name, v)
     mix = float(cfg.target_mix)
 
-    def loss_of(b: int) -> torch.Tensor:
-        y = _out(block, inputs[b], kwargs[b], device)
-        loss = rel_err(targets[b].to(device), y)
+    # training steps: each training batch in slices of ``batch_windows`` windows
+    per = cfg.batch_windows
+    micro = [
+        (b, lo, min(lo + per, inputs[b].shape[0]) if per else inputs[b].shape[0])
+        for b in train
+        for lo in (range(0, inputs[b].shape[0], per) if per else (0,))
+    ]
+
+    def loss_of(b: int, lo: int, hi: int) -> torch.Tensor:
+        n_b = inputs[b].shape[0]
+        y = _out(block, inputs[b][lo:hi], _rows(kwargs[b], n_b, lo, hi), device)
+        loss = rel_err(targets[b][lo:hi].to(device), y)
         if mix > 0 and targets_c is not None:
-            loss = (1 - mix) * loss + mix * rel_err(targets_c[b].to(device), y)
+            loss = (1 - mix) * loss + mix * rel_err(targets_c[b][lo:hi].to(device), y)
         return loss
 
     def held_out() -> float:
@@ -274,16 +283,19 @@ def reconstruct_block(
         steps = 0
         if param_groups and cfg.epochs > 0 and train:
             opt = torch.optim.Adam(param_groups)
+            # cosine decay over all steps: large early moves, settling on the grid at the end
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(micro))
             with torch.enable_grad():
                 for epoch in range(1, cfg.epochs + 1):
-                    perm = torch.randperm(len(train), generator=g).tolist()
+                    perm = torch.randperm(len(micro), generator=g).tolist()
                     for k in perm:
                         opt.zero_grad(set_to_none=True)
-                        loss = loss_of(train[k])
+                        loss = loss_of(*micro[k])
                         if not math.isfinite(float(loss.detach())):
                             break
                         loss.backward()
                         opt.step()
+                        sched.step()
                         steps += 1
                     fault_point(label)  # (a kill here resumes from the last committed block)
                     e = held_out()
@@ -315,6 +327,18 @@ def reconstruct_block(
     for c in snapped.values():
         c.metrics.update(report)
     return snapped, trained_norms, report
+
+
+def _rows(obj: Any, n: int, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of every tensor in a block's kwargs whose first dimension is the batch
+    (``n``); others (broadcast rotary tables, None, flags) as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj[lo:hi] if obj.ndim and obj.shape[0] == n and n > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, n, lo, hi) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, n, lo, hi) for k, v in obj.items()}
+    return obj
 
 
 def _out(block: nn.Module, x: torch.Tensor, kw: dict, device: torch.device) -> torch.Tensor:
