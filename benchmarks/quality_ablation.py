@@ -52,7 +52,7 @@ def run_one(name: str, overrides: list[str], threads: int, extra: list[str]) -> 
         if p.returncode != 0:
             return {"name": name, "overrides": overrides, "error": p.stderr[-2000:]}
         r = json.loads((Path(d) / "run" / "report.json").read_text())
-    (ev, ppl), = r["ppl"].items()
+    ((ev, ppl),) = r["ppl"].items()
     dense = r["ppl_dense"].get(ev)
     summ = r.get("layers_summary", {})
     return {
@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
-    ap.add_argument("extra", nargs="*", help="overrides added to every run (e.g. calib.nsamples=128)")
+    ap.add_argument(
+        "extra", nargs="*", help="overrides added to every run (e.g. calib.nsamples=128)"
+    )
     a = ap.parse_args()
     rows = []
     for name in a.configs.split(","):

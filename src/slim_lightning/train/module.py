@@ -85,6 +85,7 @@ class SLiMModule(L.LightningModule):
         # Lightning checkpoints hold only the trainable tensors: the rest comes from setup()
         self.strict_loading = False
         self.dist_ctx = dist
+        self._teacher: list | None = None  # (a list: not a registered submodule)
         if base is not None:
             self._adopt(base)
 
@@ -302,11 +303,40 @@ class SLiMModule(L.LightningModule):
         from ..data.evaluation import training_nll
 
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch  # (b, seqlen)
-        nll, n = training_nll(self.model, ids)  # chunked LM head: no full fp32 logits
-        loss = nll / n
+        tc = self.train_cfg
+        if tc.loss == "lm":
+            nll, n = training_nll(self.model, ids)  # chunked LM head: no full fp32 logits
+            loss = nll / n
+        else:  # distillation from the dense parent (train.distill)
+            from .distill import distill_loss
+
+            loss, parts = distill_loss(
+                self.model,
+                self.teacher(),
+                ids,
+                kind=tc.loss,
+                temperature=tc.kd_temperature,
+                squarehead_weight=tc.squarehead_weight,
+            )
+            for k, v in parts.items():
+                self.log(f"train/{k}", v)
+            if tc.lm_weight > 0:
+                nll, n = training_nll(self.model, ids)
+                loss = loss + tc.lm_weight * nll / n
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def teacher(self) -> torch.nn.Module:
+        """The frozen dense parent for ``train.loss=kd*``, loaded on first use onto this rank's
+        device; held outside the module tree (no checkpoint, no DDP)."""
+        if self._teacher is None:
+            from .distill import load_teacher
+
+            self._teacher = [
+                load_teacher(self.plan, self.prepared, self.train_cfg.teacher_dtype, self.device)
+            ]
+        return self._teacher[0]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         dt = time.perf_counter() - self._t_batch

@@ -57,6 +57,13 @@ class TrainConfig:
         val_every_n_steps: validation on the held-out blocks every N optimiser steps (0: never).
         rank_hashes: each rank writes sha256 of its base buffers and adapters to
             ``run_dir/rank_hashes/`` after setup and after fitting (checks DDP consistency).
+        loss: ``lm`` (next-token loss on the data), ``kd`` (KL to the dense parent, ``model=``,
+            as a frozen teacher: ``train.distill``), ``kd_squarehead`` (``kd`` + per-layer
+            feature matching).
+        kd_temperature: softmax temperature of ``kd`` (the loss is scaled by ``T^2``).
+        lm_weight: weight of the next-token loss added to the ``kd*`` losses (0: none).
+        squarehead_weight: weight of the feature term of ``kd_squarehead``.
+        teacher_dtype: ``auto`` (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16.
     """
 
     norms: bool = False
@@ -69,8 +76,20 @@ class TrainConfig:
     eval_before: bool = True
     val_every_n_steps: int = 50
     rank_hashes: bool = False
+    loss: str = "lm"
+    kd_temperature: float = 1.0
+    lm_weight: float = 0.0
+    squarehead_weight: float = 1.0
+    teacher_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("train.loss", self.loss, ("lm", "kd", "kd_squarehead"))
+        check_range("train.kd_temperature", self.kd_temperature, 0.0, 100.0, lo_open=True)
+        check_range("train.lm_weight", self.lm_weight, 0.0, 100.0)
+        check_range("train.squarehead_weight", self.squarehead_weight, 0.0, 100.0)
+        check_choice(
+            "train.teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16")
+        )
         for k in ("norms", "embeddings", "lm_head", "gradient_checkpointing", "requantize"):
             check_bool(f"train.{k}", getattr(self, k))
         check_bool("train.eval_before", self.eval_before)

@@ -1,0 +1,79 @@
+"""train.loss=kd|kd_squarehead: distillation from the dense parent (slim_lightning.train.distill)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from test_train import DEBUG, make_cfg, run_cli
+
+from slim_lightning.errors import ConfigError
+from slim_lightning.models.tiny import tiny_model
+from slim_lightning.train.distill import distill_loss
+from slim_lightning.train.plan import build_train_plan
+
+
+@pytest.mark.parametrize("kind", ["kd", "kd_squarehead"])
+def test_student_as_its_own_teacher_gives_zero_loss(kind):
+    model, _ = tiny_model("llama")
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, parts = distill_loss(model, model, ids, kind=kind, temperature=2.0)
+    assert abs(float(loss.detach())) < 1e-7, parts
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(5.0)
+    loss2, parts2 = distill_loss(other, model, ids, kind=kind)
+    assert float(loss2.detach()) > 1e-5, parts2
+    loss2.backward()
+    assert other.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.down_proj.weight.grad is None  # the teacher is frozen
+
+
+def test_chunked_kd_equals_full_logits():
+    model, _ = tiny_model("llama")
+    teacher, _ = tiny_model("llama", seed=1)
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, _ = distill_loss(model, teacher, ids, temperature=1.5, chunk_tokens=5)
+    ls = torch.log_softmax(model(ids).logits.float() / 1.5, -1)
+    lt = torch.log_softmax(teacher(ids).logits.float() / 1.5, -1)
+    want = (lt.exp() * (lt - ls)).sum(-1).mean() * 1.5**2
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.loss=mse", "train.loss"),
+        ("train.kd_temperature=0", "train.kd_temperature"),
+        ("train.lm_weight=-1", "train.lm_weight"),
+        ("train.teacher_dtype=int8", "train.teacher_dtype"),
+    ],
+)
+def test_bad_distillation_options_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        build_train_plan(make_cfg([*DEBUG, "+peft=true", override]))
+    assert e.value.key == key
+
+
+def test_cli_kd_squarehead_trains_and_logs(tmp_path):
+    run = tmp_path / "run"
+    run_cli(
+        [
+            "debug=train",
+            "+peft=true",
+            "engine.progress=false",
+            "logger=csv",
+            "train.loss=kd_squarehead",
+            "train.lm_weight=0.5",
+        ],
+        run,
+    )
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["train"]["steps"] == 8
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    kd = [float(r["train/kd"]) for r in rows if r.get("train/kd")]
+    sq = [float(r["train/squarehead"]) for r in rows if r.get("train/squarehead")]
+    assert kd and sq and all(v >= 0 for v in kd + sq)
