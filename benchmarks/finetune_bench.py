@@ -81,8 +81,9 @@ def _with_lora(model, ranks: dict[str, int]):
     return get_peft_model(model, cfg)
 
 
-def _qlora_model(model_path: str):
-    """The dense model with every block linear replaced by a bitsandbytes NF4 Linear4bit."""
+def _qlora_model(model_path: str, device: str = "cpu"):
+    """The dense model with every block linear replaced by a bitsandbytes NF4 Linear4bit
+    (bf16 compute on a GPU, fp32 on CPU)."""
     import bitsandbytes as bnb
     import torch
 
@@ -96,13 +97,13 @@ def _qlora_model(model_path: str):
                 lin.in_features,
                 lin.out_features,
                 bias=lin.bias is not None,
-                compute_dtype=torch.float32,
+                compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
                 quant_type="nf4",
                 device="meta",
             )
             q.weight = bnb.nn.Params4bit(
                 lin.weight.data.contiguous(), requires_grad=False, quant_type="nf4"
-            )._quantize("cpu")
+            )._quantize(device)
             if lin.bias is not None:
                 q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
             block.set_submodule(name, q)
@@ -121,6 +122,13 @@ def worker(a: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     from slim_lightning.data.evaluation import training_nll
 
     t0 = time.perf_counter()
@@ -140,10 +148,13 @@ def worker(a: argparse.Namespace) -> dict:
         if a.worker == "lora":
             model = _with_lora(model, ranks)
     elif a.worker == "qlora":
-        model, tok = _qlora_model(a.model)
+        model, tok = _qlora_model(a.model, a.device)
         model = _with_lora(model, ranks)
     else:
         raise SystemExit(f"unknown config {a.worker}")
+    if a.worker == "gen_dense" and cuda:
+        model.half()  # the dense fp16 model
+    model.to(dev)
     out["load_s"] = time.perf_counter() - t0
     hf = model.base_model.model if hasattr(model, "peft_config") else model
     out["held_after_load_bytes"] = held_bytes(hf)
@@ -156,13 +167,16 @@ def worker(a: argparse.Namespace) -> dict:
         data = _windows(tok, a.warmup + a.steps, a.seqlen)
         out["losses"] = []
         for i in range(a.warmup + a.steps):
-            ids = data[i : i + 1].repeat(a.batch, 1)
+            ids = data[i : i + 1].repeat(a.batch, 1).to(dev)
+            sync()
             t = time.perf_counter()
-            nll, n = training_nll(hf, ids)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                nll, n = training_nll(hf, ids)
             (nll / n).backward()
             out["losses"].append(float(nll / n))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync()
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
             if i == 0:
@@ -171,9 +185,10 @@ def worker(a: argparse.Namespace) -> dict:
     else:
         model.eval()
         hf.config.use_cache = True
-        prompt = _windows(tok, 1, 64)
+        prompt = _windows(tok, 1, 64).to(dev)
         with torch.no_grad():
             for i in range(a.gen_warmup + a.gen_steps):
+                sync()
                 t = time.perf_counter()
                 gen = hf.generate(
                     prompt,
@@ -181,6 +196,7 @@ def worker(a: argparse.Namespace) -> dict:
                     do_sample=False,
                     min_new_tokens=a.new_tokens,
                 )
+                sync()
                 if i >= a.gen_warmup:
                     times.append(time.perf_counter() - t)
                 if i == 0:
@@ -188,6 +204,8 @@ def worker(a: argparse.Namespace) -> dict:
         out["tokens_per_step"] = int(gen.shape[1] - prompt.shape[1])
     out["step_s"] = times
     out["peak_rss_mib"] = _rss_mib()
+    if cuda:
+        out["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -226,6 +244,7 @@ def main() -> None:
     ap.add_argument("--gen-warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast, NF4 on the GPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:

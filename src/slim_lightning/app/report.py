@@ -93,19 +93,26 @@ def plot_layers(reports: list[dict[str, Any]], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     x = list(range(len(reports)))
-    panels = [
+    panels: list[tuple[tuple[str, ...], str]] = [
         (
             ("err_before_adapters", "err_after_adapters", "err_final"),
             "saliency-weighted rel. error",
         ),
         (("sparsity",), "achieved sparsity"),
         (("bits_per_weight",), "bits per weight"),
+        (("recon_err_before", "recon_err_after"), "block output error (reconstruct=block)"),
         (("rank",), "effective adapter rank"),
         (("alpha",), "SLiM-Quant alpha"),
     ]
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(max(8, len(x) * 0.08), 2.2 * len(panels)), sharex=True
+    panels = [p for p in panels if any(k in r for r in reports for k in p[0])] or panels[:1]
+    fig, grid = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(8, len(x) * 0.08), 2.2 * len(panels)),
+        sharex=True,
+        squeeze=False,
     )
+    axes = list(grid[:, 0])
     for ax, (keys, title) in zip(axes, panels):
         for k in keys:
             ys = [r.get(k, float("nan")) for r in reports]
