@@ -51,13 +51,19 @@ def run_one(name: str, overrides: list[str], threads: int, extra: list[str]) -> 
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             return {"name": name, "overrides": overrides, "error": p.stderr[-2000:]}
-        r = json.loads((Path(d) / "run" / "report.json").read_text())
+        return row_from_report(name, overrides + extra, Path(d) / "run" / "report.json", wall)
+
+
+def row_from_report(name: str, overrides: list[str], report: Path, wall: float | None) -> dict:
+    """One table row from a finished run's ``report.json``."""
+    r = json.loads(Path(report).read_text())
     ((ev, ppl),) = r["ppl"].items()
     dense = r["ppl_dense"].get(ev)
     summ = r.get("layers_summary", {})
+    recon = [x for x in r.get("layers", []) if "recon_err_before" in x]
     return {
         "name": name,
-        "overrides": overrides + extra,
+        "overrides": overrides,
         "eval": ev,
         "ppl": ppl,
         "ppl_dense": dense,
@@ -66,7 +72,14 @@ def run_one(name: str, overrides: list[str], threads: int, extra: list[str]) -> 
         "wall_s": wall,
         "bits_per_weight": summ.get("bits_per_weight"),
         "sparsity": summ.get("sparsity"),
+        "recon_err_before_mean": _mean([x["recon_err_before"] for x in recon]),
+        "recon_err_after_mean": _mean([x["recon_err_after"] for x in recon]),
+        "versions": r.get("versions"),
     }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def main() -> None:
@@ -77,9 +90,19 @@ def main() -> None:
     ap.add_argument(
         "extra", nargs="*", help="overrides added to every run (e.g. calib.nsamples=128)"
     )
+    ap.add_argument(
+        "--from-reports",
+        nargs="+",
+        default=None,
+        metavar="NAME=REPORT",
+        help="build the table from finished runs' report.json instead of running them",
+    )
     a = ap.parse_args()
     rows = []
-    for name in a.configs.split(","):
+    for item in a.from_reports or []:
+        name, _, path = item.partition("=")
+        rows.append(row_from_report(name, CONFIGS.get(name, []), Path(path), None))
+    for name in a.configs.split(",") if a.from_reports is None else []:
         row = run_one(name, CONFIGS[name], a.threads, a.extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
