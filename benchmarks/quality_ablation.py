@@ -29,8 +29,8 @@ CONFIGS: dict[str, list[str]] = {
     "block_no_weights": ["reconstruct=block", "reconstruct.train_weights=false"],
     "block_no_norms": ["reconstruct=block", "reconstruct.train_norms=false"],
     "block_mix": ["reconstruct=block", "reconstruct.target_mix=0.5"],
-    "unstructured_oneshot": ["sparsity=unstructured", "reconstruct=none"],
-    "unstructured_block": ["sparsity=unstructured", "reconstruct=block"],
+    "unstructured_oneshot": ["sparsity=unstructured50", "reconstruct=none"],
+    "unstructured_block": ["sparsity=unstructured50", "reconstruct=block"],
 }
 
 
