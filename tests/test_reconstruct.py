@@ -181,3 +181,24 @@ def test_streaming_reconstruction_equals_in_memory(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert any(r.get("recon_err_after", 1) < r.get("recon_err_before", 0) for r in r1["layers"])
+
+
+@pytest.mark.parametrize(
+    "kind, overrides",
+    [
+        ("opt", ("model=tiny_opt",)),  # LayerNorm gains and biases, OPT kwargs
+        (
+            "llama",
+            ("method=slim", "quant=none", "lowrank.quant_bits=null"),
+        ),  # fp weights, fp adapters
+    ],
+)
+def test_other_architectures_and_unquantised_specs(kind, overrides):
+    plan = plan_of("reconstruct=block", *FAST, *overrides)
+    model, _ = tiny_model(kind, num_hidden_layers=2)
+    ids = torch.randint(0, 259, (32, 32), generator=torch.Generator().manual_seed(1))
+    res = compress_model(model, plan, ids, None, packed=False, keep_layers=True)
+    assert res.reports and all(r["recon_err_after"] <= r["recon_err_before"] for r in res.reports)
+    for c in res.layers.values():
+        if c.mask is not None:
+            assert int((c.weight[~c.mask] != 0).sum()) == 0  # pruned entries stay pruned
