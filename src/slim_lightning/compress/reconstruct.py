@@ -18,6 +18,7 @@ the same block the same way).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core.types import CompressedLinear, QuantTensor
+from ..formats.bitpack import _lossless_dtype
 from ..io import fault_point
 from ..models.arch import block_output, to_device
 from .resume import canonicalize
@@ -38,10 +40,6 @@ def _ste_round(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 def _expand(scale: torch.Tensor, group: int, cols: int) -> torch.Tensor:
     return scale.repeat_interleave(group, dim=1)[:, :cols]
-
-
-def _fp16_exact(x: torch.Tensor) -> bool:
-    return bool(torch.equal(x.to(torch.float16).to(torch.float32), x.float()))
 
 
 class _QuantParam(nn.Module):
@@ -58,7 +56,8 @@ class _QuantParam(nn.Module):
         self.in_scale = None if qt.in_scale is None else qt.in_scale.float()
         self.mask = mask
         # scales stored in fp16 by the packed format stay fp16-representable (same sizes)
-        self.half_scales = _fp16_exact(self.s0)
+        # (the packer's own rule for storing scales in fp16)
+        self.half_scales = _lossless_dtype(self.s0) == torch.float16
 
     def scale(self) -> torch.Tensor:
         s = self.s0 * torch.exp(self.u)
@@ -147,17 +146,7 @@ class ReconLinear(nn.Module):
     @torch.no_grad()
     def snap(self) -> CompressedLinear:
         """The trained layer as a ``CompressedLinear`` of the same format and sizes."""
-        c = self.c
-        out = CompressedLinear(
-            weight=c.weight,
-            weight_q=c.weight_q,
-            mask=c.mask,
-            lora_l=c.lora_l,
-            lora_r=c.lora_r,
-            lora_l_q=c.lora_l_q,
-            lora_r_q=c.lora_r_q,
-            metrics=dict(c.metrics),
-        )
+        out = dataclasses.replace(self.c, metrics=dict(self.c.metrics))
         if self.wq is not None:
             out.weight_q = self.wq.snap()
         else:
