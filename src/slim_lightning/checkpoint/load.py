@@ -18,7 +18,8 @@ from torch import nn
 from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError
 from ..io import load_tensors
-from .layout import META, WEIGHTS, _st_dtype, read_meta, verify_files
+from .layout import META, WEIGHTS
+from .verify import check_complete, check_file_tensors, open_checkpoint
 
 
 def load_compressed(
@@ -48,20 +49,14 @@ def load_compressed(
         ``(model, tokenizer, meta)``: the model in eval mode, its tokenizer (None if none was
         saved) and the checkpoint's metadata.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..models.arch import get_arch
     from ..nn.backend import set_backend
-    from ..nn.linear import SLiMLinear
 
     path = Path(path)
-    meta = read_meta(path)
-    if verify:
-        verify_files(path, meta)
+    meta = open_checkpoint(path, verify=verify)
     weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
@@ -86,42 +81,20 @@ def load_compressed(
         from ..nn.embedding import install_embeddings
 
         install_embeddings(model, meta["embeddings"], f"{path / META}")
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    file_keys = check_file_tensors(weights, model)
+    check_complete(model, file_keys, meta, weights)
+    expected = {k: v.dtype for k, v in model.state_dict().items()}
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
-                if k in expected:
-                    sl = f.get_slice(k)
-                    got = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
-                    both_float = isinstance(got[1], torch.dtype) and (
-                        got[1].is_floating_point and expected[k][1].is_floating_point
-                    )
-                    if got[0] != expected[k][0] or (got[1] != expected[k][1] and not both_float):
-                        raise CheckpointError(
-                            f"{weights}: tensor {k} is {got[0]} {got[1]}, the metadata says "
-                            f"{expected[k][0]} {expected[k][1]}"
-                        )
         sd = load_tensors(weights, device=str(device))
-        for k, v in sd.items():  # 16-bit storage -> the compute dtype (exact: an upcast)
-            if k in expected and v.dtype != expected[k][1] and v.is_floating_point():
-                sd[k] = v.to(expected[k][1])
-    except CheckpointError:
-        raise
     except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
         raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {e})") from None
+    for k, v in sd.items():  # 16-bit storage -> the compute dtype (exact: an upcast)
+        if k in expected and v.dtype != expected[k] and v.is_floating_point():
+            sd[k] = v.to(expected[k])
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        model.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: {e}") from None
-    if unexpected:
-        raise CheckpointError(f"{weights}: unexpected tensors {unexpected[:5]}")
-    rebuilt = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, SLiMLinear) and mod.adapter_bits is not None and mod.rank:
-            rebuilt |= {f"{name}.lora_l", f"{name}.lora_r"}
-    missing = [k for k in missing if k not in meta.get("tied", []) and k not in rebuilt]
-    if missing:
-        raise CheckpointError(f"{weights}: missing tensors {missing[:5]}")
     retie(model, meta.get("tied_to") or dict.fromkeys(meta.get("tied", [])), sd)
     for k, t in sd.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -131,7 +104,7 @@ def load_compressed(
     model.to(device)
     set_backend(model, backend)  # type: ignore[arg-type]
     model.eval()
-    model.config.use_cache = False
+    model.config.use_cache = True  # generate() with the KV cache, as users expect
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         try:
@@ -183,9 +156,15 @@ def restore_packed(model: nn.Module, where: str, *, rebuild_all: bool = False) -
     ``SLiMLinear``; errors are ``CheckpointError`` prefixed with ``where``. Shared by
     ``load_compressed`` and the transformers quantizer."""
     from ..formats import check_values
+    from ..nn.embedding import PackedEmbedding
     from ..nn.linear import SLiMLinear
 
     for name, mod in model.named_modules():
+        if isinstance(mod, PackedEmbedding):  # quantised tables: their scales too
+            try:
+                check_values(mod.packed_weight())
+            except ValueError as e:
+                raise CheckpointError(f"{where}{name}.weight: {e}") from None
         if not isinstance(mod, SLiMLinear):
             continue
         if mod.rank and mod.adapter_bits is not None and (rebuild_all or mod.lora_l.is_meta):

@@ -161,8 +161,10 @@ def save_compressed(
         config.quantization_config = hf_quantization_config(
             layers, embeddings, tied_to, store, compute
         )
+        config.use_cache = True  # generate() with the KV cache, as users expect
         fault_point(f"write {out_dir.name}/config.json")
         config.save_pretrained(tmp)
+        _generation_config(model, config).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta["size"] = written_sizes(tmp / WEIGHTS, model, sized, tied)
@@ -194,6 +196,33 @@ def hf_quantization_config(
         "dtype": dtype,
         "compute_dtype": compute_dtype,
     }
+
+
+def record_meta(out_dir: str | Path, model: nn.Module, loaded_meta: dict[str, Any]) -> None:
+    """Writes ``slim.json`` into a directory that transformers' ``save_pretrained`` just wrote
+    from a loaded packed model: the loaded metadata with the stored dtype and every file's
+    sha256 brought up to date, so the copy loads (and verifies) like the original."""
+    from ..io import atomic_write_bytes, file_sha256
+
+    out_dir = Path(out_dir)
+    meta = copy.deepcopy(loaded_meta)
+    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    if dtype in _FLOAT:
+        meta["dtype"] = dtype
+    meta["files"] = {
+        f.name: file_sha256(f) for f in sorted(out_dir.iterdir()) if f.is_file() and f.name != META
+    }
+    atomic_write_bytes(out_dir / META, json.dumps(meta, indent=2, default=str).encode())
+
+
+def _generation_config(model: nn.Module, config: Any) -> Any:
+    """The model's generation config (or one derived from ``config``) with the KV cache on."""
+    from transformers import GenerationConfig
+
+    gen = getattr(model, "generation_config", None)
+    gen = copy.deepcopy(gen) if gen is not None else GenerationConfig.from_model_config(config)
+    gen.use_cache = True
+    return gen
 
 
 def _jsonable(obj: Any) -> Any:

@@ -19,8 +19,15 @@ quantizer registry is first imported, so ``import slim_lightning`` itself stays 
 * ``is_trainable``: the adapters are ordinary parameters; peft can add LoRA on top of the
   ``SLiMLinear`` layers through ``peft_lora_config`` (peft only knows ``nn.Linear`` by itself).
 
-Supported transformers: ``SUPPORTED`` (the 5.x quantizer API; tested with the version in the
-README). ``load_compressed`` stays the direct path and shares the layer-building code.
+Every load runs the same checks as ``load_compressed`` (``checkpoint.verify``): recorded sha256
+digests (``SLIM_LIGHTNING_VERIFY=0`` skips them, like ``verify=False``), ``quantization_config``
+against ``slim.json``, no model tensor left unloaded and no stored tensor unused, tied sources
+present, every floating tensor finite.
+
+Supported transformers: ``SUPPORTED`` (the 5.x quantizer API; CI tests the oldest, 5.0, and the
+newest the installer resolves). Outside it, or when registering fails, ``from_pretrained`` of a
+``quant_method: slim`` directory raises naming the reason instead of transformers' "unknown
+quantization type, skip" (which would return randomly initialised linears).
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ from typing import Any
 
 SUPPORTED = (5, 0), (6, 0)  # [min, max) transformers major.minor with this quantizer API
 QUANT_METHOD = "slim"
+_refusal: list[str] = []  # why ``slim`` checkpoints cannot load through transformers here
+
+
+def supported_range() -> str:
+    (a, b), (c, d) = SUPPORTED
+    return f">={a}.{b},<{c}.{d}"
 
 
 def _version_ok(version: str) -> bool:
@@ -51,6 +64,10 @@ def register() -> bool:
     if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
         return True
     if not _version_ok(transformers.__version__):
+        refuse(
+            f"transformers {transformers.__version__} is outside the range this slim-lightning "
+            f"supports ({supported_range()})"
+        )
         return False
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -100,13 +117,34 @@ def register() -> bool:
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             import re
+            from pathlib import Path
 
+            from ..checkpoint.layout import WEIGHTS
             from ..checkpoint.load import install_layers
+            from ..checkpoint.verify import (
+                check_config_matches,
+                check_file_tensors,
+                open_checkpoint,
+                verify_default,
+            )
+            from ..errors import CheckpointError
             from ..nn.embedding import install_embeddings
 
-            cfg, where = self.quantization_config, "config.json quantization_config"
+            files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
+            if len(files) != 1 or files[0].name != WEIGHTS:
+                raise CheckpointError(
+                    f"quant_method 'slim': expected one {WEIGHTS} (what compress.py writes), got "
+                    f"{[str(f) for f in files] or 'none'}"
+                )
+            cfg = self.quantization_config
+            path = files[0].parent
+            self._slim_meta = open_checkpoint(path, verify=verify_default())
+            self._slim_weights = files[0]
+            where = f"{path / 'config.json'} quantization_config"
+            check_config_matches(cfg, self._slim_meta, where)
             install_layers(model, cfg.layers, where)
             install_embeddings(model, cfg.embeddings, where)
+            self._slim_file_keys = check_file_tensors(files[0], model)
             # not stored: 4-bit adapters' fp32 parameters (rebuilt from their codes) and tied
             # tensors (re-tied to their source after loading)
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
@@ -115,9 +153,19 @@ def register() -> bool:
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             from ..checkpoint.load import retie
+            from ..checkpoint.verify import check_complete, check_finite
 
+            meta = getattr(self, "_slim_meta", None)
+            if meta is None:  # the quantizer was used without its pre-loading step
+                raise RuntimeError("quant_method 'slim': the checkpoint was not verified")
+            check_complete(model, self._slim_file_keys, meta, self._slim_weights)
             retie(model, self.quantization_config.tied_to, model.state_dict(keep_vars=True))
-            finish_loading(model)
+            finish_loading(model)  # rebuilds the unstored adapter parameters first
+            check_finite(model, str(self._slim_weights))
+            model.config.use_cache = True
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.use_cache = True
+            _record_meta_on_save(model, meta)
             return model
 
         def get_state_dict_and_metadata(self, model: Any) -> tuple[dict | None, dict]:
@@ -133,6 +181,24 @@ def register() -> bool:
     auto.register_quantization_config(QUANT_METHOD)(SLiMConfig)
     auto.register_quantizer(QUANT_METHOD)(SLiMHfQuantizer)
     return True
+
+
+def _record_meta_on_save(model: Any, meta: dict) -> None:
+    """``model.save_pretrained(d)`` also writes ``slim.json`` (with fresh digests), so what it
+    saves loads through the same verified path as what ``compress.py`` wrote."""
+    import functools
+
+    from ..checkpoint.save import record_meta
+
+    original = model.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(save_directory, *args, **kwargs)
+        record_meta(save_directory, model, meta)
+        return out
+
+    model.save_pretrained = save_pretrained
 
 
 def finish_loading(model: Any, backend: str = "auto") -> None:
@@ -233,12 +299,42 @@ class _RegisterOnImport:
             exec_module(module)
             try:
                 register()
-            except Exception:  # noqa: BLE001 - never break importing transformers
-                pass
+            except Exception as e:  # noqa: BLE001 - never break importing transformers
+                refuse(f"registering the slim quantizer failed ({type(e).__name__}: {e})")
 
         loader.exec_module = exec_and_register  # type: ignore[method-assign]
         assert isinstance(spec, importlib.machinery.ModuleSpec)
         return spec
+
+
+def refuse(reason: str) -> None:
+    """Makes ``from_pretrained`` of a ``quant_method: slim`` directory raise ``reason`` (instead
+    of transformers' "unknown quantization type, skip", which returns random linears)."""
+    import sys
+
+    _refusal[:] = [reason]
+    auto = sys.modules.get(_HOOK_TARGET)
+    holder = getattr(auto, "AutoHfQuantizer", None)
+    original = getattr(holder, "supports_quant_method", None)
+    if original is None or getattr(original, "_slim_guard", False):
+        return
+
+    def supports_quant_method(quantization_config_dict: Any) -> Any:
+        qc = quantization_config_dict
+        method = (
+            qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        )
+        if str(method) == QUANT_METHOD and QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+            raise RuntimeError(
+                f"this checkpoint was written by slim-lightning (quant_method 'slim'), but "
+                f"transformers cannot load it here: {_refusal[0]}. Install a supported "
+                f"transformers ({supported_range()}) or load it with "
+                "slim_lightning.load_compressed(path)"
+            )
+        return original(quantization_config_dict)
+
+    supports_quant_method._slim_guard = True  # type: ignore[attr-defined]
+    holder.supports_quant_method = staticmethod(supports_quant_method)
 
 
 def install_hook() -> None:
@@ -246,7 +342,10 @@ def install_hook() -> None:
     import sys
 
     if _HOOK_TARGET in sys.modules:
-        register()
+        try:
+            register()
+        except Exception as e:  # noqa: BLE001 - same as on first import: refuse, naming it
+            refuse(f"registering the slim quantizer failed ({type(e).__name__}: {e})")
         return
     if not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterOnImport())
