@@ -42,10 +42,14 @@ def run_compress(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluation -> compression -> evaluation -> exports -> ``report.json`` with ``status: done``.
     """
     from ..compress.distributed import init_distributed, shutdown
-    from .rundir import run_session
+    from .rundir import record_early_failure, run_session
 
     run_dir = Path(run_dir)
-    plan = build_plan(cfg)  # every value validated before anything heavy happens
+    try:
+        plan = build_plan(cfg)  # every value validated before anything heavy happens
+    except Exception as e:
+        record_early_failure(run_dir, "compress", e)
+        raise
     container = OmegaConf.to_container(cfg, resolve=True)
     # several processes (torchrun / srun): slim_lightning.compress.distributed; one process: None
     ctx = init_distributed(plan.device)

@@ -11,6 +11,7 @@ naming the key and the file.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +159,12 @@ def preflight(
             eval_tokens(tok, plan.eval), plan.eval.seqlen, plan.eval.max_windows, plan.eval.where
         )
     if data is not None:
-        from ..data.datamodule import make_blocks, training_tokens
+        from ..data.datamodule import check_budget, make_blocks, training_tokens
 
         prepared.train_blocks = make_blocks(training_tokens(tok, data), data)
+        world = os.environ.get("WORLD_SIZE", "1")
+        world_size = int(world) if world.isdigit() and int(world) > 0 else 1
+        check_budget(data, prepared.train_blocks[0].shape[0], world_size)
     return prepared
 
 

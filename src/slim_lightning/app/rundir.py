@@ -12,6 +12,10 @@
 * it writes ``report.json`` with ``status: running`` first and ``status: failed`` (with the error)
   when the body raises, so a failed run never leaves a success report behind; the body writes
   ``status: done`` itself;
+* a run that fails before it holds the directory (its config is refused) still leaves no
+  success report there: ``record_early_failure`` moves a previous ``report.json`` aside to
+  ``report.previous.json`` (its outputs stay, so a typo never deletes a good checkpoint) and
+  writes ``status: failed`` with the error;
 * under Hydra it writes ``.hydra/`` (config, overrides) only after taking the lock (the root
   configs set ``hydra.output_subdir: null`` so Hydra does not overwrite a running job's copy).
 
@@ -34,7 +38,18 @@ from typing import Any
 from ..io import atomic_write_json, make_dir, remove_stale_temps
 
 LOCK = ".lock"
-OUTPUTS = ("report.json", "packed", "hf", "compressed", "layers.png", "rank_hashes")
+OUTPUTS = (
+    "report.json",
+    "report.previous.json",
+    "packed",
+    "hf",
+    "servable",
+    "compressed",
+    "layers.png",
+    "rank_hashes",
+    "offloaded",  # streaming's scratch copies of finished blocks (rewritten on resume)
+)
+PREVIOUS = "report.previous.json"
 
 
 class RunDirBusy(RuntimeError):
@@ -118,6 +133,42 @@ def clear_outputs(run_dir: Path, keep: tuple[str | Path | None, ...] = ()) -> li
             p.unlink()
         removed.append(name)
     return removed
+
+
+def record_early_failure(run_dir: str | Path, kind: str, error: BaseException) -> None:
+    """A run refused before ``run_session`` (see the module docstring); does nothing while
+    another live run holds the directory, or where no directory exists yet."""
+    import json
+
+    run_dir = Path(run_dir)
+    if global_rank() != 0 or not run_dir.is_dir():
+        return
+    try:
+        fd = acquire(run_dir)
+    except RunDirBusy:
+        return
+    try:
+        report = run_dir / "report.json"
+        failed: dict[str, Any] = {
+            "status": "failed",
+            "kind": kind,
+            "stage": "config",
+            "error": f"{type(error).__name__}: {error}"[:2000],
+            "finished": time.time(),
+        }
+        if report.is_file():
+            try:
+                previous = json.loads(report.read_text()).get("status")
+            except (OSError, ValueError, AttributeError):
+                previous = None
+            if previous != "failed":
+                os.replace(report, run_dir / PREVIOUS)
+                failed["previous_report"] = PREVIOUS
+        atomic_write_json(report, failed)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _save_hydra_files(run_dir: Path) -> None:

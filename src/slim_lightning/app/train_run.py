@@ -85,10 +85,14 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     ``preflight`` checks the model, the compressed checkpoint, ``ckpt_path`` and every text before
     any weights load.
     """
-    from .rundir import run_session
+    from .rundir import record_early_failure, run_session
 
     run_dir = Path(run_dir)
-    tp = build_train_plan(cfg)  # every value validated before anything heavy happens
+    try:
+        tp = build_train_plan(cfg)  # every value validated before anything heavy happens
+    except Exception as e:
+        record_early_failure(run_dir, "train", e)
+        raise
     container = OmegaConf.to_container(cfg, resolve=True)
     keep = (tp.compressed_path, tp.ckpt_path)
     with run_session(run_dir, "train", config=container, keep=keep) as status:

@@ -82,8 +82,11 @@ def plan_fingerprint(
     Covers the compression spec, the model config and its weights' digest, the calibration
     token ids, the seed, ``engine.batch_size`` (it sets the order of the fp32 statistic sums),
     the device type, whether layers are installed packed (the next block's inputs differ in
-    rounding) and the torch / slim-lightning versions.
+    rounding) and the torch / transformers / slim-lightning versions (transformers' model code
+    computes every block's activations).
     """
+    import transformers
+
     from ..version import __version__
 
     h = hashlib.sha256()
@@ -97,6 +100,7 @@ def plan_fingerprint(
         "packed": packed,
         "export_dtype": export_dtype,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "slim_lightning": __version__,
     }
     recon = getattr(plan, "reconstruct", None)

@@ -19,6 +19,7 @@ boundary sees exactly the batches of an uninterrupted one, and every rank reads 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -67,6 +68,47 @@ def make_blocks(ids: torch.Tensor, cfg: TrainDataConfig) -> tuple[torch.Tensor, 
         )
     blocks = ids[: n * cfg.seqlen].reshape(n, cfg.seqlen).long()  # (n_blocks, seqlen)
     return blocks[: n - cfg.val_blocks], blocks[n - cfg.val_blocks :]
+
+
+def check_batch(cfg: TrainDataConfig, n_train: int, world_size: int) -> None:
+    """``data.batch_size`` must fit the training blocks on every rank."""
+    if n_train < world_size * cfg.batch_size:
+        raise ConfigError(
+            "data.batch_size",
+            cfg.batch_size,
+            f"at most {n_train // world_size} ({n_train} training blocks of {cfg.seqlen} tokens "
+            f"in {cfg.where} over {world_size} rank(s))",
+        )
+
+
+def check_budget(cfg: TrainDataConfig, n_train: int, world_size: int = 1) -> None:
+    """Before any weights load: a batch the training blocks cannot fill is refused
+    (``data.batch_size``); a step larger than the whole budget, or a budget that repeats the
+    text, is said (warning naming the key and what the run will do)."""
+    log = logging.getLogger(__name__)
+    check_batch(cfg, n_train, world_size)
+    per_step = cfg.tokens_per_step(world_size)
+    if per_step > cfg.train_tokens:
+        log.warning(
+            "data.batch_size=%d x data.seqlen=%d x %d rank(s) = %d tokens per step exceeds "
+            "data.train_tokens=%d: the run takes 1 step of %d tokens",
+            cfg.batch_size,
+            cfg.seqlen,
+            world_size,
+            per_step,
+            cfg.train_tokens,
+            per_step,
+        )
+    have = n_train * cfg.seqlen
+    if cfg.train_tokens > have:
+        log.warning(
+            "data.train_tokens=%d exceeds the %d training tokens of %s: the run repeats the "
+            "text (~%.1f epochs)",
+            cfg.train_tokens,
+            have,
+            cfg.where,
+            cfg.train_tokens / have,
+        )
 
 
 def indexed_loader(
@@ -133,13 +175,7 @@ class SLiMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         world, rank = self._dist()
-        if self.train_blocks.shape[0] < world * self.cfg.batch_size:
-            raise ConfigError(
-                "data.batch_size",
-                self.cfg.batch_size,
-                f"at most {self.train_blocks.shape[0] // world} ({self.train_blocks.shape[0]} "
-                f"training blocks over {world} ranks)",
-            )
+        check_batch(self.cfg, self.train_blocks.shape[0], world)
         return indexed_loader(
             self.train_blocks,
             self.cfg.batch_size,

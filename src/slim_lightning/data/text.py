@@ -222,6 +222,20 @@ def calibration_windows(tokenizer: Any, cfg: CalibConfig) -> torch.Tensor:
             f"at most {max(n - 1, 0)}: the calibration text {cfg.where} has only {n} tokens "
             "(give a longer text or a smaller calib.seqlen)",
         )
+    if cfg.nsamples * L > n:
+        logging.getLogger(__name__).warning(
+            "calib.nsamples=%d x calib.seqlen=%d = %d tokens, but the calibration text %s has "
+            "only %d: the windows will overlap (each token seen ~%.1f times on average), so the "
+            "calibration holds no more than %d distinct tokens; give a longer text or fewer "
+            "samples",
+            cfg.nsamples,
+            L,
+            cfg.nsamples * L,
+            cfg.where,
+            n,
+            cfg.nsamples * L / n,
+            n,
+        )
     rng = random.Random(cfg.seed)  # local RNG: same windows as the reference, no global state
     starts = [rng.randint(0, n - L - 1) for _ in range(cfg.nsamples)]
     return torch.stack([ids[i : i + L] for i in starts])  # (nsamples, seqlen)
