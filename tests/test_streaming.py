@@ -8,6 +8,7 @@ the same packed tensors and report the same perplexity.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,33 @@ def test_blocks_are_offloaded_without_a_resume_state(ckpt, runs, tmp_path, monke
     a = load_file(runs[False][0] / "packed" / "model.safetensors")
     b = load_file(run_dir / "packed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "index_lists_absent_tensor"])
+def test_damaged_shards_are_named_before_any_weights_load(tmp_path, monkeypatch, damage):
+    """Streaming reads every shard's header at start: a truncated or missing shard, or an index
+    listing a tensor its shard lacks, is refused naming the file and model.path."""
+    d = _save_tiny(tmp_path / "ckpt")
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = "model.layers.1.mlp.up_proj.weight"
+    shard = d / index["weight_map"][key]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+        want = rf"{shard.name} is damaged"
+    elif damage == "missing":
+        shard.unlink()
+        want = rf"{shard.name} is listed in .* but missing"
+    else:
+        index["weight_map"]["model.layers.1.mlp.extra.weight"] = shard.name
+        index_file.write_text(json.dumps(index))
+        want = rf"{shard.name} lacks 1 of its tensors"
+
+    def refuse(*a, **k):
+        raise AssertionError("a block was read before the damaged shard was refused")
+
+    monkeypatch.setattr("slim_lightning.models.shards.ShardReader.read", refuse)
+    with pytest.raises(ConfigError, match=r"model\.path") as err:
+        run_compress(make_cfg(_overrides(d, True, ("method=wanda_absmax",))), tmp_path / "run")
+    assert re.search(want, str(err.value)), str(err.value)
+    assert str(d) in str(err.value)

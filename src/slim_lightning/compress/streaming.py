@@ -166,7 +166,7 @@ class StreamingSource:
         self.reader = ShardReader(
             self.dir,
             getattr(model, "base_model_prefix", "model") or "model",
-            what=f"model.path={self.cfg.path}",
+            what=str(self.cfg.path),
         )
         prefix = self.arch.blocks_path + "."
         saved, volatile = _tensor_names(model)

@@ -31,21 +31,35 @@ class ShardReader:
     """
 
     def __init__(self, directory: str | Path, base_prefix: str = "model", what: str = ""):
-        from safetensors import safe_open
 
         self.dir = Path(directory)
         self.base_prefix = base_prefix
+        self.what = what or str(self.dir)
         index = self.dir / INDEX
         self.files: dict[str, str] = {}
         if index.is_file():
-            self.files = dict(json.loads(index.read_text())["weight_map"])
+            self.files = self._read_index(index)
+            shards = sorted({self.dir / f for f in self.files.values()})
         else:
             shards = [self.dir / SINGLE] if (self.dir / SINGLE).is_file() else []
             shards = shards or sorted(self.dir.glob("*.safetensors"))
-            for shard in shards:
-                with safe_open(str(shard), framework="pt") as f:
-                    for k in f.keys():
-                        self.files[k] = shard.name
+        # every shard's header is read now (no tensor data): a missing, truncated or garbled
+        # shard, or an index that lists tensors a shard lacks, fails before any weights load
+        for shard in shards:
+            keys = self._header_keys(shard)
+            if index.is_file():
+                listed = [k for k, f in self.files.items() if f == shard.name]
+                absent = sorted(set(listed) - keys)
+                if absent:
+                    raise ConfigError(
+                        "model.path",
+                        self.what,
+                        f"a checkpoint whose shards hold what {INDEX} lists: {shard} lacks "
+                        f"{len(absent)} of its tensors (e.g. {absent[:3]})",
+                    )
+            else:
+                for k in keys:
+                    self.files[k] = shard.name
         if not self.files:
             have = sorted(p.name for p in self.dir.iterdir())[:8] if self.dir.is_dir() else []
             raise ConfigError(
@@ -56,6 +70,39 @@ class ShardReader:
                 f"(found: {', '.join(have) or 'nothing'}); convert it with "
                 "save_pretrained(safe_serialization=True)",
             )
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and Path(v).name == v for v in weight_map.values()
+            ):
+                raise ValueError("weight_map must map tensor names to shard file names")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                "model.path", self.what, f"a readable {INDEX} ({index}: {type(e).__name__}: {e})"
+            ) from None
+        return dict(weight_map)
+
+    def _header_keys(self, shard: Path) -> set[str]:
+        from safetensors import safe_open
+
+        if not shard.is_file():
+            raise ConfigError(
+                "model.path",
+                self.what,
+                f"a complete checkpoint: {shard} is listed in {INDEX} but missing",
+            )
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return set(f.keys())
+        except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
+            raise ConfigError(
+                "model.path",
+                self.what,
+                f"readable safetensors shards: {shard} is damaged ({type(e).__name__}: {e}); "
+                "re-download or re-save it",
+            ) from None
 
     def key(self, name: str) -> str | None:
         """The checkpoint key of model tensor ``name`` (None when the checkpoint lacks it)."""
@@ -74,8 +121,17 @@ class ShardReader:
         for n in names:
             k = self.key(n)
             if k is not None:
-                with safe_open(str(self.dir / self.files[k]), framework="pt") as f:
-                    t = f.get_tensor(k)
+                shard = self.dir / self.files[k]
+                try:
+                    with safe_open(str(shard), framework="pt") as f:
+                        t = f.get_tensor(k)
+                except Exception as e:  # noqa: BLE001 - changed on disk since the header check
+                    raise ConfigError(
+                        "model.path",
+                        self.what,
+                        f"readable safetensors shards: reading {k} from {shard} failed "
+                        f"({type(e).__name__}: {e})",
+                    ) from None
                 yield n, t
 
 
@@ -126,6 +182,6 @@ def check_streamable(cfg: Any) -> None:
     src = cfg.source
     if src.kind in ("tiny", "dir"):
         if src.kind == "dir":
-            ShardReader(src.location, what=f"model.path={cfg.path}")
+            ShardReader(src.location, what=str(cfg.path))
         else:
             checkpoint_dir(cfg, None)
