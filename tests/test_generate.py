@@ -110,3 +110,22 @@ def test_bad_checkpoints_exit_with_one_line(packed, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_max_new_tokens_beyond_the_positions_is_refused(packed, capsys, monkeypatch):
+    """Past the model's positions: refused before the weights load (config.json), and after
+    the prompt is tokenised when prompt + new tokens no longer fit."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the weights were loaded before the bad option was refused")
+
+    with monkeypatch.context() as m:
+        m.setattr("slim_lightning.checkpoint.load_compressed", refuse)
+        with pytest.raises(SystemExit) as e:
+            main([str(packed), "--prompt", "x", "--max-new-tokens", "100000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--max-new-tokens: got 100000" in err and "2048" in err
+    with pytest.raises(SystemExit) as e:  # 2040 new + a prompt of more than 8 tokens > 2048
+        main([str(packed), "--prompt", PROMPT, "--no-chat", "--max-new-tokens", "2040"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the prompt takes" in err, err

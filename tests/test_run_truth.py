@@ -119,3 +119,14 @@ def test_resume_fingerprint_covers_transformers(monkeypatch):
     a = plan_fingerprint(plan, ids, "w")
     monkeypatch.setattr(transformers, "__version__", "5.999.0")
     assert plan_fingerprint(plan, ids, "w") != a
+
+
+@pytest.mark.parametrize("key", ["train.embeddings", "train.lm_head"])
+def test_training_quantised_tables_is_refused_before_compressing(tmp_path, monkeypatch, key):
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the conflict was refused")
+
+    monkeypatch.setattr("slim_lightning.models.load.load_model", refuse)
+    cfg = compose_config("train", [*BASE, "+peft=true", f"{key}=true", "embeddings.bits=8"])
+    with pytest.raises(ConfigError, match=rf"{key}: got True.*embeddings\.bits=8"):
+        run_train(cfg, tmp_path / "run")

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..checkpoint.layout import linear_sizes
 from ..data.evaluation import indexed_eval_loader as eval_loader
 from ..memory import reset_stages, stage
-from ..train.plan import LoggerConfig, build_train_plan, logger_class, resolved_offline
+from ..train.logger_plan import LoggerConfig, logger_class, resolved_offline
+from ..train.plan import build_train_plan
 from .export import report_header, write_outputs, write_report
 
 log = logging.getLogger(__name__)

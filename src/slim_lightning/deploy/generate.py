@@ -174,6 +174,21 @@ def peak_rss_mib() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def _max_positions(path: Path) -> int | None:
+    """The model's position limit from ``config.json`` (None when it has none, e.g. ALiBi)."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_compressed names the damaged file
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -187,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     if not prompt.strip():
         _fail(parser, "--prompt: the prompt is empty" + (" (stdin)" if args.prompt == "-" else ""))
     device = _resolve_device(parser, args.device)
+    positions = _max_positions(path)
+    if positions is not None and args.max_new_tokens >= positions:
+        _fail(
+            parser,
+            f"--max-new-tokens: got {args.max_new_tokens}; allowed: fewer than the model's "
+            f"{positions} positions (config.json), prompt included",
+        )
 
     import torch
     from transformers import TextStreamer
@@ -207,11 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         _fail(parser, f"checkpoint {path}: no tokenizer was saved with it")
     if args.dense_cache:
         set_dense_cache(model, True)
-    model.config.use_cache = True  # load_compressed turns the KV cache off (evaluation default)
+    model.config.use_cache = True  # (checkpoints of older versions were saved with it off)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True
 
     ids, mask = prompt_ids(tokenizer, prompt, chat=not args.no_chat)
+    if positions is not None and ids.shape[1] + args.max_new_tokens > positions:
+        _fail(
+            parser,
+            f"--max-new-tokens: got {args.max_new_tokens}; allowed: at most "
+            f"{max(positions - ids.shape[1], 0)} (the prompt takes {ids.shape[1]} of the model's "
+            f"{positions} positions)",
+        )
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     if args.seed is not None:

@@ -15,9 +15,7 @@ Groups of ``train.py`` (besides the compression groups of ``compress.py``):
 
 from __future__ import annotations
 
-import inspect
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from ..errors import (
     check_range,
     make_dataclass,
 )
+from .logger_plan import LoggerConfig, build_logger_config
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -196,104 +195,6 @@ class TrainerConfig:
 
 
 HYDRA_KEYS = ("_target_", "_args_", "_recursive_", "_convert_", "_partial_")
-LOGGER_EXTRAS = ("slim_log_artifact",)  # project keys, popped before instantiation
-LOGGER_HINT = (
-    "a Lightning logger class, e.g. lightning.pytorch.loggers.CSVLogger "
-    "(conf/logger/*.yaml: wandb, csv, none)"
-)
-
-
-@dataclass(frozen=True)
-class LoggerConfig:
-    """The ``logger`` group, validated: a Lightning logger ``_target_`` node and project extras.
-
-    Attributes:
-        node: the ``_target_`` node without its ``slim_`` keys (None: ``logger=none``, no logger).
-            ``train_run.build_loggers`` instantiates it with ``save_dir`` defaulting to the run
-            directory; for wandb also ``name`` (default: the run directory's name), ``offline``
-            (``auto``: see :func:`resolved_offline`) and ``log_model=False``.
-        log_artifact: ``slim_log_artifact``: upload the final packed checkpoint as a wandb
-            artifact.
-    """
-
-    node: dict[str, Any] | None = None
-    log_artifact: bool = False
-
-
-def resolved_offline(offline: bool | str) -> bool:
-    """wandb's ``offline``: ``auto`` is online only when WANDB_API_KEY is set or
-    WANDB_MODE=online; true / false as given."""
-    if offline != "auto":
-        return bool(offline)
-    mode = os.environ.get("WANDB_MODE", "")
-    return not (os.environ.get("WANDB_API_KEY") or mode == "online")
-
-
-def logger_class(target: Any) -> type:
-    """The Lightning logger class named by ``logger._target_`` (ConfigError otherwise)."""
-    import importlib
-
-    from lightning.pytorch.loggers import Logger
-
-    module, _, name = str(target).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except Exception as e:  # missing module or class
-        raise ConfigError("logger._target_", target, f"{LOGGER_HINT} ({e})") from None
-    if not (isinstance(cls, type) and issubclass(cls, Logger)):
-        raise ConfigError("logger._target_", target, LOGGER_HINT)
-    return cls
-
-
-def logger_keywords(cls: type) -> set[str] | None:
-    """The keywords ``cls`` accepts (None: any, its ``**kwargs`` go somewhere unknown).
-
-    ``WandbLogger`` passes its ``**kwargs`` to ``wandb.init``, whose keywords count too.
-    """
-    from lightning.pytorch.loggers import WandbLogger
-
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    if not any(p.kind == p.VAR_KEYWORD for p in params):
-        return names
-    if issubclass(cls, WandbLogger):
-        try:
-            import wandb
-        except ImportError:
-            return None
-        return names | set(inspect.signature(wandb.init).parameters)
-    return None
-
-
-def build_logger_config(values: dict[str, Any] | None) -> LoggerConfig:
-    """Validates the ``logger`` node: known ``slim_`` extras, an importable Lightning logger
-    ``_target_``, only keywords its constructor takes, and wandb's ``offline``."""
-    values = dict(values or {})
-    extras = {k: values.pop(k) for k in list(values) if k.startswith("slim_")}
-    for k, v in extras.items():
-        if k not in LOGGER_EXTRAS:
-            raise ConfigError(f"logger.{k}", v, "project keys " + ", ".join(LOGGER_EXTRAS))
-        check_bool(f"logger.{k}", v)
-    log_artifact = extras.get("slim_log_artifact", False)
-    target = values.get("_target_")
-    if target is None:
-        for k, v in values.items():
-            if k not in HYDRA_KEYS:
-                hint = f"keys of a logger node with a _target_ (this one has none): {LOGGER_HINT}"
-                raise ConfigError(f"logger.{k}", v, hint)
-        return LoggerConfig(None, log_artifact)
-    from lightning.pytorch.loggers import WandbLogger
-
-    cls = logger_class(target)
-    keywords = logger_keywords(cls)
-    if keywords is not None:
-        for k, v in values.items():
-            if k not in HYDRA_KEYS and k not in keywords:
-                allowed = ", ".join(sorted(keywords) + list(LOGGER_EXTRAS))
-                raise ConfigError(f"logger.{k}", v, f"keys of {target}: {allowed}")
-    if issubclass(cls, WandbLogger) and values.get("offline", "auto") not in ("auto", True, False):
-        raise ConfigError("logger.offline", values["offline"], "auto, true, false")
-    return LoggerConfig(values, log_artifact)
 
 
 @dataclass(frozen=True)
@@ -382,6 +283,7 @@ def build_train_plan(cfg: Any) -> TrainPlan:
             raise ConfigError(
                 "export.packed", False, "true with +peft=true (adapters must stay separate)"
             )
+        _check_tables_trainable(train, plan, path)
         extra = train.norms or train.embeddings or train.lm_head
         if plan.spec.lowrank.method == "none" and path is None and not extra:
             raise ConfigError(
@@ -408,6 +310,37 @@ def build_train_plan(cfg: Any) -> TrainPlan:
         save_compressed=save,
         ckpt_path=None if ckpt_path is None else str(ckpt_path),
     )
+
+
+def _check_tables_trainable(train: Any, plan: Any, path: Any) -> None:
+    """``train.embeddings`` / ``train.lm_head`` need float tables: refused (before any weights
+    load) when the run quantises them (``embeddings.bits``) or the checkpoint stores them as
+    codes (``slim.json`` of ``compressed.path``)."""
+    import json
+
+    wanted = [k for k in ("embeddings", "lm_head") if getattr(train, k)]
+    if not wanted:
+        return
+    if path is not None:
+        meta_file = Path(str(path)).expanduser() / "slim.json"
+        try:
+            packed = json.loads(meta_file.read_text()).get("embeddings") or {}
+        except (OSError, ValueError, AttributeError):
+            return  # the loader names a damaged checkpoint itself
+        if packed:
+            raise ConfigError(
+                f"train.{wanted[0]}",
+                True,
+                f"false: compressed.path={path} stores {', '.join(sorted(packed))} as quantised "
+                "codes (not trainable); compress again with embeddings.bits=null to train them",
+            )
+    elif plan.embeddings.bits is not None:
+        raise ConfigError(
+            f"train.{wanted[0]}",
+            True,
+            f"false while embeddings.bits={plan.embeddings.bits} (the tables become quantised "
+            "codes, not trainable); set embeddings.bits=null to train them",
+        )
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
