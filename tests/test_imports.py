@@ -71,3 +71,40 @@ def test_module_imports_no_heavy_stack(import_report, module):
     # cumulative: the first module that shows a forbidden package is the one that imported it
     assert module in import_report
     assert import_report[module] == [], f"importing {module} loaded {import_report[module]}"
+
+
+def test_checkout_kernels_folder_never_shadows_hub_kernels(tmp_path):
+    """From the repository root, ``import kernels`` finds Hugging Face's package when installed
+    (here a stand-in later on the path) and an empty namespace otherwise, never our folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "__version__ = '0.11.1'\ndef get_kernel(*a, **k):\n    return 'hub'\n"
+    )
+    probe = (
+        "import sys; sys.path.insert(0, ''); import slim_lightning, kernels\n"
+        "print(getattr(kernels, '__file__', None))\n"
+        "from slim_lightning.kernels import jit\n"  # our kernels stay importable by their name
+        "print(jit.__name__)\n"
+    )
+    without = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert without.returncode == 0, without.stderr[-2000:]
+    assert without.stdout.split() == ["None", "slim_lightning.kernels.jit"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    with_hub = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert with_hub.returncode == 0, with_hub.stderr[-2000:]
+    assert with_hub.stdout.split()[0] == str(fake / "__init__.py")

@@ -32,3 +32,13 @@ def _register_with_transformers() -> None:
 
 
 _register_with_transformers()
+
+
+def _guard_kernels_name() -> None:
+    # this checkout's kernels/ folder must not shadow Hugging Face's `kernels` package
+    from .shadow import guard
+
+    guard()
+
+
+_guard_kernels_name()
