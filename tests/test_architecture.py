@@ -17,7 +17,7 @@ MAX_LINES = 450
 
 # the stages, bottom up: a module may import its own stage and the ones below it, never above
 LAYERS = (
-    ("errors", "io", "dtypes", "device", "memory", "version"),
+    ("errors", "io", "dtypes", "device", "memory", "version", "shadow"),
     ("core",),
     ("formats",),
     ("kernels",),
