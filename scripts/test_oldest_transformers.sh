@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The oldest transformers pyproject.toml allows (5.0.0, deploy/hf_quantizer.SUPPORTED) against
+# the loaders: a throw-away venv that sees the installed packages and overrides transformers
+# (and what that version pins). The newest is what the main install resolved.
+# Usage (from the repository root, after the README's install): bash scripts/test_oldest_transformers.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${TMPDIR:-/tmp}/slim-lightning-transformers-5.0"
+rm -rf "$VENV"
+python -m venv --system-site-packages "$VENV"
+"$VENV/bin/python" -m pip install -q "transformers==5.0.0" 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '5.0.0', transformers.__version__"
+"$VENV/bin/python" -m pytest -q tests/test_hf_quantizer.py tests/test_loader_trust.py tests/test_packed.py
+rm -rf "$VENV"
