@@ -184,7 +184,9 @@ def worker(a: argparse.Namespace) -> dict:
         out["tokens_per_step"] = a.batch * a.seqlen
     else:
         model.eval()
-        hf.config.use_cache = True
+        hf.config.use_cache = True  # every side decodes with its KV cache
+        if getattr(hf, "generation_config", None) is not None:
+            hf.generation_config.use_cache = True
         prompt = _windows(tok, 1, 64).to(dev)
         with torch.no_grad():
             for i in range(a.gen_warmup + a.gen_steps):
@@ -195,6 +197,7 @@ def worker(a: argparse.Namespace) -> dict:
                     max_new_tokens=a.new_tokens,
                     do_sample=False,
                     min_new_tokens=a.new_tokens,
+                    use_cache=True,
                 )
                 sync()
                 if i >= a.gen_warmup:

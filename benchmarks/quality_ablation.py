@@ -6,6 +6,11 @@ machine), with the same calibration, evaluation text and thread count; the table
 
     python benchmarks/quality_ablation.py --json benchmarks/results/quality_ablation_smollm2.json
     python benchmarks/quality_ablation.py --configs oneshot,block --threads 2   # a subset
+    python benchmarks/quality_ablation.py --configs methods --threads 1 \
+        --json benchmarks/results/methods_smollm2.json calib.nsamples=16 eval.max_windows=16
+
+``--configs methods`` is every ``method_*`` config (the README's method table). The JSON is
+rewritten after every run, so an interrupted sweep keeps its finished rows.
 """
 
 from __future__ import annotations
@@ -32,6 +37,24 @@ CONFIGS: dict[str, list[str]] = {
     "unstructured_oneshot": ["sparsity=unstructured50", "reconstruct=none"],
     "unstructured_block": ["sparsity=unstructured50", "reconstruct=block"],
 }
+# the README's method table: every method at its own defaults, one process each
+METHODS = (
+    "dense",
+    "slim_q",
+    "slim_q_fast",
+    "sparsegpt_optq",
+    "slim",
+    "wanda_absmax",
+    "naive_lora",
+    "magnitude_absmax",
+)
+CONFIGS.update({f"method_{m}": [f"method={m}"] for m in METHODS})
+CONFIGS.update(
+    {
+        f"method_{m}_unstructured50": [f"method={m}", "sparsity=unstructured50"]
+        for m in ("slim_q", "slim_q_fast", "sparsegpt_optq")
+    }
+)
 
 
 def run_one(name: str, overrides: list[str], threads: int, extra: list[str]) -> dict:
@@ -74,6 +97,7 @@ def row_from_report(name: str, overrides: list[str], report: Path, wall: float |
         "sparsity": summ.get("sparsity"),
         "recon_err_before_mean": _mean([x["recon_err_before"] for x in recon]),
         "recon_err_after_mean": _mean([x["recon_err_after"] for x in recon]),
+        "peak_rss_gib": (r.get("memory") or {}).get("peak_rss_gib"),
         "versions": r.get("versions"),
     }
 
@@ -102,10 +126,11 @@ def main() -> None:
     for item in a.from_reports or []:
         name, _, path = item.partition("=")
         rows.append(row_from_report(name, CONFIGS.get(name, []), Path(path), None))
-    for name in a.configs.split(",") if a.from_reports is None else []:
-        row = run_one(name, CONFIGS[name], a.threads, a.extra)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    names = [c for c in CONFIGS if c.startswith("method_")] if a.configs == "methods" else None
+    names = names or a.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; known: methods, {', '.join(CONFIGS)}")
     out = {
         "command": " ".join(["python", "benchmarks/quality_ablation.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
@@ -114,8 +139,17 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1 weights)",
         "rows": rows,
     }
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+
+    def write() -> None:
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+
+    for name in names if a.from_reports is None else []:
+        row = run_one(name, CONFIGS[name], a.threads, a.extra)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write()
+    write()
 
 
 if __name__ == "__main__":

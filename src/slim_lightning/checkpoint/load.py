@@ -105,6 +105,8 @@ def load_compressed(
     set_backend(model, backend)  # type: ignore[arg-type]
     model.eval()
     model.config.use_cache = True  # generate() with the KV cache, as users expect
+    if getattr(model, "generation_config", None) is not None:  # (older checkpoints: off)
+        model.generation_config.use_cache = True
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         try:
