@@ -49,7 +49,7 @@ def test_dtype_is_applied(tmp_path):
     assert next(loaded.parameters()).dtype == torch.bfloat16
 
 
-def test_embedded_gguf_loads_and_caches(tmp_path):
+def test_embedded_gguf_loads_and_caches(tmp_path, caplog):
     """The embedded SmolLM2 GGUF loads as a plain (save_pretrained-able) LLaMA and is cached."""
     path = embedded_smollm2_path()
     assert path.suffix == ".gguf" and path.stat().st_size > 50e6
@@ -69,6 +69,19 @@ def test_embedded_gguf_loads_and_caches(tmp_path):
     # a real LM: the continuation is far better than uniform over the vocabulary
     nll = torch.nn.functional.cross_entropy(a[0, :-1], ids[0, 1:])
     assert float(nll) < 0.5 * torch.log(torch.tensor(float(a.shape[-1])))
+    # a changed byte in the cache (still a valid file, finite values) is found by its digest
+    # and the entry rebuilt from the GGUF: the same model, never a silently different one
+    weights = cached[0] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1000] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        healed, _ = load_model(cfg)
+    assert "rebuilding the damaged GGUF conversion cache" in caplog.text
+    assert "differs from its recorded sha256" in caplog.text
+    with torch.no_grad():
+        c = healed(input_ids=ids).logits
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +109,39 @@ def test_gguf_file_missing_in_directory(tmp_path):
 
 def test_remote_code_is_off_by_default():
     assert ModelConfig(path="org/name").trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    ("failure", "needle"),
+    [
+        ("404", "an existing hub repository with config.json (HTTP 404)"),
+        ("401", "gated or private"),
+        ("403", "gated or private"),
+        ("unreachable", "cannot be reached"),
+        ("offline", "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_hub_errors_name_model_path(monkeypatch, failure, needle):
+    """A hub id that cannot be used fails in seconds naming model.path (no download tried)."""
+    import types
+    import urllib.error
+    import urllib.request
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from slim_lightning.models.source import _probe_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", failure == "offline")
+
+    def urlopen(req, timeout=None):
+        if failure == "unreachable":
+            raise urllib.error.URLError("no route to host")
+        raise urllib.error.HTTPError(req.full_url, int(failure), "x", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    cfg = types.SimpleNamespace(path="some-org/some-model", revision=None)
+    with pytest.raises(ConfigError, match="model.path") as err:
+        _probe_hub(cfg)
+    assert needle in str(err.value) and "some-org/some-model" in str(err.value)

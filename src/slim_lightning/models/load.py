@@ -192,6 +192,7 @@ def _load_gguf(cfg: ModelConfig, src: ModelSource, tokenizer: Any) -> nn.Module:
     cache = _gguf_cache(cfg, src)
     if cache is not None and (cache / "config.json").is_file():
         try:
+            _verify_cache(cache)  # a changed byte would otherwise load as a different model
             model = AutoModelForCausalLM.from_pretrained(
                 str(cache), trust_remote_code=False, **_dtype_kw(FLOAT_DTYPES[cfg.dtype])
             )
@@ -212,12 +213,47 @@ def _load_gguf(cfg: ModelConfig, src: ModelSource, tokenizer: Any) -> nn.Module:
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            _record_cache(tmp)
             os.replace(tmp, cache)  # atomic; another process may have won the race
         except OSError:
             pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return model
+
+
+CACHE_DIGESTS = "slim_cache.json"
+
+
+def _record_cache(directory: Path) -> None:
+    """Every file's sha256 beside a GGUF conversion, checked on each load (``_verify_cache``)."""
+    import json
+
+    from ..io import file_sha256
+
+    files = {f.name: file_sha256(f) for f in sorted(directory.iterdir()) if f.is_file()}
+    (directory / CACHE_DIGESTS).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _verify_cache(directory: Path) -> None:
+    """Raises ValueError unless every file recorded by ``_record_cache`` is there, unchanged,
+    and weights are among them (a cache without digests is rebuilt once)."""
+    import json
+
+    from ..io import file_sha256
+
+    try:
+        files = json.loads((directory / CACHE_DIGESTS).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"no readable {CACHE_DIGESTS} ({type(e).__name__})") from None
+    if not isinstance(files, dict) or not any(str(n).endswith(".safetensors") for n in files):
+        raise ValueError(f"{CACHE_DIGESTS} lists no safetensors weights")
+    for name, digest in files.items():
+        f = directory / str(name)
+        if Path(str(name)).name != str(name) or not f.is_file():
+            raise ValueError(f"{name} is missing")
+        if file_sha256(f) != digest:
+            raise ValueError(f"{name} differs from its recorded sha256")
 
 
 def check_finite(model: nn.Module, source: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ class ShardReader:
 
 def checkpoint_dir(cfg: Any, tokenizer: Any) -> Path:
     """The local directory of safetensors shards for ``cfg`` (downloading / converting once)."""
-    from ..models.load import _load_gguf
+    from ..models.load import _load_gguf, _verify_cache
     from ..models.source import _gguf_cache
 
     src = cfg.source
@@ -160,6 +161,12 @@ def checkpoint_dir(cfg: Any, tokenizer: Any) -> Path:
             "false for a GGUF file unless model.cache_gguf=true (streaming reads the cached "
             "safetensors conversion)",
         )
+    if (cache / "config.json").is_file():
+        try:
+            _verify_cache(cache)  # streaming reads these files directly: verify them first
+        except ValueError as e:
+            log.warning("rebuilding the damaged GGUF conversion cache %s (%s)", cache, e)
+            shutil.rmtree(cache, ignore_errors=True)
     if not (cache / "config.json").is_file():
         log.warning(
             "streaming: converting %s once into %s (this first conversion holds the whole "
