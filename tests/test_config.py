@@ -140,3 +140,43 @@ def test_missing_model_path_fails_at_start(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_plan(cfg)
     assert e.value.key == "model.path"
+
+
+@pytest.mark.parametrize("bad", [0, -1, "two", 1.5, True])
+def test_solver_threads_bad_values_name_the_key(compose_cfg, bad):
+    from slim_lightning.compress.plan import build_plan
+
+    cfg = compose_cfg("compress", ["debug=default", f"engine.solver_threads={bad}"])
+    with pytest.raises(ConfigError, match="engine.solver_threads"):
+        build_plan(cfg)
+
+
+def test_solvers_run_with_the_configured_threads(compose_cfg, tmp_path, monkeypatch):
+    """engine.solver_threads=auto runs every per-linear solve with 1 thread on CPU and gives
+    the others back afterwards; null leaves torch's setting."""
+    import torch
+
+    import slim_lightning.core.compress as core
+    from slim_lightning.app.compress_run import run_compress
+
+    seen = []
+    real = core.compress_linear_rows
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(core, "compress_linear_rows", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_compress(compose_cfg("compress", ["debug=default"]), tmp_path / "a")
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        run_compress(
+            compose_cfg("compress", ["debug=default", "engine.solver_threads=null"]), tmp_path / "b"
+        )
+        assert seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)

@@ -151,6 +151,7 @@ def compress_model(
             block step (``steps.make_step``) and each rank's offload directory follow it.
     """
     from ..core.compress import compress_linear_rows
+    from ..device import with_threads
     from ..io import tensors_sha256
     from ..models.arch import get_arch, get_blocks
 
@@ -183,7 +184,8 @@ def compress_model(
         blocks,
         tuple(arch.linear_names),
         plan.spec,
-        compress_linear_rows,  # (row blocks for large weights of row-separable specs)
+        # (row blocks for large weights of row-separable specs; engine.solver_threads)
+        with_threads(compress_linear_rows, plan.engine.resolved_solver_threads(device)),
         install_fn=install,
         device=device,
         state_dir=state_dir,

@@ -123,11 +123,26 @@ class EngineConfig:
     # than host memory. The dense evaluation (eval_dense) streams the blocks the same way;
     # dense_cache is off.
     streaming: bool = False
+    # torch threads of the per-linear solvers (SparseGPT/OPTQ column sweeps, SLiM-Quant, the
+    # low-rank fit): thousands of small BLAS/LAPACK calls whose OpenMP workers spin-wait at every
+    # barrier, slower with 2 threads than with 1 even idle and ~2x slower again when another
+    # process holds a core; "auto" = 1 on CPU (unchanged on GPUs), an integer = that many,
+    # null = torch's setting. The forward passes and the reconstruction keep all threads.
+    solver_threads: Any = "auto"
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
         for key in ("resume", "progress", "offload_inputs", "streaming"):
             check_bool(f"engine.{key}", getattr(self, key))
+        st = self.solver_threads
+        if st is not None and st != "auto":
+            check_int("engine.solver_threads", st, 1)
+
+    def resolved_solver_threads(self, device: str) -> int | None:
+        """The solvers' thread count on ``device`` (None: leave torch's setting)."""
+        if self.solver_threads == "auto":
+            return 1 if str(device).startswith("cpu") else None
+        return self.solver_threads
 
 
 @dataclass(frozen=True)
