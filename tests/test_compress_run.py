@@ -210,4 +210,8 @@ def test_cli_bad_value_fails_before_work(tmp_path):
     )
     assert out.returncode != 0
     assert "lowrank.rank_ratio" in out.stderr and "1.5" in out.stderr
-    assert not (tmp_path / "report.json").exists()
+    # the directory says the run failed, at the config, and holds no output of it
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["status"] == "failed" and rep["stage"] == "config"
+    assert "lowrank.rank_ratio" in rep["error"]
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "calib_state").exists()

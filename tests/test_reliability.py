@@ -441,6 +441,12 @@ def test_tampered_metadata_is_refused_naming_the_file(tmp_path, packed, edit, ma
     meta = json.loads((d / "slim.json").read_text())
     new = edit(meta)
     (d / "slim.json").write_text(new if isinstance(new, str) else json.dumps(new))
+    if isinstance(new, dict) and isinstance(new.get("layers"), dict):
+        # the same edit in config.json too, so the layer checks (not the cross-check of the two
+        # files, which refuses a one-sided edit) are what must find it
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["quantization_config"]["layers"] = new["layers"]
+        (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=match):
         load_compressed(d, verify=False)
 

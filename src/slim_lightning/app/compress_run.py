@@ -117,6 +117,7 @@ def _run_compress(
     timings: dict[str, float] = {}
     with stage(timings, "preflight"):
         prepared = preflight(plan, compress=not plan.spec.is_identity)
+    plan = prepared.plan  # engine.streaming decided
     torch.manual_seed(plan.seed)
     device = plan.device
     with stage(timings, "load_base"):
@@ -125,9 +126,10 @@ def _run_compress(
 
     eval_name = getattr(plan.eval, "name", None) or getattr(plan.eval, "source", "eval")
     report = report_header(status, plan, container, run_dir)
+    report["streaming"] = prepared.streaming
     report.update(ppl={}, ppl_dense={})
     windows = prepared.eval_windows
-    streaming = getattr(plan.engine, "streaming", False)
+    streaming = getattr(plan.engine, "streaming", False) is True
     dense_ppl = None
     if streaming:  # the dense model is never whole in memory: evaluated one block at a time
         import functools

@@ -33,6 +33,8 @@ class Prepared:
     train_blocks: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, val) blocks
     compressed_meta: dict[str, Any] | None = None
     ckpt_base: dict[str, Any] | None = None  # the Lightning checkpoint's "slim_base" record
+    plan: Any = None  # the plan with engine.streaming decided (app.autostream)
+    streaming: dict[str, Any] | None = None  # that decision, for the report
 
 
 def check_dims(spec: Any, shapes: dict[str, tuple[int, int]], model_name: str) -> None:
@@ -119,6 +121,8 @@ def preflight(
         from transformers import AutoConfig, AutoTokenizer
 
         prepared.compressed_meta = verify_files(compressed_path)
+        if plan.engine.streaming == "auto":  # nothing is compressed: nothing streams
+            plan = _whole_model(plan)
         config = AutoConfig.from_pretrained(compressed_path, trust_remote_code=False)
         if (Path(compressed_path) / "tokenizer_config.json").is_file():
             prepared.tokenizer = AutoTokenizer.from_pretrained(
@@ -131,10 +135,14 @@ def preflight(
         if isinstance(config, PretrainedConfig):
             arch = _arch_of(config, plan.model.arch, get_arch)
             check_dims(plan.spec, linear_shapes(config, arch), plan.model.name)
-        if compress and getattr(plan.engine, "streaming", False):
+        from .autostream import resolve_streaming
+
+        plan, prepared.streaming = resolve_streaming(plan, config, compress=compress)
+        if compress and plan.engine.streaming is True:
             from ..models.shards import check_streamable
 
             check_streamable(plan.model)  # safetensors shards to read blocks from
+    prepared.plan = plan
     prepared.config = config
     check_seqlens(plan, config, data)
     if ckpt_path is not None and ckpt_path != "last":
@@ -166,6 +174,12 @@ def preflight(
         world_size = int(world) if world.isdigit() and int(world) > 0 else 1
         check_budget(data, prepared.train_blocks[0].shape[0], world_size)
     return prepared
+
+
+def _whole_model(plan: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(plan, engine=dataclasses.replace(plan.engine, streaming=False))
 
 
 def _arch_of(config: Any, arch: str, get_arch: Any) -> Any:

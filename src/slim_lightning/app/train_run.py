@@ -11,6 +11,7 @@ sequence of trainer calls is the same on all ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -119,6 +120,8 @@ def _run_train(
         compressed_path=tp.compressed_path,
         ckpt_path=tp.ckpt_path,
     )
+    plan = prepared.plan  # engine.streaming decided
+    tp = dataclasses.replace(tp, plan=plan)
     L.seed_everything(plan.seed, workers=True, verbose=False)
     module = SLiMModule(plan, str(run_dir), train=tp, prepared=prepared)
     module.timings["preflight_s"] = time.perf_counter() - t_start

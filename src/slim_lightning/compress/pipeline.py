@@ -275,7 +275,7 @@ def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
     t0 = time.perf_counter()
     tok = None if prepared is None else prepared.tokenizer
     config = None if prepared is None else prepared.config  # read once, in preflight
-    if getattr(plan.engine, "streaming", False):
+    if getattr(plan.engine, "streaming", False) is True:
         return _load_streaming_base(plan, tok, config)
     model, tok = load_model(plan.model, tokenizer=tok, config=config)
     out = Loaded(model, tok, timings={"load_s": time.perf_counter() - t0})

@@ -122,7 +122,10 @@ class EngineConfig:
     # (the model is built on the meta device; slim_lightning.compress.streaming): for models larger
     # than host memory. The dense evaluation (eval_dense) streams the blocks the same way;
     # dense_cache is off.
-    streaming: bool = False
+    # true | false | auto: stream when the whole model would exceed streaming_share of the
+    # available memory (slim_lightning.app.autostream; decided before any weights load)
+    streaming: Any = "auto"
+    streaming_share: float = 0.8
     # torch threads of the per-linear solvers (SparseGPT/OPTQ column sweeps, SLiM-Quant, the
     # low-rank fit): thousands of small BLAS/LAPACK calls whose OpenMP workers spin-wait at every
     # barrier, slower with 2 threads than with 1 even idle and ~2x slower again when another
@@ -132,8 +135,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
-        for key in ("resume", "progress", "offload_inputs", "streaming"):
+        for key in ("resume", "progress", "offload_inputs"):
             check_bool(f"engine.{key}", getattr(self, key))
+        if not (isinstance(self.streaming, bool) or self.streaming == "auto"):
+            raise ConfigError("engine.streaming", self.streaming, "true, false or auto")
+        check_range("engine.streaming_share", self.streaming_share, 0.0, 1.0, lo_open=True)
         st = self.solver_threads
         if st is not None and st != "auto":
             check_int("engine.solver_threads", st, 1)
@@ -351,7 +357,7 @@ def build_plan(cfg: Any) -> CompressPlan:
     check_bool("dense_cache", dense_cache)
     eval_dense = cfg.get("eval_dense", True)
     check_bool("eval_dense", eval_dense)
-    if engine.streaming:
+    if engine.streaming is True:
         # a dense copy of every compressed layer is what streaming avoids holding
         if spec.is_identity:
             raise ConfigError(

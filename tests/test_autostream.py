@@ -1,0 +1,87 @@
+"""engine.streaming=auto (issue 25): decided before any weights load, said in one line and in
+report.json, refused when the model fits neither way."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import compose_config
+
+from slim_lightning.app.compress_run import run_compress
+from slim_lightning.errors import ConfigError
+
+GIB = 2**30
+
+
+def _ckpt(tmp_path):
+    from slim_lightning.models.tiny import tiny_model
+
+    model, tok = tiny_model(kind="llama", seed=0)
+    d = tmp_path / "ckpt"
+    model.to(torch.float16).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def _cfg(path, *extra):
+    return compose_config(
+        "compress",
+        [
+            "debug=default",
+            f"+model.path={path}",
+            "model.random_init=false",
+            "eval_dense=false",
+            *extra,
+        ],
+    )
+
+
+def test_default_is_auto_and_a_model_that_fits_runs_whole(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="slim_lightning.app.autostream"):
+        rep = run_compress(_cfg(_ckpt(tmp_path)), tmp_path / "run")
+    assert rep["streaming"]["mode"] == "auto" and rep["streaming"]["streaming"] is False
+    assert "the whole model fits" in rep["streaming"]["reason"]
+    assert "engine.streaming=auto: whole model" in caplog.text
+
+
+def test_auto_streams_when_the_whole_model_would_not_fit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("slim_lightning.app.autostream.available_memory", lambda: int(0.85 * GIB))
+    ckpt = _ckpt(tmp_path)
+    with caplog.at_level(logging.INFO, logger="slim_lightning.app.autostream"):
+        rep = run_compress(_cfg(ckpt), tmp_path / "auto")
+    assert rep["streaming"]["streaming"] is True, rep["streaming"]
+    assert "engine.streaming=auto: streaming" in caplog.text
+    ref = run_compress(_cfg(ckpt, "engine.streaming=false"), tmp_path / "whole")
+    assert rep["ppl"] == ref["ppl"]  # the same model either way
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["checkpoint", "random_tiny"])
+def test_fits_neither_way_is_refused_before_weights_load(tmp_path, monkeypatch, tiny):
+    monkeypatch.setattr("slim_lightning.app.autostream.available_memory", lambda: 2**20)
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the run was refused")
+
+    monkeypatch.setattr("slim_lightning.models.load.load_model", refuse)
+    monkeypatch.setattr("slim_lightning.compress.pipeline.load_base", refuse)
+    cfg = compose_config("compress", ["debug=default"]) if tiny else _cfg(_ckpt(tmp_path))
+    with pytest.raises(ConfigError, match=r"engine\.streaming.*GiB.*available") as err:
+        run_compress(cfg, tmp_path / "run")
+    assert ("cannot stream" in str(err.value)) == tiny
+
+
+@pytest.mark.parametrize("bad", ["maybe", 1, 0, "yes"])
+def test_bad_streaming_values_name_the_key(bad):
+    from slim_lightning.compress.plan import build_plan
+
+    with pytest.raises(ConfigError, match="engine.streaming"):
+        build_plan(compose_config("compress", ["debug=default", f"engine.streaming={bad}"]))
+
+
+def test_available_memory_reads_the_machine():
+    from slim_lightning.app.autostream import available_memory
+
+    avail = available_memory()
+    assert avail is None or avail > 64 * 2**20
