@@ -74,6 +74,8 @@ def _validate_lowrank(lr: LowRankSpec) -> None:
         check_int("lowrank.quant_bits", lr.quant_bits, 2, 8)
     check_int("lowrank.quant_group_size", lr.quant_group_size, 1)
     check_choice("lowrank.stat", lr.stat, ("sq", "abs"))
+    check_choice("lowrank.fit", lr.fit, ("diag", "whitened"))
+    check_range("lowrank.fit_damp", lr.fit_damp, 0.0, 1.0, lo_open=True)
     for key in ("refit", "quant_before_refit", "quant_in_scale"):
         check_bool(f"lowrank.{key}", getattr(lr, key))
 

@@ -20,6 +20,7 @@ from slim_lightning.core.lowrank import (
     quantize_adapters_searched,
     saliency,
     slim_lora,
+    whitening,
 )
 from slim_lightning.core.prune import make_mask
 from slim_lightning.core.quant import apply_mask, quantize_weight
@@ -224,6 +225,14 @@ def compress_linear(
             stats.channel_stat(lr.stat).to(W.device), lr.stat
         )
         n_rounds = max(1, lr.refit_rounds) if lr.refit else 1
+        white = None
+        if lr.fit == "whitened":
+            if stats.hessian is None:
+                raise ValueError(
+                    "lowrank.fit=whitened needs the layer's input Hessian (a SparseGPT pruner "
+                    "collects it); use lowrank.fit=diag"
+                )
+            white = whitening(stats.hessian.to(W.device), lr.fit_damp)
 
         def quant_ad(left, right):
             if not lr.quant_in_scale:
@@ -235,7 +244,7 @@ def compress_linear(
             return lq, rq
 
         for k in range(n_rounds):
-            left, right = slim_lora(W - w_c, s_lr, rank, lr)
+            left, right = slim_lora(W - w_c, s_lr, rank, lr, white)
             if k == 0:
                 metrics["err_after_adapters_norefit"] = weighted_rel_error(
                     W, w_c + (left @ right).T, s_err

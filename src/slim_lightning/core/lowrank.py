@@ -102,14 +102,29 @@ def low_rank_svd(
     raise ValueError(f"lowrank.svd: got {method!r}; allowed: exact, randomized")
 
 
+def whitening(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, C^-T)`` with ``C C^T = H + damp * mean(diag H) * I`` (``C = Q sqrt(Lambda)``), so
+    ``||E C||_F^2 = tr(E H E^T)``: the output error of ``E`` on the calibration inputs."""
+    h = hessian.detach().to(torch.float32)
+    eps = damp * float(h.diagonal().mean().clamp_min(1e-12))
+    evals, q = torch.linalg.eigh(h + eps * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+    root = evals.clamp_min(eps).sqrt()
+    return q * root[None, :], q / root[None, :]
+
+
 def slim_lora(
-    err: torch.Tensor, s: torch.Tensor | None, rank: int, spec: LowRankSpec
+    err: torch.Tensor,
+    s: torch.Tensor | None,
+    rank: int,
+    spec: LowRankSpec,
+    white: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form adapters minimising ``||(err - (L R)^T) diag(s)||_F`` at rank ``rank``.
 
     ``E = err diag(s) = U S V^T``; ``left``: ``L = diag(1/s) V_r S_r``, ``R = U_r^T``;
     ``balanced``: ``L = diag(1/s) V_r sqrt(S_r)``, ``R = sqrt(S_r) U_r^T``. ``s = None`` is the
-    Naive-LoRA baseline (plain truncated SVD).
+    Naive-LoRA baseline (plain truncated SVD). ``white = (C, C^-T)`` (``whitening``) replaces
+    ``diag(s)`` by ``C``: ``L = C^-T V_r S_r`` minimises ``||(err - (L R)^T) C||_F``.
 
     Args:
         err: float ``(d_out, d_in)`` residual ``W - W_c``.
@@ -121,6 +136,13 @@ def slim_lora(
         ``L`` fp32 ``(d_in, rank)`` and ``R`` fp32 ``(rank, d_out)``.
     """
     err = err.detach().to(torch.float32)
+    if white is not None:  # (lowrank.fit=whitened) the full covariance instead of diag(s)
+        c, c_inv_t = (t.to(err) for t in white)
+        u, sv, v = low_rank_svd(err @ c, rank, spec.svd, spec.oversample, spec.niter)
+        if spec.split == "balanced":
+            root = torch.sqrt(sv)
+            return (c_inv_t @ (v * root[None, :])).contiguous(), (u * root[None, :]).T.contiguous()
+        return (c_inv_t @ (v * sv[None, :])).contiguous(), u.T.contiguous()
     e = err if s is None else err * s.to(err)[None, :]
     u, sv, v = low_rank_svd(e, rank, spec.svd, spec.oversample, spec.niter)
     if spec.split == "left":

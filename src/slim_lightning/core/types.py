@@ -142,6 +142,10 @@ class LowRankSpec:
     RMS ``sqrt(stat)`` and ``R^T`` columns by the RMS of ``x L`` (diagonal estimate) before AbsMax,
     and the stored ``QuantTensor.in_scale`` divides them back (costs ``d_in + r`` fp16 values).
     stat: which channel statistic gives the saliency (``sq`` -> s = sqrt(mean x^2), ``abs``).
+    fit: ``diag`` weighs the residual by the saliency (the paper's SLiM-LoRA); ``whitened`` by
+    the full input covariance (EoRA-style: the SVD of ``err H^1/2`` minimises the calibration
+    outputs' error ``||(err - (L R)^T) X^T||``; needs the layer's Hessian, damped by
+    ``fit_damp`` times its mean diagonal).
     """
 
     method: str = "slim"  # a key of core.registry.ADAPTERS
@@ -159,6 +163,8 @@ class LowRankSpec:
     quant_before_refit: bool = False
     stat: Literal["sq", "abs"] = "sq"
     quant_in_scale: bool = False
+    fit: Literal["diag", "whitened"] = "diag"
+    fit_damp: float = 0.01
 
 
 @dataclass(frozen=True)
