@@ -153,7 +153,7 @@ def test_solver_threads_bad_values_name_the_key(compose_cfg, bad):
 
 def test_solvers_run_with_the_configured_threads(compose_cfg, tmp_path, monkeypatch):
     """engine.solver_threads=auto runs every per-linear solve with 1 thread on CPU and gives
-    the others back afterwards; null leaves torch's setting."""
+    the others back afterwards; null (the default) leaves torch's setting."""
     import torch
 
     import slim_lightning.core.compress as core
@@ -170,13 +170,13 @@ def test_solvers_run_with_the_configured_threads(compose_cfg, tmp_path, monkeypa
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run_compress(compose_cfg("compress", ["debug=default"]), tmp_path / "a")
+        run_compress(
+            compose_cfg("compress", ["debug=default", "engine.solver_threads=auto"]), tmp_path / "a"
+        )
         assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 2
         seen.clear()
-        run_compress(
-            compose_cfg("compress", ["debug=default", "engine.solver_threads=null"]), tmp_path / "b"
-        )
+        run_compress(compose_cfg("compress", ["debug=default"]), tmp_path / "b")
         assert seen and set(seen) == {2}
     finally:
         torch.set_num_threads(before)

@@ -130,10 +130,11 @@ class EngineConfig:
     streaming_share: float = 0.8
     # torch threads of the per-linear solvers (SparseGPT/OPTQ column sweeps, SLiM-Quant, the
     # low-rank fit): thousands of small BLAS/LAPACK calls whose OpenMP workers spin-wait at every
-    # barrier, slower with 2 threads than with 1 even idle and ~2x slower again when another
-    # process holds a core; "auto" = 1 on CPU (unchanged on GPUs), an integer = that many,
-    # null = torch's setting. The forward passes and the reconstruction keep all threads.
-    solver_threads: Any = "auto"
+    # barrier. null = torch's setting (default); "auto" = 1 on CPU; an integer = that many. The
+    # forward passes and the reconstruction keep all threads. SmolLM2, 2 cores
+    # (benchmarks/results/solver_threads_smollm2.json): 1 thread is 1.28x slower per block idle
+    # but 2x faster while another process holds a core (2.94x -> 1.13x slowdown under load).
+    solver_threads: Any = None
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
