@@ -65,29 +65,24 @@ def pytest_configure(config):
 _MISSING = ("could not import", "No module named", "not installed", "needs lm-eval")
 
 
-def _missing_package_skip(report) -> str | None:
+def _fail_missing_package_skip(report) -> None:
+    """Under CI=true, turns a (test or collection) skip for a missing package into a failure."""
     if not report.skipped or os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
-        return None
+        return
     longrepr = report.longrepr
     reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
-    return reason if any(m in reason for m in _MISSING) else None
+    if any(m in reason for m in _MISSING):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: skipped for a missing package ({reason}); install the extras"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    report = outcome.get_result()
-    reason = _missing_package_skip(report)
-    if reason is not None:
-        report.outcome = "failed"
-        report.longrepr = f"CI=true: skipped for a missing package ({reason}); install the extras"
+    _fail_missing_package_skip(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     outcome = yield
-    report = outcome.get_result()
-    reason = _missing_package_skip(report)
-    if reason is not None:
-        report.outcome = "failed"
-        report.longrepr = f"CI=true: skipped for a missing package ({reason}); install the extras"
+    _fail_missing_package_skip(outcome.get_result())

@@ -232,6 +232,29 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def dir_sha256(directory: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{name: sha256}`` of every file directly in ``directory`` (sorted), except ``exclude``."""
+    return {
+        f.name: file_sha256(f)
+        for f in sorted(Path(directory).iterdir())
+        if f.is_file() and f.name not in exclude
+    }
+
+
+def first_digest_mismatch(directory: str | Path, files: dict[str, str]) -> tuple[Path, str] | None:
+    """The first of ``files`` (``{name: sha256}``, as ``dir_sha256`` records them) that is not a
+    plain name of a file in ``directory`` (``"missing"``) or whose bytes changed
+    (``"changed"``), as ``(path, why)``; None when all match."""
+    directory = Path(directory)
+    for name, digest in files.items():
+        f = directory / str(name)
+        if Path(str(name)).name != str(name) or not f.is_file():
+            return f, "missing"
+        if file_sha256(f) != digest:
+            return f, "changed"
+    return None
+
+
 def cached_file_sha256(path: str | Path, cache_file: str | Path) -> str:
     """sha256 of ``path``, cached in ``cache_file`` by real path + size + mtime.
 

@@ -125,7 +125,7 @@ def verify_files(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     Returns:
         The metadata. Raises CheckpointError naming the first missing or changed file.
     """
-    from ..io import file_sha256
+    from ..io import first_digest_mismatch
 
     path = Path(path)
     meta = read_meta(path) if meta is None else meta
@@ -135,17 +135,16 @@ def verify_files(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
             f"{path / META}: no file digests (written by an older slim-lightning); load it with "
             "verify=False to trust it as is"
         )
-    for name, digest in files.items():
-        f = path / str(name)
-        if Path(str(name)).name != str(name) or not f.is_file():
-            raise CheckpointError(
-                f"{f}: missing (slim.json lists it); the checkpoint is incomplete"
-            )
-        if file_sha256(f) != digest:
-            raise CheckpointError(
-                f"{f}: sha256 differs from the one recorded in {META} when it was written (the "
-                "file is corrupt or was edited); re-export it, or pass verify=False to load anyway"
-            )
+    bad = first_digest_mismatch(path, files)
+    if bad is not None and bad[1] == "missing":
+        raise CheckpointError(
+            f"{bad[0]}: missing (slim.json lists it); the checkpoint is incomplete"
+        )
+    if bad is not None:
+        raise CheckpointError(
+            f"{bad[0]}: sha256 differs from the one recorded in {META} when it was written (the "
+            "file is corrupt or was edited); re-export it, or pass verify=False to load anyway"
+        )
     return meta
 
 

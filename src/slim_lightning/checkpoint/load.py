@@ -19,7 +19,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError
 from ..io import load_tensors
 from .layout import META, WEIGHTS
-from .verify import check_complete, check_file_tensors, open_checkpoint
+from .verify import check_complete, check_file_tensors, check_finite, open_checkpoint
 
 
 def load_compressed(
@@ -96,9 +96,7 @@ def load_compressed(
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: {e}") from None
     retie(model, meta.get("tied_to") or dict.fromkeys(meta.get("tied", [])), sd)
-    for k, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{weights}: tensor {k} has NaN/Inf values")
+    check_finite(model, str(weights))  # (unstored adapter masters, still meta, are rebuilt next)
     restore_packed(model, f"{weights}: ")
     _materialise_buffers(model, get_arch(model), device)
     model.to(device)

@@ -91,7 +91,7 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    from ..io import fault_point, file_sha256
+    from ..io import dir_sha256, fault_point
     from ..nn.adapters import state_hashes
     from ..nn.embedding import PackedEmbedding
     from ..nn.linear import SLiMLinear
@@ -169,9 +169,7 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         meta["size"] = written_sizes(tmp / WEIGHTS, model, sized, tied)
         # every file's sha256, so a load can verify that nothing changed since it was written
-        meta["files"] = {
-            f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != META
-        }
+        meta["files"] = dir_sha256(tmp, exclude=(META,))
         fault_point(f"write {out_dir.name}/{META}")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return out_dir
@@ -202,16 +200,14 @@ def record_meta(out_dir: str | Path, model: nn.Module, loaded_meta: dict[str, An
     """Writes ``slim.json`` into a directory that transformers' ``save_pretrained`` just wrote
     from a loaded packed model: the loaded metadata with the stored dtype and every file's
     sha256 brought up to date, so the copy loads (and verifies) like the original."""
-    from ..io import atomic_write_bytes, file_sha256
+    from ..io import atomic_write_bytes, dir_sha256
 
     out_dir = Path(out_dir)
     meta = copy.deepcopy(loaded_meta)
     dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
     if dtype in _FLOAT:
         meta["dtype"] = dtype
-    meta["files"] = {
-        f.name: file_sha256(f) for f in sorted(out_dir.iterdir()) if f.is_file() and f.name != META
-    }
+    meta["files"] = dir_sha256(out_dir, exclude=(META,))
     atomic_write_bytes(out_dir / META, json.dumps(meta, indent=2, default=str).encode())
 
 

@@ -121,12 +121,7 @@ def register() -> bool:
 
             from ..checkpoint.layout import WEIGHTS
             from ..checkpoint.load import install_layers
-            from ..checkpoint.verify import (
-                check_config_matches,
-                check_file_tensors,
-                open_checkpoint,
-                verify_default,
-            )
+            from ..checkpoint.verify import check_file_tensors, open_checkpoint, verify_default
             from ..errors import CheckpointError
             from ..nn.embedding import install_embeddings
 
@@ -136,19 +131,19 @@ def register() -> bool:
                     f"quant_method 'slim': expected one {WEIGHTS} (what compress.py writes), got "
                     f"{[str(f) for f in files] or 'none'}"
                 )
-            cfg = self.quantization_config
             path = files[0].parent
-            self._slim_meta = open_checkpoint(path, verify=verify_default())
+            # (also checks config.json's quantization_config, which transformers read, against
+            # slim.json: the layers installed below are the verified ones)
+            meta = self._slim_meta = open_checkpoint(path, verify=verify_default())
             self._slim_weights = files[0]
             where = f"{path / 'config.json'} quantization_config"
-            check_config_matches(cfg, self._slim_meta, where)
-            install_layers(model, cfg.layers, where)
-            install_embeddings(model, cfg.embeddings, where)
+            install_layers(model, meta["layers"], where)
+            install_embeddings(model, meta.get("embeddings") or {}, where)
             self._slim_file_keys = check_file_tensors(files[0], model)
             # not stored: 4-bit adapters' fp32 parameters (rebuilt from their codes) and tied
             # tensors (re-tied to their source after loading)
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            tied = [f"^{re.escape(k)}$" for k in cfg.tied_to]
+            tied = [f"^{re.escape(k)}$" for k in meta.get("tied_to") or {}]
             model._keys_to_ignore_on_load_missing = [*ignore, r"\.lora_[lr]$", *tied]
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -159,7 +154,7 @@ def register() -> bool:
             if meta is None:  # the quantizer was used without its pre-loading step
                 raise RuntimeError("quant_method 'slim': the checkpoint was not verified")
             check_complete(model, self._slim_file_keys, meta, self._slim_weights)
-            retie(model, self.quantization_config.tied_to, model.state_dict(keep_vars=True))
+            retie(model, meta.get("tied_to") or {}, model.state_dict(keep_vars=True))
             finish_loading(model)  # rebuilds the unstored adapter parameters first
             check_finite(model, str(self._slim_weights))
             model.config.use_cache = True
@@ -297,10 +292,7 @@ class _RegisterOnImport:
 
         def exec_and_register(module: Any) -> None:
             exec_module(module)
-            try:
-                register()
-            except Exception as e:  # noqa: BLE001 - never break importing transformers
-                refuse(f"registering the slim quantizer failed ({type(e).__name__}: {e})")
+            _register_or_refuse()
 
         loader.exec_module = exec_and_register  # type: ignore[method-assign]
         assert isinstance(spec, importlib.machinery.ModuleSpec)
@@ -337,15 +329,19 @@ def refuse(reason: str) -> None:
     holder.supports_quant_method = staticmethod(supports_quant_method)
 
 
+def _register_or_refuse() -> None:
+    try:
+        register()
+    except Exception as e:  # noqa: BLE001 - never break importing transformers: refuse instead
+        refuse(f"registering the slim quantizer failed ({type(e).__name__}: {e})")
+
+
 def install_hook() -> None:
     """Registers now when transformers' registry is loaded, else on its first import."""
     import sys
 
     if _HOOK_TARGET in sys.modules:
-        try:
-            register()
-        except Exception as e:  # noqa: BLE001 - same as on first import: refuse, naming it
-            refuse(f"registering the slim quantizer failed ({type(e).__name__}: {e})")
+        _register_or_refuse()
         return
     if not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterOnImport())

@@ -229,9 +229,9 @@ def _record_cache(directory: Path) -> None:
     """Every file's sha256 beside a GGUF conversion, checked on each load (``_verify_cache``)."""
     import json
 
-    from ..io import file_sha256
+    from ..io import dir_sha256
 
-    files = {f.name: file_sha256(f) for f in sorted(directory.iterdir()) if f.is_file()}
+    files = dir_sha256(directory)
     (directory / CACHE_DIGESTS).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -240,7 +240,7 @@ def _verify_cache(directory: Path) -> None:
     and weights are among them (a cache without digests is rebuilt once)."""
     import json
 
-    from ..io import file_sha256
+    from ..io import first_digest_mismatch
 
     try:
         files = json.loads((directory / CACHE_DIGESTS).read_text())["files"]
@@ -248,12 +248,10 @@ def _verify_cache(directory: Path) -> None:
         raise ValueError(f"no readable {CACHE_DIGESTS} ({type(e).__name__})") from None
     if not isinstance(files, dict) or not any(str(n).endswith(".safetensors") for n in files):
         raise ValueError(f"{CACHE_DIGESTS} lists no safetensors weights")
-    for name, digest in files.items():
-        f = directory / str(name)
-        if Path(str(name)).name != str(name) or not f.is_file():
-            raise ValueError(f"{name} is missing")
-        if file_sha256(f) != digest:
-            raise ValueError(f"{name} differs from its recorded sha256")
+    bad = first_digest_mismatch(directory, files)
+    if bad is not None:
+        why = "is missing" if bad[1] == "missing" else "differs from its recorded sha256"
+        raise ValueError(f"{bad[0].name} {why}")
 
 
 def check_finite(model: nn.Module, source: str) -> None:
