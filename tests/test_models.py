@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -145,3 +147,24 @@ def test_hub_errors_name_model_path(monkeypatch, failure, needle):
     with pytest.raises(ConfigError, match="model.path") as err:
         _probe_hub(cfg)
     assert needle in str(err.value) and "some-org/some-model" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_dense_checkpoint_missing_a_tensor_is_refused(tmp_path, kind):
+    """transformers would fill a missing tensor with random values and only log it: refused,
+    naming model.path and the tensor; the intact (tied, for OPT) checkpoint loads."""
+    from safetensors.torch import load_file, save_file
+
+    from slim_lightning.models.tiny import tiny_model
+
+    model, tok = tiny_model(kind=kind)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = ModelConfig(name="t", path=str(tmp_path))
+    load_model(cfg)
+    sd = load_file(tmp_path / "model.safetensors")
+    key = next(k for k in sd if "layers.1." in k and k.endswith("weight"))
+    del sd[key]
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model\.path=.*missing tensors \['{re.escape(key)}'\]"):
+        load_model(cfg)

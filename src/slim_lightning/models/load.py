@@ -193,9 +193,13 @@ def _load_gguf(cfg: ModelConfig, src: ModelSource, tokenizer: Any) -> nn.Module:
     if cache is not None and (cache / "config.json").is_file():
         try:
             _verify_cache(cache)  # a changed byte would otherwise load as a different model
-            model = AutoModelForCausalLM.from_pretrained(
-                str(cache), trust_remote_code=False, **_dtype_kw(FLOAT_DTYPES[cfg.dtype])
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(cache),
+                trust_remote_code=False,
+                **_dtype_kw(FLOAT_DTYPES[cfg.dtype]),
+                output_loading_info=True,
             )
+            check_loading_info(info, f"the GGUF conversion cache {cache}")
             check_finite(model, f"the GGUF conversion cache {cache}")
             return model
         except Exception as e:  # noqa: BLE001 - self-healing: rebuild a damaged cache entry
@@ -254,6 +258,19 @@ def _verify_cache(directory: Path) -> None:
         raise ValueError(f"{bad[0].name} {why}")
 
 
+def check_loading_info(info: dict[str, Any], source: str) -> None:
+    """Raises ValueError naming ``source`` when transformers left model tensors unloaded (it
+    would initialise them randomly and only log it) or found mismatched shapes."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = f"missing tensors {missing[:5]}" if missing else f"mismatched {mismatched[:5]}"
+        raise ValueError(
+            f"{source}: the checkpoint does not hold the whole model ({what}); transformers "
+            "would fill them with random values"
+        )
+
+
 def check_finite(model: nn.Module, source: str) -> None:
     """Raises ValueError naming the first tensor with NaN/Inf values and where it came from."""
     for name, t in model.state_dict().items():
@@ -300,9 +317,10 @@ def load_model(
         kw: dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
         if cfg.revision and src.kind == "hub":
             kw["revision"] = cfg.revision
-        model = AutoModelForCausalLM.from_pretrained(
-            src.location, **kw, **_dtype_kw(FLOAT_DTYPES[cfg.dtype])
+        model, info = AutoModelForCausalLM.from_pretrained(
+            src.location, **kw, **_dtype_kw(FLOAT_DTYPES[cfg.dtype]), output_loading_info=True
         )
+        check_loading_info(info, f"model.path={cfg.path}")
     get_arch(model, cfg.arch)  # fail now, not in the middle of calibration
     model = _finish(model, cfg)
     check_finite(model, f"model.path={cfg.path}")
