@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def _run_compress(
     from ..compress.distributed import agreed
     from ..compress.distributed import perplexity_sharded as perplexity_on
     from ..compress.pipeline import load_base
+    from ..data.evaluation import streaming_perplexity
     from ..errors import ConfigError
     from ..train.module import SLiMModule
     from .preflight import preflight
@@ -132,10 +134,6 @@ def _run_compress(
     streaming = getattr(plan.engine, "streaming", False) is True
     dense_ppl = None
     if streaming:  # the dense model is never whole in memory: evaluated one block at a time
-        import functools
-
-        from ..data.evaluation import streaming_perplexity
-
         dense_ppl = functools.partial(streaming_perplexity, stream=base.stream)
     zs_tasks = tuple(getattr(plan.eval, "zero_shot", ()) or ()) if plan.eval is not None else ()
     # one perplexity loop (evaluation.perplexity) for the dense and the compressed model
@@ -160,17 +158,27 @@ def _run_compress(
             report["zero_shot_dense"] = _zero_shot(base.model, base.tokenizer, plan, device)
 
     # the LightningModule's setup compresses (pipeline.load_or_compress): one call, one result
+    if streaming and base.stream is not None:  # compressed blocks wait on disk until export
+        base.stream.keep_offloaded = True
     module = SLiMModule(plan, str(run_dir), prepared=prepared, base=base, dist=ctx)
     with stage(timings, "compress_setup"):
         module.setup("validate")
     loaded = module.loaded
     timings.update(loaded.timings)
+    stream = loaded.stream if loaded.stream is not None and loaded.stream.offloaded else None
     if windows is not None:
-        with stage(timings, "eval"):
+        with stage(timings, "eval"):  # (streaming: one packed block in memory at a time)
             out = perplexity_on(
-                ctx, loaded.model, windows, device=device, progress=plan.engine.progress
+                ctx,
+                loaded.model,
+                windows,
+                None if stream is None else functools.partial(streaming_perplexity, stream=stream),
+                device=device,
+                progress=plan.engine.progress,
             )
         report["ppl"][eval_name] = out["ppl"]
+    if stream is not None:
+        stream.reinstall_all()  # the outputs need the whole packed model
     model = loaded.model.to("cpu")
     if ctx is not None:
         report["world_size"] = ctx.world_size

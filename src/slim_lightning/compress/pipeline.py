@@ -210,12 +210,16 @@ def compress_model(
     )
     result = engine.run(inputs, kwargs)
     del inputs, kwargs
+    emb = getattr(plan, "embeddings", None)
+    quantized = emb is not None and emb.bits is not None
+    # packed tables are replaced one at a time (an untied head is read once the input
+    # embedding is packed): streaming never holds both 16-bit tables
+    one_by_one = stream is not None and packed and quantized
     if stream is not None:
-        stream.restore()  # the vocabulary tables (16-bit where exact)
+        stream.restore(input_only=one_by_one)  # the vocabulary tables (16-bit where exact)
         if not packed:
             stream.upcast_vocab()
-    emb = getattr(plan, "embeddings", None)
-    if emb is not None and emb.bits is not None:
+    if quantized:
         from ..nn.embedding import quantize_embeddings
 
         result.embeddings = quantize_embeddings(
@@ -224,10 +228,12 @@ def compress_model(
             emb.group_size,
             packed=packed,
             dtype=None if stream is None else stream.dtype,
+            fetch_head=stream.restore if one_by_one else None,
         )
     if stream is not None:
         stream.upcast_vocab()  # tables left unquantised: model.dtype, as a normal load holds
-        engine.reinstall_offloaded()  # the packed blocks, back from the resume state
+        if not stream.keep_offloaded:
+            engine.reinstall_offloaded()  # the packed blocks, back from their offload files
     return result
 
 

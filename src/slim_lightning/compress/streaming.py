@@ -143,6 +143,9 @@ class StreamingSource:
         self.low_precision_linears = False
         # where finished blocks go while later ones are compressed (set by compress_model)
         self.offload_dir: Path | None = None
+        # leave them there after compression (the caller evaluates block by block and calls
+        # reinstall_all before it needs the whole model)
+        self.keep_offloaded = False
         self._offloaded: dict[int, dict[str, dict]] = {}  # block -> its SLiMLinear metas
 
     # -- skeleton -------------------------------------------------------------------------------
@@ -199,11 +202,21 @@ class StreamingSource:
             _drop_storage(mod)
         return_freed_memory()
 
-    def restore(self) -> None:
-        """Reads back everything outside the blocks that :meth:`park` freed (and re-ties)."""
+    def restore(self, input_only: bool = False) -> None:
+        """Reads back everything outside the blocks that :meth:`park` freed (and re-ties).
+
+        ``input_only``: just the input embedding when the LM head is a table of its own (it
+        stays parked until the next call), so a caller that replaces the tables one at a time
+        never holds both 16-bit tables."""
         prefix = self.arch.blocks_path + "."
         model = self.model
         names = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+        if input_only and not getattr(model.config, "tie_word_embeddings", False):
+            emb = model.get_input_embeddings()
+            mine = {n for n, m in model.named_modules() if m is emb}
+            names = [n for n in names if n.rpartition(".")[0] in mine]
+            self._materialise(model, names, rounded=True, low=self._vocab_names())
+            return
         self._materialise(model, names, rounded=True, low=self._vocab_names())
         self._tie(model)
 
@@ -377,19 +390,40 @@ class StreamingSource:
         atomic_save_tensors(block.state_dict(), self.offload_dir / f"block_{i:04d}.safetensors")
         self.evict_block(block)
 
-    def reload_block(self, i: int, block: nn.Module) -> None:
-        """Reads back block ``i`` as ``offload_block`` wrote it (bit for bit)."""
+    def reload_block(self, i: int, block: nn.Module, keep: bool = False) -> None:
+        """Reads back block ``i`` as ``offload_block`` wrote it (bit for bit); ``keep``: it
+        stays offloaded too (a streamed evaluation evicts it again after use)."""
         from ..io import load_tensors
         from ..nn.linear import SLiMLinear
 
-        for n, meta in self._offloaded.pop(i).items():
+        metas = self._offloaded[i] if keep else self._offloaded.pop(i)
+        for n, meta in metas.items():
             block.set_submodule(n, SLiMLinear.from_meta(meta, device="meta"))
         path = self.offload_dir / f"block_{i:04d}.safetensors"
         block.load_state_dict(load_tensors(path), strict=True, assign=True)
-        path.unlink()  # (a later resume re-installs from the resume state)
+        if not keep:
+            path.unlink()  # (a later resume re-installs from the resume state)
         _, volatile = _tensor_names(block)
         for n in volatile:
             self._rebuild_module(block, n.rpartition(".")[0])
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether finished (compressed) blocks wait on disk (``keep_offloaded``)."""
+        return bool(self._offloaded)
+
+    def read_for_eval(self, i: int, block: nn.Module) -> None:
+        """Block ``i`` as the model now has it: compressed from its offload file when finished
+        blocks wait on disk, else dense from the shards (16-bit linears)."""
+        if i in self._offloaded:
+            self.reload_block(i, block, keep=True)
+        else:
+            self.read_block(i, block, low=True)
+
+    def reinstall_all(self) -> None:
+        """Reads every offloaded block back in (the model is whole again, packed)."""
+        for i in sorted(self._offloaded):
+            self.reload_block(i, self.blocks[i])
 
     def evict_block(self, block: nn.Module) -> None:
         """Back to a meta skeleton (compressed linears become meta ``nn.Linear`` again, as

@@ -269,7 +269,9 @@ def streaming_perplexity(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, float | int]:
-    """``evaluation.perplexity`` of the dense model of a streaming run, one block at a time.
+    """``evaluation.perplexity`` of a streaming run's model, one block at a time: the dense
+    model (blocks from the shards) or the compressed one (finished blocks from their offload
+    files, ``StreamingSource.keep_offloaded``).
 
     The windows' hidden states go through block 0 (read from the shards, then evicted), then
     block 1, ...; the last block's outputs are fed to the model's own head (final norm, LM head,
@@ -293,7 +295,7 @@ def streaming_perplexity(
     outs: list[Any] = []
     for i in tqdm(range(len(blocks)), desc="Perplexity (streamed)", disable=not progress):
         block = blocks[i]
-        stream.read_block(i, block, low=True)
+        stream.read_for_eval(i, block)
         block.to(dev)
         outs = [block(x.to(dev), **kw) for x, kw in zip(hidden, kwargs_dev)]
         hidden = [block_output(o).to("cpu") for o in outs]

@@ -194,7 +194,12 @@ def capture_block_inputs(
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        dev = next(model.parameters()).device
+        # the device of the first tensor that holds data: a streaming model's blocks wait on
+        # the meta device, and a quantised embedding holds buffers, not parameters
+        dev = next(
+            (t.device for t in (*model.parameters(), *model.buffers()) if not t.is_meta),
+            torch.device("cpu"),
+        )
         for start in range(0, ids.shape[0], batch_size):
             try:
                 model(input_ids=ids[start : start + batch_size].to(dev), use_cache=False)

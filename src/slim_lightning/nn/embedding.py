@@ -17,6 +17,7 @@ compressed model.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -152,11 +153,15 @@ def quantize_embeddings(
     group_size: int,
     packed: bool = True,
     dtype: torch.dtype | None = None,
+    fetch_head: Callable[[], None] | None = None,
 ) -> dict:
     """Replaces the input embedding and the LM head by packed ``bits``-bit versions (in place);
     with ``packed=False`` (dense exports) the float tables take the dequantised values instead.
     ``dtype``: what the packed embedding returns (default: the table's dtype; streaming keeps
     16-bit tables that compute in a wider dtype). Tables are packed ``ROW_STEP`` rows at a time.
+
+    ``fetch_head``: called once the input embedding is replaced and before the LM head is
+    read (streaming reads an untied head only then, so both float tables are never held).
 
     Returns ``{"bits", "group_size", "tied", "packed", "embedding_rel_err", "head_rel_err"}``
     (relative Frobenius errors of the dequantised tables).
@@ -186,6 +191,10 @@ def quantize_embeddings(
     model.set_input_embeddings(new_emb)
     report = {"bits": bits, "group_size": group_size, "tied": tied, "packed": True}
     report["embedding_rel_err"] = err
+    if fetch_head is not None and not tied:
+        del emb, w  # (the float input table is freed before the head is read)
+        fetch_head()
+        head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
         hw = head.weight.detach()
         hpw = pw if tied else pack_rows(hw, bits, group_size)
