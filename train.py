@@ -7,6 +7,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from slim_lightning.device import set_omp_wait_policy
+
+    # before anything loads torch: its OpenMP runtime reads the policy once, at load
+    set_omp_wait_policy(cfg.get("engine", {}).get("omp_wait"))
     from slim_lightning.app.train_run import run_train
 
     run_train(cfg, HydraConfig.get().runtime.output_dir)

@@ -55,3 +55,36 @@ def with_threads(fn: F, n: int | None) -> F:
             return fn(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+OMP_WAIT = ("passive", "active")
+
+
+def set_omp_wait_policy(policy: Any, key: str = "engine.omp_wait") -> str | None:
+    """Sets ``OMP_WAIT_POLICY`` for the OpenMP runtime torch loads, which reads it once, when
+    torch is first imported: the entry points call this before anything imports torch.
+
+    ``passive``: idle OpenMP workers sleep at once instead of spinning; the many small BLAS and
+    LAPACK calls of the per-linear solvers then stop fighting a process that shares the cores
+    (benchmarks/results/threads_smollm2.json). ``None`` leaves the runtime's default. A user's
+    own ``OMP_WAIT_POLICY`` always wins. Returns the policy in effect (None: the default).
+
+    Raises:
+        ConfigError: naming ``key`` for a value other than passive, active or null.
+    """
+    import os
+    import sys
+    import warnings
+
+    if policy is not None and str(policy).lower() not in OMP_WAIT:
+        raise ConfigError(key, policy, "passive, active or null (the OpenMP runtime's default)")
+    if "OMP_WAIT_POLICY" in os.environ or policy is None:
+        return os.environ.get("OMP_WAIT_POLICY")
+    if "torch" in sys.modules:  # too late for this process (e.g. a test calling run_compress)
+        warnings.warn(
+            f"{key}={policy}: torch is already loaded, the OpenMP wait policy stays as it is",
+            stacklevel=2,
+        )
+        return None
+    os.environ["OMP_WAIT_POLICY"] = str(policy).upper()
+    return os.environ["OMP_WAIT_POLICY"]

@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint.layout import package_versions
@@ -40,6 +42,10 @@ def report_header(
         "versions": package_versions(),
         "seed": plan.seed,
         "run_dir": str(run_dir),
+        "threads": {  # what the timings ran with
+            "torch": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
     }
 
 

@@ -135,6 +135,9 @@ class EngineConfig:
     # (benchmarks/results/solver_threads_smollm2.json): 1 thread is 1.28x slower per block idle
     # but 2x faster while another process holds a core (2.94x -> 1.13x slowdown under load).
     solver_threads: Any = None
+    # OMP_WAIT_POLICY of the OpenMP runtime (set by compress.py / train.py before torch loads;
+    # slim_lightning.device.set_omp_wait_policy): passive | active | null (the runtime's default)
+    omp_wait: Any = None
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
@@ -143,6 +146,8 @@ class EngineConfig:
         if not (isinstance(self.streaming, bool) or self.streaming == "auto"):
             raise ConfigError("engine.streaming", self.streaming, "true, false or auto")
         check_range("engine.streaming_share", self.streaming_share, 0.0, 1.0, lo_open=True)
+        if self.omp_wait is not None and str(self.omp_wait).lower() not in ("passive", "active"):
+            raise ConfigError("engine.omp_wait", self.omp_wait, "passive, active or null")
         st = self.solver_threads
         if st is not None and st != "auto":
             check_int("engine.solver_threads", st, 1)
