@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, list[str]] = {
     "oneshot": ["reconstruct=none"],
     "block": ["reconstruct=block"],
+    "block_1epoch": ["reconstruct=block", "reconstruct.epochs=1"],
     "block_no_weights": ["reconstruct=block", "reconstruct.train_weights=false"],
     "block_no_norms": ["reconstruct=block", "reconstruct.train_norms=false"],
     "block_mix": ["reconstruct=block", "reconstruct.target_mix=0.5"],

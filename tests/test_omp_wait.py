@@ -44,7 +44,7 @@ def test_a_users_environment_wins():
 
 
 def test_bad_value_names_the_key():
-    with pytest.raises(ConfigError, match="engine.omp_wait.*passive, active or null"):
+    with pytest.raises(ConfigError, match="engine.omp_wait.*passive, active, auto or null"):
         set_omp_wait_policy("sometimes")
 
 
@@ -63,3 +63,37 @@ def test_engine_config_refuses_a_bad_policy():
     with pytest.raises(ConfigError, match="engine.omp_wait"):
         EngineConfig(omp_wait="spin")
     assert EngineConfig(omp_wait="PASSIVE").omp_wait == "PASSIVE"
+
+
+def test_auto_is_passive_only_when_the_cores_are_busy(monkeypatch):
+    import slim_lightning.device as device
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(device, "busy_cores", lambda seconds=0.2: 0.1)
+    monkeypatch.delitem(sys.modules, "torch")  # (as at an entry point, before torch loads)
+    try:
+        assert device.set_omp_wait_policy("auto") is None
+        assert "OMP_WAIT_POLICY" not in os.environ
+        monkeypatch.setattr(device, "busy_cores", lambda seconds=0.2: 1.0)
+        assert device.set_omp_wait_policy("auto") == "PASSIVE"
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def test_busy_cores_sees_a_busy_process():
+    from slim_lightning.device import busy_cores
+
+    idle = busy_cores(0.3)
+    if idle is None:
+        pytest.skip("no /proc/stat")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        loaded = busy_cores(0.5)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert loaded >= 0.7 and loaded > idle

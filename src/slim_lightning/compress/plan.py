@@ -20,7 +20,7 @@ from typing import Any
 
 from ..core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from ..core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
-from ..device import resolve_device
+from ..device import OMP_WAIT, resolve_device
 from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
 
 
@@ -136,8 +136,9 @@ class EngineConfig:
     # but 2x faster while another process holds a core (2.94x -> 1.13x slowdown under load).
     solver_threads: Any = None
     # OMP_WAIT_POLICY of the OpenMP runtime (set by compress.py / train.py before torch loads;
-    # slim_lightning.device.set_omp_wait_policy): passive | active | null (the runtime's default)
-    omp_wait: Any = None
+    # slim_lightning.device.set_omp_wait_policy): auto (passive when other processes keep the
+    # cores busy at start) | passive | active | null (the runtime's default)
+    omp_wait: Any = "auto"
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
@@ -146,8 +147,8 @@ class EngineConfig:
         if not (isinstance(self.streaming, bool) or self.streaming == "auto"):
             raise ConfigError("engine.streaming", self.streaming, "true, false or auto")
         check_range("engine.streaming_share", self.streaming_share, 0.0, 1.0, lo_open=True)
-        if self.omp_wait is not None and str(self.omp_wait).lower() not in ("passive", "active"):
-            raise ConfigError("engine.omp_wait", self.omp_wait, "passive, active or null")
+        if self.omp_wait is not None and str(self.omp_wait).lower() not in OMP_WAIT:
+            raise ConfigError("engine.omp_wait", self.omp_wait, "passive, active, auto or null")
         st = self.solver_threads
         if st is not None and st != "auto":
             check_int("engine.solver_threads", st, 1)

@@ -89,7 +89,7 @@ class ReconLinear(nn.Module):
     def __init__(self, c: CompressedLinear, bias: torch.Tensor | None, cfg: Any):
         super().__init__()
         self.c, self.bias = c, None if bias is None else bias.detach()
-        mask = None if c.mask is None else c.mask.float()
+        mask = c.mask  # (bool: a product with it promotes exactly as a float 0/1 mask would)
         self.wq = self.w = None
         if c.weight_q is not None:
             self.wq = _QuantParam(c.weight_q, mask, cfg.train_weights, cfg.train_scales)
@@ -210,7 +210,13 @@ def reconstruct_block(
     hold, train = sorted(order[:n_hold]), sorted(order[n_hold:])
     if not hold:  # one batch: it is both (early stopping cannot help)
         hold = train
+    for c in results.values():  # the codes hold them: snap() recomputes them (canonicalize)
+        if c.weight_q is not None:
+            c.weight = c.weight.new_empty(0)
     views = {name: ReconLinear(results[name], lin[name].bias, cfg).to(device) for name in lin}
+    grid = {
+        id(q.v): (q.lo, q.hi) for v in views.values() for q in (v.wq, v.lq, v.rq) if q is not None
+    }
     norms = norm_params(block) if cfg.train_norms else {}
     frozen = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
@@ -264,7 +270,14 @@ def reconstruct_block(
         return e
 
     def snapshot() -> dict[str, torch.Tensor]:
-        return {str(i): p.detach().clone() for i, p in enumerate(_all_params(views, norms))}
+        # grid values as their snapped int8 codes: after the restore only snap() reads them,
+        # and it rounds and clamps the same way (1 byte per weight instead of 4)
+        out = {}
+        for i, p in enumerate(_all_params(views, norms)):
+            r = grid.get(id(p))
+            t = p.detach()
+            out[str(i)] = torch.clamp(torch.round(t), *r).to(torch.int8) if r else t.clone()
+        return out
 
     try:
         before = held_out()
