@@ -172,7 +172,7 @@ def compress_model(
         else merge_install_counted
     )
     if stream is not None:  # streaming: hold no dense copies (of results: unless kept)
-        from .streaming import drop_dense_after_install
+        from .meta_tensors import drop_dense_after_install
 
         install = drop_dense_after_install(install, drop_results=not keep_layers)
         stream.low_precision_linears = packed  # (merged installs write model.dtype weights)
