@@ -60,6 +60,14 @@ def with_threads(fn: F, n: int | None) -> F:
 OMP_WAIT = ("passive", "active", "auto")
 
 
+def check_omp_wait(policy: Any, key: str = "engine.omp_wait") -> None:
+    """Refuses an ``engine.omp_wait`` other than passive, active, auto or null, naming ``key``."""
+    if policy is not None and str(policy).lower() not in OMP_WAIT:
+        raise ConfigError(
+            key, policy, "passive, active, auto or null (the OpenMP runtime's default)"
+        )
+
+
 def busy_cores(seconds: float = 0.2) -> float | None:
     """How many CPU cores other processes keep busy, from ``/proc/stat`` over ``seconds`` (this
     process sleeps meanwhile); None where ``/proc/stat`` is unreadable."""
@@ -104,10 +112,7 @@ def set_omp_wait_policy(policy: Any, key: str = "engine.omp_wait") -> str | None
     import sys
     import warnings
 
-    if policy is not None and str(policy).lower() not in OMP_WAIT:
-        raise ConfigError(
-            key, policy, "passive, active, auto or null (the OpenMP runtime's default)"
-        )
+    check_omp_wait(policy, key)
     if "OMP_WAIT_POLICY" in os.environ or policy is None:
         return os.environ.get("OMP_WAIT_POLICY")
     if "torch" in sys.modules:  # too late for this process (e.g. a test calling run_compress)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from ..core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
-from ..device import OMP_WAIT, resolve_device
+from ..device import check_omp_wait, resolve_device
 from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
 
 
@@ -147,8 +147,7 @@ class EngineConfig:
         if not (isinstance(self.streaming, bool) or self.streaming == "auto"):
             raise ConfigError("engine.streaming", self.streaming, "true, false or auto")
         check_range("engine.streaming_share", self.streaming_share, 0.0, 1.0, lo_open=True)
-        if self.omp_wait is not None and str(self.omp_wait).lower() not in OMP_WAIT:
-            raise ConfigError("engine.omp_wait", self.omp_wait, "passive, active, auto or null")
+        check_omp_wait(self.omp_wait)
         st = self.solver_threads
         if st is not None and st != "auto":
             check_int("engine.solver_threads", st, 1)

@@ -143,14 +143,14 @@ class StreamingSource:
         prefix = self.arch.blocks_path + "."
         model = self.model
         names = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
-        if input_only and not getattr(model.config, "tie_word_embeddings", False):
+        input_only = input_only and not getattr(model.config, "tie_word_embeddings", False)
+        if input_only:
             emb = model.get_input_embeddings()
             mine = {n for n, m in model.named_modules() if m is emb}
             names = [n for n in names if n.rpartition(".")[0] in mine]
-            self._materialise(model, names, rounded=True, low=self._vocab_names())
-            return
         self._materialise(model, names, rounded=True, low=self._vocab_names())
-        self._tie(model)
+        if not input_only:  # (the parked head is read, or tied, by the next call)
+            self._tie(model)
 
     def _vocab_names(self) -> set[str]:
         mods = {id(m) for m in self._vocab_modules()}
