@@ -7,7 +7,7 @@ busy loop (``nice 0``) before the run and stops it after. Per-block seconds come
 run's ``report.json["block_seconds"]``.
 
     python benchmarks/threads_bench.py OUT.json --rounds 2 \\
-        --variant default: --variant passive:OMP_WAIT_POLICY=PASSIVE \\
+        --variant 'default:|engine.omp_wait=null' --variant passive:OMP_WAIT_POLICY=PASSIVE \\
         -- method=slim_q_fast calib.nsamples=8 eval.max_windows=1 eval_dense=false \\
            export.packed=false engine.progress=false engine.resume=false
 
