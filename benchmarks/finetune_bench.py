@@ -60,7 +60,11 @@ def _dense(model_path: str):
     from slim_lightning.models.load import load_model
     from slim_lightning.models.source import ModelConfig
 
-    model, tok = load_model(ModelConfig(name="bench", path=model_path))
+    if model_path == "tiny":  # the tiny random LLaMA of debug runs (gpu_check --dry-run)
+        cfg = ModelConfig(name="tiny_llama", random_init=True, tiny={"kind": "llama", "seed": 0})
+    else:
+        cfg = ModelConfig(name="bench", path=model_path)
+    model, tok = load_model(cfg)
     return model, tok
 
 
@@ -235,7 +239,11 @@ def _summary(results: dict[str, list[dict]], dense_fp32_bytes: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--packed", required=True, help="a compress.py run's packed checkpoint")
-    ap.add_argument("--model", default="embedded:smollm2", help="the dense model (model.path)")
+    ap.add_argument(
+        "--model",
+        default="embedded:smollm2",
+        help="the dense model (model.path), or 'tiny': the tiny random LLaMA of debug runs",
+    )
     ap.add_argument("--configs", default=",".join(TRAIN + GEN))
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)

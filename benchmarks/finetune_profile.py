@@ -1,16 +1,20 @@
 """Where a fine-tuning step's time goes: torch.profiler over two training steps of the lean
 runtime (packed base dequantised just in time, quantised adapters through their STE), after two
 warm-up steps; prints forward / backward / optimiser seconds per step and the op table.
+``--side qlora`` profiles the QLoRA anchor of ``finetune_bench.py`` instead (bitsandbytes NF4 +
+peft LoRA with the same ranks), for a like-for-like split.
 
-    python benchmarks/finetune_profile.py RUN/packed [THREADS] > profile.txt
+    python benchmarks/finetune_profile.py RUN/packed [THREADS] [--side lean|qlora] > profile.txt
 
 RUN/packed: a compress.py run's packed checkpoint of the embedded SmolLM2 (any method).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -24,11 +28,25 @@ def main() -> None:
     from slim_lightning.nn.adapters import mark_trainable
     from slim_lightning.nn.backend import set_dense_cache
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("packed")
+    ap.add_argument("threads", nargs="?", type=int, default=1)
+    ap.add_argument("--side", choices=("lean", "qlora"), default="lean")
+    ap.add_argument("--model", default="embedded:smollm2", help="the dense model (qlora side)")
+    a = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
-    model, tok, _ = load_compressed(sys.argv[1], verify=False)
-    set_dense_cache(model, False)
-    mark_trainable(model)
+    torch.set_num_threads(a.threads)
+    if a.side == "lean":
+        model, tok, _ = load_compressed(a.packed, verify=False)
+        set_dense_cache(model, False)
+        mark_trainable(model)
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from finetune_bench import _qlora_model, _ranks, _with_lora
+
+        peft_model, tok = _qlora_model(a.model)
+        peft_model = _with_lora(peft_model, _ranks(a.packed))
+        model = peft_model.base_model.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

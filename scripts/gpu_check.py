@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmarks/finetune_bench.py",
             "--packed",
             str(packed),
+            "--model",
+            "tiny" if dry else "embedded:smollm2",
             "--configs",
             _ft_configs(dry),
             "--device",

@@ -295,16 +295,19 @@ def test_row_blocks_dequantise_to_the_rows_of_the_whole(fmt):
 
 
 def test_large_weights_are_dequantised_in_row_blocks(monkeypatch):
-    """Above DEQUANT_STEP values the packed forward multiplies block by block: the same output
-    (to float rounding), and no dense copy of the whole weight is made."""
+    """Above DEQUANT_STEP values the packed forward and its backward multiply block by block:
+    the same output and input gradient (to float rounding), and no dense copy of the whole
+    weight is made either way."""
     from slim_lightning.formats import PackedWeight
     from slim_lightning.nn import functional as linear_ops
     from slim_lightning.nn.linear import SLiMLinear
 
     c = _compressed(CompressSpec(), d_out=96, d_in=64)
     m = SLiMLinear.from_compressed(c)
-    x = torch.randn(2, 3, 64)
+    x = torch.randn(2, 3, 64, requires_grad=True)
     whole = m(x)
+    g = torch.randn_like(whole)
+    (whole_grad,) = torch.autograd.grad(whole, x, g)
     sizes = []
     real = PackedWeight.to_dense
 
@@ -315,5 +318,34 @@ def test_large_weights_are_dequantised_in_row_blocks(monkeypatch):
     monkeypatch.setattr(PackedWeight, "to_dense", spy)
     monkeypatch.setattr(linear_ops, "DEQUANT_STEP", 64 * 10)
     # equal up to the BLAS blocking of a narrower product (not bit-identical)
-    torch.testing.assert_close(m(x), whole, rtol=1e-5, atol=1e-6)
+    y = m(x)
+    torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-6)
     assert max(sizes) == 10 and sum(sizes) == 96
+    sizes.clear()
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-5, atol=1e-6)
+    assert max(sizes) == 10 and sum(sizes) == 96
+
+
+@pytest.mark.parametrize("cols", [4, 12, 92, 576])
+def test_24_table_decode_equals_the_general_path_for_every_byte(cols):
+    """The 2:4 4-bit fast path (one table lookup per group) equals the general scatter path on
+    every value byte and every meta nibble, including an odd number of groups per row and meta
+    nibbles no packer writes (equal or descending positions)."""
+    from slim_lightning.formats import nm
+
+    g = torch.Generator().manual_seed(cols)
+    rows, n_groups = 40, cols // 4
+    values = torch.randint(0, 256, (rows, n_groups), generator=g, dtype=torch.uint8)
+    meta = torch.randint(0, 256, (rows, -(-n_groups // 2)), generator=g, dtype=torch.uint8)
+    if cols == 4:  # all 256 value bytes x 16 nibbles
+        values = torch.arange(256, dtype=torch.uint8).repeat_interleave(16)[:, None]
+        meta = torch.arange(16, dtype=torch.uint8).repeat(256)[:, None]
+        rows = 4096
+    scale = torch.rand(rows, -(-cols // 8), generator=g).half().float() + 0.01
+    ins = (torch.rand(cols, generator=g) + 0.5).half().float()
+    fast = nm.dequant_nm(
+        values, meta, scale, ins, shape=(rows, cols), n=2, m=4, bits=4, group_size=8
+    )
+    ref = nm._dequant_scatter(values, meta, scale, ins, (rows, cols), 2, 4, 4, 8)
+    assert torch.equal(fast, ref)

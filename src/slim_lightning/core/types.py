@@ -40,14 +40,34 @@ class QuantTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Returns the dense ``(rows, cols)`` matrix in ``dtype`` (computed in fp32)."""
-        rows, cols = self.q.shape
-        s = self.scale.to(torch.float32)
-        # (scale_rows, n_groups) -> (scale_rows, cols): each group scale covers group_size columns
-        s = s.repeat_interleave(self.group_size, dim=1)[:, :cols]
-        w = self.q.to(torch.float32) * s
-        if self.in_scale is not None:
-            w = w / self.in_scale.to(torch.float32)[None, :]
-        return w.to(dtype)
+        w = self.q.to(torch.float32, copy=True)  # a fresh tensor: scaled in place
+        return scale_groups_(w, self.scale, self.group_size, self.in_scale).to(dtype)
+
+
+def scale_groups_(
+    w: torch.Tensor, scale: torch.Tensor, group_size: int, in_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``w[i, j] *= scale[i, j // group_size]`` (then ``/= in_scale[j]``) in place; returns ``w``.
+
+    ``w`` fp32 ``(rows, cols)`` holding codes; ``scale`` ``(1, 1)`` (one scale for the tensor)
+    or ``(rows | 1, ceil(cols / group_size))``. Whole groups multiply through a
+    ``(rows, groups, group_size)`` view (no expanded scale matrix), a last partial group apart:
+    per element the same fp32 product as multiplying by the expanded scales.
+    """
+    rows, cols = w.shape
+    s = scale.to(torch.float32)
+    if tuple(s.shape) == (1, 1):
+        w.mul_(s)
+    else:
+        gs = group_size
+        full = min(cols // gs, s.shape[1])
+        if full:
+            w[:, : full * gs].view(rows, full, gs).mul_(s[:, :full, None])
+        if full * gs < cols:
+            w[:, full * gs :].mul_(s[:, full : full + 1])
+    if in_scale is not None:
+        w.div_(in_scale.to(torch.float32).reshape(1, -1))
+    return w
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from slim_lightning.core.types import scale_groups_
 from slim_lightning.formats.bitpack import (
     _bits_f,
     _check_codes,
@@ -165,6 +166,14 @@ def dequant_nm(
         shape: ``(rows, cols)``; n, m: the pattern; bits: code width; group_size: scale groups.
     """
     rows, cols = shape
+    if (n, m, bits) == (2, 4, 4):  # the kernel format: a table lookup per group
+        return _dequant_24(values, meta, scale, in_scale, rows, cols, group_size)
+    return _dequant_scatter(values, meta, scale, in_scale, shape, n, m, bits, group_size)
+
+
+def _dequant_scatter(values, meta, scale, in_scale, shape, n, m, bits, group_size) -> torch.Tensor:
+    """``dequant_nm``'s general path: any N:M and code width (scales the kept values, scatters)."""
+    rows, cols = shape
     n_groups = cols // m
     k = n_groups * n
     if bits <= 4:  # nibbles: unpacked with uint8 ops, sign-extended as ((v ^ 8) - 8)
@@ -186,6 +195,51 @@ def dequant_nm(
     out = torch.zeros(rows, cols, dtype=torch.float32, device=kept.device)
     out.scatter_(1, col, kept)
     return out
+
+
+_GROUPS_24: dict[torch.device, torch.Tensor] = {}
+
+
+def _groups_24(device: torch.device) -> torch.Tensor:
+    """int32 ``(4096,)``: the 4 int8 codes of a 2:4 group's dense columns, for every (value
+    byte, meta nibble), as the bytes of one int32.
+
+    Entry ``byte * 16 + nibble``: the low / high nibble of ``byte`` (sign-extended codes) at the
+    positions ``nibble & 3`` / ``nibble >> 2``, zeros elsewhere (the second value wins when the
+    two positions are equal, as the scatter of the general path does)."""
+    if device not in _GROUPS_24:
+        b = torch.arange(256)
+        codes = torch.stack([((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8], -1)  # (256, 2)
+        nib = torch.arange(16)
+        pos = torch.stack([nib & 3, nib >> 2], -1)  # (16, 2)
+        table = torch.zeros(256, 16, 4, dtype=torch.int64)
+        for slot in (0, 1):
+            hit = (pos[:, slot, None] == torch.arange(4)).to(torch.int64)  # (16, 4)
+            table = table * (1 - hit) + codes[:, slot, None, None] * hit
+        table = table.to(torch.int8).reshape(4096, 4).contiguous().view(torch.int32)
+        _GROUPS_24[device] = table.reshape(4096).to(device)
+    return _GROUPS_24[device]
+
+
+def _dequant_24(
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``dequant_nm`` for 2:4 with 4-bit codes (the kernel format): one 4-byte table lookup per
+    group of 4 columns (``_groups_24``) gives the dense int8 codes, then the scales multiply in
+    place (``scale_groups_``). Per kept value the same fp32 operations as the general path
+    (bit-identical); the zeros stay zeros for finite scales."""
+    n_groups = cols // 4
+    nib = torch.stack([meta & 15, meta >> 4], -1).reshape(rows, -1)[:, :n_groups]
+    idx = values[:, :n_groups].to(torch.int32) * 16 + nib  # (rows, G)
+    codes = _groups_24(values.device).index_select(0, idx.reshape(-1))  # int32 (rows * G,)
+    w = codes.view(torch.int8).reshape(rows, cols).to(torch.float32)
+    return scale_groups_(w, scale, group_size, in_scale)
 
 
 # ----------------------------------------------------------------------------------------------

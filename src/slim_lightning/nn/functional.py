@@ -40,8 +40,9 @@ class PackedBaseMatmul(torch.autograd.Function):
     """``y = x (Q(W)*M)^T`` for a frozen packed weight: nothing dense is saved for the backward.
 
     forward: dequantise (or run ``base_fn``, e.g. the Triton kernel) then multiply; backward:
-    dequantise again and return ``grad_x = grad_y (Q(W)*M)``. No gradient for the weight (it is
-    a set of integer buffers).
+    dequantise again and return ``grad_x = grad_y (Q(W)*M)``. A weight above ``DEQUANT_STEP``
+    values (an LM head) is dequantised a block of output rows at a time both ways. No gradient
+    for the weight (it is a set of integer buffers).
     """
 
     @staticmethod
@@ -68,8 +69,20 @@ class PackedBaseMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        w = ctx.mod.dense_weight().to(grad.dtype)  # (d_out, d_in), freed after this call
-        return grad @ w, None, None
+        pw = ctx.mod.packed_weight()
+        rows, cols = pw.shape
+        if rows * cols <= DEQUANT_STEP or pw.format not in ("dense", "nm"):
+            w = pw.to_dense().to(grad.dtype)  # (d_out, d_in), freed after this call
+            return grad @ w, None, None
+        # a large weight: grad_x = sum over blocks of output rows of grad[..., rows] W[rows],
+        # so the dense work copy stays ~DEQUANT_STEP values here too
+        step = max(1, DEQUANT_STEP // cols)
+        out = None
+        for s in range(0, rows, step):
+            e = min(s + step, rows)
+            part = grad[..., s:e] @ pw.row_block(s, e).to_dense().to(grad.dtype)
+            out = part if out is None else out.add_(part)
+        return out, None, None
 
 
 def version_key(*tensors: torch.Tensor | None) -> tuple:
