@@ -7,6 +7,8 @@ budget: LoRA ranks equal to each SLiM layer's adapter rank on the same seven lin
 * ``dense_cache`` ours with ``dense_cache=true`` (a dense copy of every layer kept: CPU speed)
 * ``lora``        peft LoRA on the dense fp32 model
 * ``qlora``       peft LoRA on the model quantised to bitsandbytes NF4 (the QLoRA anchor)
+* ``train_py``    ours through ``train.py +peft=true compressed.path=...`` itself (the Lightning
+                  loop users run; not in the default list): its logged per-step tokens/s
 
 Generation configurations: ``gen_lean`` (ours, packed only), ``gen_cache`` (ours with the dense
 cache) and ``gen_dense`` (the uncompressed model), greedy decoding with the KV cache.
@@ -121,8 +123,64 @@ def _windows(tok, n: int, seqlen: int):
     return calibration_windows(tok, CalibConfig(nsamples=n, seqlen=seqlen, seed=1))
 
 
+def _train_py(a: argparse.Namespace) -> dict:
+    """``train.py +peft=true compressed.path=PACKED`` itself (Lightning loop, clipping, logging,
+    scheduler) in a child process with ``a.threads`` threads: the per-step tokens/s it logs
+    (``train/tokens_per_s``, forward + backward + optimiser step), and the child's own peak RSS
+    (``os.wait4``; it includes the final evaluation and export)."""
+    import csv
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    run = Path(tempfile.mkdtemp(prefix="train_py_bench_"))
+    steps = a.warmup + a.steps
+    cmd = [
+        sys.executable,
+        str(root / "train.py"),
+        "+peft=true",
+        f"compressed.path={Path(a.packed).resolve()}",
+        f"data.seqlen={a.seqlen}",
+        f"data.batch_size={a.batch}",
+        f"data.train_tokens={steps * a.seqlen * a.batch}",
+        "logger=csv",
+        "train.eval_before=false",
+        "train.val_every_n_steps=0",
+        "eval.max_windows=1",
+        "trainer.enable_progress_bar=false",
+        "engine.progress=false",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    t0 = time.perf_counter()
+    with open(run.parent / f"{run.name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"train.py failed; log: {run.parent / f'{run.name}.log'}")
+    rows = list(csv.DictReader(open(next(run.glob("csv/**/metrics.csv")))))
+    tps = [float(r["train/tokens_per_s"]) for r in rows if r.get("train/tokens_per_s")]
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    report = json.loads((run / "report.json").read_text())
+    tokens = a.seqlen * a.batch
+    return {
+        "config": "train_py",
+        "run_s": time.perf_counter() - t0,
+        "held_after_load_bytes": 0,
+        "trainable_params": 0,
+        "losses": losses,
+        "logged_steps": len(tps),
+        "step_s": [tokens / t for t in tps[a.warmup :]],
+        "tokens_per_step": tokens,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "threads_report": report.get("threads"),
+    }
+
+
 def worker(a: argparse.Namespace) -> dict:
     import torch
+
+    if a.worker == "train_py":
+        return _train_py(a)
 
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)

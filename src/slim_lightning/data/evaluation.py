@@ -59,8 +59,10 @@ def training_nll(
     The decoder runs once; the LM head and the fp32 log-softmax run on ``chunk_tokens`` rows at
     a time under activation checkpointing, so at most one chunk of ``(chunk, vocab)`` fp32
     logits exists at a time (forward and backward) instead of ``(b*T, vocab)`` logits plus
-    their softmax. Same value as :func:`per_window_nll` up to fp32 summation order. Models
-    without a plain ``model.model`` + ``lm_head`` split fall back to :func:`per_window_nll`.
+    their softmax. A packed head (``SLiMLinear`` without adapters, ``embeddings.bits``) runs
+    through ``PackedHeadNLL`` instead: vocabulary blocks, each dequantised once per pass. Same
+    value as :func:`per_window_nll` up to fp32 summation order. Models without a plain
+    ``model.model`` + ``lm_head`` split fall back to :func:`per_window_nll`.
 
     Returns:
         ``(nll, n_tokens)``: 0-dim fp32 sum and ``b * (T - 1)``.
@@ -81,6 +83,11 @@ def training_nll(
     hidden = base(input_ids=batch, use_cache=False)[0]  # (b, T, H)
     h = hidden[:, :-1, :].reshape(b * (t - 1), hidden.shape[-1])  # (b*(T-1), H)
     target = batch[:, 1:].reshape(-1)
+    if isinstance(head, SLiMLinear) and head.rank == 0:
+        # a packed head (embeddings.bits): vocabulary blocks, each dequantised once per pass
+        from ..nn.functional import PackedHeadNLL
+
+        return PackedHeadNLL.apply(h, target, head, chunk_tokens), b * (t - 1)
 
     def chunk_nll(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(hc).float(), tc, reduction="sum")

@@ -2,6 +2,7 @@
 
 * ``FakeQuantSTE``: AbsMax fake quantisation with a straight-through gradient (quantised adapters),
 * ``PackedBaseMatmul``: the packed base product, dequantised just in time in forward and backward,
+* ``PackedHeadNLL``: the training loss through a packed LM head, vocabulary block by block,
 * ``version_key``: the contents identity that keys ``SLiMLinear``'s dense / adapter caches,
 * ``strip_tensors`` / ``tensor_meta``: pieces of ``SLiMLinear.meta()``,
 * ``pack_compressed``: ``SLiMLinear.from_compressed``'s checks and packing.
@@ -83,6 +84,101 @@ class PackedBaseMatmul(torch.autograd.Function):
             part = grad[..., s:e] @ pw.row_block(s, e).to_dense().to(grad.dtype)
             out = part if out is None else out.add_(part)
         return out, None, None
+
+
+# PackedHeadNLL keeps the forward's fp32 logits for the backward up to this size
+KEEP_LOGITS_BYTES = 256 << 20
+
+
+def _row_steps(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, DEQUANT_STEP // max(1, cols))
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+class PackedHeadNLL(torch.autograd.Function):
+    """Summed next-token cross-entropy of a frozen packed LM head (``SLiMLinear``, rank 0):
+    ``sum_i logsumexp(h_i W^T + b) - (h_i W^T + b)[target_i]``, without full-vocabulary logits.
+
+    The vocabulary is walked in blocks of output rows (``DEQUANT_STEP`` values each), each block
+    dequantised once per pass, the tokens in chunks of ``chunk`` rows inside it; forward keeps a
+    running log-sum-exp per token, backward adds ``(softmax - onehot) W`` to the input gradient
+    block by block. The fp32 logits of the forward wait for the backward when they take at
+    most ``KEEP_LOGITS_BYTES`` (one window of a small vocabulary); above that the backward
+    recomputes them and at most ``chunk x block`` logits exist at a time. So a step dequantises the head twice (forward, backward) where per-chunk
+    activation checkpointing through the module does it three times per token chunk. Logits
+    are formed in ``h``'s dtype (or the autocast dtype) and reduced in fp32, like
+    ``F.cross_entropy(head(h).float(), target)``; targets equal to -100 are ignored.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, target: torch.Tensor, mod: nn.Module, chunk: int = 256):
+        dev = h.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        rows = mod.out_features
+        if target.numel() and int(target.max()) >= rows:
+            raise ValueError(f"target token id {int(target.max())} >= vocabulary size {rows}")
+        n = h.shape[0]
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
+        picked = torch.zeros(n, dtype=torch.float32, device=h.device)
+        # small enough (one window of a small vocabulary): the fp32 logits wait for the
+        # backward instead of being recomputed there (one head product less per step)
+        kept = [] if ctx.needs_input_grad[0] and n * rows * 4 <= KEEP_LOGITS_BYTES else None
+        with torch.autocast(dev, enabled=False):
+            for s, e in _row_steps(rows, mod.in_features):
+                w = _head_rows(mod, s, e, cdt)
+                for c in range(0, n, chunk):
+                    z = _head_logits(mod, h[c : c + chunk], w, s, e, cdt)
+                    if kept is not None:
+                        kept.append(z)
+                    lse[c : c + chunk] = torch.logaddexp(lse[c : c + chunk], z.logsumexp(1))
+                    t = target[c : c + chunk]
+                    hit = (t >= s) & (t < e)
+                    at = z.gather(1, (t - s).clamp(0, e - s - 1)[:, None]).squeeze(1)
+                    picked[c : c + chunk] = torch.where(hit, at, picked[c : c + chunk])
+        keep = target != -100
+        ctx.save_for_backward(h, target, lse)
+        ctx.mod, ctx.cdt, ctx.chunk, ctx.kept = mod, cdt, chunk, kept
+        return ((lse - picked) * keep).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, target, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        mod, cdt, chunk, kept = ctx.mod, ctx.cdt, ctx.chunk, ctx.kept
+        ctx.kept = None
+        n = h.shape[0]
+        gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        scale = (target != -100).to(torch.float32) * grad.to(torch.float32)  # (n,)
+        with torch.autocast(h.device.type, enabled=False):
+            for s, e in _row_steps(mod.out_features, mod.in_features):
+                w = _head_rows(mod, s, e, cdt)
+                for c in range(0, n, chunk):
+                    if kept:
+                        p = kept.pop(0).sub_(lse[c : c + chunk, None]).exp_()
+                    else:
+                        z = _head_logits(mod, h[c : c + chunk], w, s, e, cdt)
+                        p = torch.exp(z - lse[c : c + chunk, None])
+                    t = target[c : c + chunk]
+                    hit = torch.nonzero((t >= s) & (t < e)).squeeze(1)
+                    p[hit, t[hit] - s] -= 1.0
+                    p.mul_(scale[c : c + chunk, None])
+                    gh[c : c + chunk] += (p.to(cdt) @ w).to(torch.float32)
+        return gh.to(h.dtype), None, None, None
+
+
+def _head_rows(mod: nn.Module, s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``s:e`` of the head's dequantised weight in ``dtype`` (from the dense cache if on)."""
+    if getattr(mod, "cache_dense", False):
+        return mod._cached_dense(dtype)[s:e]
+    return mod.packed_weight().row_block(s, e).to_dense().to(dtype)
+
+
+def _head_logits(mod, h: torch.Tensor, w: torch.Tensor, s: int, e: int, dtype) -> torch.Tensor:
+    z = h.to(dtype) @ w.T
+    if mod.bias is not None:
+        z = z + mod.bias[s:e].to(dtype)
+    return z.to(torch.float32)
 
 
 def version_key(*tensors: torch.Tensor | None) -> tuple:
