@@ -202,3 +202,39 @@ def test_other_architectures_and_unquantised_specs(kind, overrides):
     for c in res.layers.values():
         if c.mask is not None:
             assert int((c.weight[~c.mask] != 0).sum()) == 0  # pruned entries stay pruned
+
+
+@pytest.mark.parametrize(
+    ("cols", "group", "per_tensor", "in_scale", "masked"),
+    [(40, 16, False, True, True), (32, 8, False, False, True), (12, 12, True, True, False)],
+)
+def test_grid_value_equals_the_composed_straight_through_graph(
+    cols, group, per_tensor, in_scale, masked
+):
+    """The fused grid value (forward and both gradients) equals the plain autograd composition
+    round/clamp (straight through) * expanded scales / in_scale * mask, partial groups included."""
+    from slim_lightning.compress.reconstruct import _GridValue
+
+    g = torch.Generator().manual_seed(cols)
+    rows = 6
+    v0 = torch.randn(rows, cols, generator=g) * 5
+    shape = (1, 1) if per_tensor else (rows, -(-cols // group))
+    s0 = torch.rand(*shape, generator=g) + 0.1
+    ins = torch.rand(cols, generator=g) + 0.5 if in_scale else None
+    mask = torch.rand(rows, cols, generator=g) > 0.5 if masked else None
+    gw = torch.randn(rows, cols, generator=g)
+
+    def composed(v, s):
+        q = v + (torch.clamp(torch.round(v), -8, 7) - v).detach()
+        w = q * s.repeat_interleave(group, dim=1)[:, :cols] if not per_tensor else q * s
+        w = w / ins[None, :] if ins is not None else w
+        return w * mask if mask is not None else w
+
+    outs = []
+    for f in (composed, lambda v, s: _GridValue.apply(v, s, ins, mask, -8, 7, group)):
+        v, s = v0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        w = f(v, s)
+        w.backward(gw)
+        outs.append((w.detach(), v.grad, s.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
