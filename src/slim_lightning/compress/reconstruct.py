@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.types import CompressedLinear, QuantTensor, scale_groups_
+from ..core.types import CompressedLinear, QuantTensor, group_sums, scale_groups_
 from ..formats.bitpack import _lossless_dtype
 from ..io import fault_point
 from ..models.arch import block_output, to_device
@@ -57,22 +57,9 @@ class _GridValue(torch.autograd.Function):
         grad_s = None
         if ctx.needs_input_grad[1]:
             gq = g * torch.round(v).clamp_(ctx.lo, ctx.hi)
-            grad_s = _group_sums(gq, scale.shape, ctx.group)
+            grad_s = group_sums(gq, scale.shape, ctx.group)
         grad_v = scale_groups_(g, scale, ctx.group) if ctx.needs_input_grad[0] else None
         return grad_v, grad_s, None, None, None, None, None
-
-
-def _group_sums(x: torch.Tensor, shape: torch.Size, group: int) -> torch.Tensor:
-    """Sums of ``x (rows, cols)`` over each scale group: the gradient of the scales ``shape``
-    (``(1, 1)`` or ``(rows, ceil(cols / group))``) that ``scale_groups_`` applies."""
-    if tuple(shape) == (1, 1):
-        return x.sum().reshape(1, 1)
-    rows, cols = x.shape
-    full = min(cols // group, shape[1])
-    parts = [x[:, : full * group].reshape(rows, full, group).sum(-1)] if full else []
-    if full * group < cols:
-        parts.append(x[:, full * group :].sum(-1, keepdim=True))
-    return torch.cat(parts, dim=1)
 
 
 class _QuantParam(nn.Module):

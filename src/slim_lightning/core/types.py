@@ -70,6 +70,19 @@ def scale_groups_(
     return w
 
 
+def group_sums(x: torch.Tensor, shape: torch.Size, group_size: int) -> torch.Tensor:
+    """The adjoint of ``scale_groups_``'s scale product: sums of ``x (rows, cols)`` over each
+    scale group, shaped like the scales (``(1, 1)`` or ``(rows, ceil(cols / group_size))``)."""
+    if tuple(shape) == (1, 1):
+        return x.sum().reshape(1, 1)
+    rows, cols = x.shape
+    full = min(cols // group_size, shape[1])
+    parts = [x[:, : full * group_size].reshape(rows, full, group_size).sum(-1)] if full else []
+    if full * group_size < cols:
+        parts.append(x[:, full * group_size :].sum(-1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
 @dataclass
 class LayerStats:
     """Calibration statistics of one linear layer's input, accumulated in fp32.

@@ -33,8 +33,26 @@ class FakeQuantSTE(torch.autograd.Function):
         return grad, None, None, None
 
 
-# weights with more values than this are dequantised in blocks of rows in the forward
+# weights with more values than this are dequantised in blocks of output rows
 DEQUANT_STEP = 1 << 24  # 16 Mi values: 64 MiB in fp32
+
+# PackedHeadNLL keeps the forward's fp32 logits for the backward up to this size
+KEEP_LOGITS_BYTES = 256 << 20
+
+
+def _row_steps(rows: int, cols: int) -> list[tuple[int, int]]:
+    """``(start, end)`` blocks of output rows holding about ``DEQUANT_STEP`` values each."""
+    step = max(1, DEQUANT_STEP // max(1, cols))
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def _large_blocks(pw: PackedWeight) -> list[tuple[int, int]] | None:
+    """Row blocks of a weight above ``DEQUANT_STEP`` values whose format is row-sliceable
+    (``dense``, ``nm``); None for the others (dequantised whole)."""
+    rows, cols = pw.shape
+    if rows * cols <= DEQUANT_STEP or pw.format not in ("dense", "nm"):
+        return None
+    return _row_steps(rows, cols)
 
 
 class PackedBaseMatmul(torch.autograd.Function):
@@ -42,8 +60,9 @@ class PackedBaseMatmul(torch.autograd.Function):
 
     forward: dequantise (or run ``base_fn``, e.g. the Triton kernel) then multiply; backward:
     dequantise again and return ``grad_x = grad_y (Q(W)*M)``. A weight above ``DEQUANT_STEP``
-    values (an LM head) is dequantised a block of output rows at a time both ways. No gradient
-    for the weight (it is a set of integer buffers).
+    values (an LM head) is dequantised a block of output rows at a time both ways, so the dense
+    work copy stays about ``DEQUANT_STEP`` values. No gradient for the weight (it is a set of
+    integer buffers).
     """
 
     @staticmethod
@@ -52,17 +71,11 @@ class PackedBaseMatmul(torch.autograd.Function):
         if base_fn is not None:
             return base_fn(mod, x)
         pw = mod.packed_weight()
-        rows, cols = pw.shape
-        if rows * cols <= DEQUANT_STEP or pw.format not in ("dense", "nm"):
+        blocks = _large_blocks(pw)
+        if blocks is None:
             return nn.functional.linear(x, pw.to_dense().to(x.dtype))
-        # a large weight (an LM head): dequantised a block of output rows at a time, so the
-        # dense work copy stays ~DEQUANT_STEP values instead of the whole matrix
-        step = max(1, DEQUANT_STEP // cols)
         return torch.cat(
-            [
-                nn.functional.linear(x, pw.row_block(s, min(s + step, rows)).to_dense().to(x.dtype))
-                for s in range(0, rows, step)
-            ],
+            [nn.functional.linear(x, pw.row_block(s, e).to_dense().to(x.dtype)) for s, e in blocks],
             dim=-1,
         )
 
@@ -71,28 +84,15 @@ class PackedBaseMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         pw = ctx.mod.packed_weight()
-        rows, cols = pw.shape
-        if rows * cols <= DEQUANT_STEP or pw.format not in ("dense", "nm"):
-            w = pw.to_dense().to(grad.dtype)  # (d_out, d_in), freed after this call
-            return grad @ w, None, None
-        # a large weight: grad_x = sum over blocks of output rows of grad[..., rows] W[rows],
-        # so the dense work copy stays ~DEQUANT_STEP values here too
-        step = max(1, DEQUANT_STEP // cols)
+        blocks = _large_blocks(pw)
+        if blocks is None:
+            return grad @ pw.to_dense().to(grad.dtype), None, None
+        # grad_x = sum over blocks of output rows of grad[..., rows] W[rows]
         out = None
-        for s in range(0, rows, step):
-            e = min(s + step, rows)
+        for s, e in blocks:
             part = grad[..., s:e] @ pw.row_block(s, e).to_dense().to(grad.dtype)
             out = part if out is None else out.add_(part)
         return out, None, None
-
-
-# PackedHeadNLL keeps the forward's fp32 logits for the backward up to this size
-KEEP_LOGITS_BYTES = 256 << 20
-
-
-def _row_steps(rows: int, cols: int) -> list[tuple[int, int]]:
-    step = max(1, DEQUANT_STEP // max(1, cols))
-    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
 class PackedHeadNLL(torch.autograd.Function):
@@ -104,8 +104,9 @@ class PackedHeadNLL(torch.autograd.Function):
     running log-sum-exp per token, backward adds ``(softmax - onehot) W`` to the input gradient
     block by block. The fp32 logits of the forward wait for the backward when they take at
     most ``KEEP_LOGITS_BYTES`` (one window of a small vocabulary); above that the backward
-    recomputes them and at most ``chunk x block`` logits exist at a time. So a step dequantises the head twice (forward, backward) where per-chunk
-    activation checkpointing through the module does it three times per token chunk. Logits
+    recomputes them and at most ``chunk x block`` logits exist at a time. So a step
+    dequantises the head twice (forward, backward) where per-chunk activation checkpointing
+    through the module does it three times per token chunk. Logits
     are formed in ``h``'s dtype (or the autocast dtype) and reduced in fp32, like
     ``F.cross_entropy(head(h).float(), target)``; targets equal to -100 are ignored.
     """
@@ -154,7 +155,7 @@ class PackedHeadNLL(torch.autograd.Function):
             for s, e in _row_steps(mod.out_features, mod.in_features):
                 w = _head_rows(mod, s, e, cdt)
                 for c in range(0, n, chunk):
-                    if kept:
+                    if kept is not None:
                         p = kept.pop(0).sub_(lse[c : c + chunk, None]).exp_()
                     else:
                         z = _head_logits(mod, h[c : c + chunk], w, s, e, cdt)
