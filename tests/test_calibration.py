@@ -213,3 +213,33 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     run_engine(model_ref, ids, None)
     for k, v in model_ref.state_dict().items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_linears_fed_one_input_share_one_hessian():
+    """q/k/v-style linears on the same input tensor keep one X^T X (the very same tensor, equal
+    to the sum computed alone); a linear on another input keeps its own; an input that stops
+    being shared later is an error, not a silently wrong Hessian."""
+    from slim_lightning.compress.steps import StatsHook
+
+    torch.manual_seed(0)
+    q, k, o = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+    share: dict = {}
+    hooks = {n: StatsHook(D, torch.device("cpu"), True, share) for n in ("q", "k", "o")}
+    alone = StatsHook(D, torch.device("cpu"), True)  # no sharing: its own sum of k's inputs
+    handles = [m.register_forward_hook(hooks[n]) for n, m in (("q", q), ("k", k), ("o", o))]
+    handles.append(k.register_forward_hook(alone))
+    xs = [torch.randn(3, 5, D) for _ in range(3)]
+    for x in xs:
+        o(q(x) + k(x))
+    st = {n: h.stats() for n, h in hooks.items()}
+    assert st["k"].hessian is st["q"].hessian and st["k"].cache is st["q"].cache
+    assert st["o"].hessian is not st["q"].hessian
+    assert torch.equal(st["k"].hessian, alone.stats().hessian)
+    x = torch.cat(xs).reshape(-1, D)
+    torch.testing.assert_close(st["q"].hessian, x.T @ x)
+    assert st["k"].n_tokens == st["q"].n_tokens == x.shape[0]
+    q(xs[0])
+    with pytest.raises(RuntimeError, match="different input"):
+        k(xs[0] + 1)  # k's input is no longer the one q's X^T X was added from
+    for h in handles:
+        h.remove()

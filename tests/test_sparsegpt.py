@@ -129,3 +129,25 @@ def test_sparsegpt_fixed_mask_dead_inputs_and_failure():
         sparsegpt(w, bad, x.shape[0], SparsitySpec("nm"))
     with pytest.raises(ValueError, match="all zero"):
         sparsegpt(w, torch.zeros_like(h), x.shape[0], SparsitySpec("nm"))
+
+
+def test_inverse_factor_in_place_and_cached(monkeypatch):
+    """The in-place factorisation (``rebuild``) equals the copying one; a second call with the same
+    cache (the re-fit, or a linear sharing the Hessian) reuses the factor, with identical output."""
+    import slim_lightning.core.sparsegpt as sg
+
+    w, _, h = _problem(seed=3)
+    h2 = h * (2.0 / 512)
+    ref = hinv_cholesky(h2, 0.01)
+    assert torch.equal(hinv_cholesky(h2.clone(), 0.01, rebuild=lambda: h2.clone()), ref)
+    calls = []
+    real = sg.hinv_cholesky
+    monkeypatch.setattr(sg, "hinv_cholesky", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    sp, qs, cache = SparsitySpec("nm", 2, 4), QuantSpec("absmax", 4, 32), {}
+    first = sparsegpt(w, h, 512, sp, quant=qs, cache=cache)
+    again = sparsegpt(w, h, 512, sp, quant=qs, cache=cache, info=(info := {}))
+    other = sparsegpt(w, h, 512, sp, quant=qs, damp=0.1, cache=cache)
+    assert len(calls) == 2 and len(cache) == 2  # one factor per damping
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert info["damp"] == 0.01 and not torch.equal(first[0], other[0])
+    assert torch.equal(first[0], sparsegpt(w, h, 512, sp, quant=qs)[0])  # as without a cache

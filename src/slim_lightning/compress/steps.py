@@ -24,24 +24,57 @@ Install = Callable[[str, CompressedLinear], None]
 
 
 class StatsHook:
-    """Accumulates a linear's input statistics in fp32 (sum x^2, sum |x|, optional X X^T)."""
+    """Accumulates a linear's input statistics in fp32 (sum x^2, sum |x|, optional X X^T).
 
-    def __init__(self, d_in: int, device: torch.device, hessian: bool):
+    With a ``share`` dict common to a block's hooks, linears whose hooks see the very same input
+    tensor on their first call (q/k/v, gate/up in LLaMA) keep one X X^T: the first accumulates,
+    the others hold the same tensor (bit-identical to separate sums of the same products) and
+    check on every call that their input is still the one it was added from.
+    """
+
+    def __init__(self, d_in: int, device: torch.device, hessian: bool, share: dict | None = None):
         self.sq = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.ab = torch.zeros(d_in, dtype=torch.float32, device=device)
-        self.h = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if hessian else None
+        self.hessian, self.share, self.device = hessian, share, device
+        self.h: torch.Tensor | None = None
+        if hessian and share is None:  # (a distributed rank adds the owners' sums itself)
+            self.h = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+        self.leader: StatsHook | None = None  # the hook whose X X^T this one shares
+        self.cache: dict = {}
         self.n = 0
 
     def __call__(self, _mod: nn.Module, inp: tuple, _out: Any) -> None:
-        x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # (tokens, d_in)
+        raw = inp[0]
+        x = raw.detach().reshape(-1, raw.shape[-1]).float()  # (tokens, d_in)
         self.sq += (x * x).sum(0)
         self.ab += x.abs().sum(0)
-        if self.h is not None:
-            self.h += x.T @ x
+        if self.hessian:
+            self._hessian(raw, x)
         self.n += x.shape[0]
 
+    def _hessian(self, raw: torch.Tensor, x: torch.Tensor) -> None:
+        last = None if self.share is None else self.share.get("last")
+        if self.n == 0 and self.h is None:  # first call: share the X X^T just added, if any
+            if last is not None and last[0] is raw and last[1].n == x.shape[0]:
+                self.leader = last[1]
+                self.h, self.cache = self.leader.h, self.leader.cache
+                return
+            self.h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=self.device)
+        if self.leader is not None:
+            if last is None or last[0] is not raw or last[1] is not self.leader:
+                raise RuntimeError(
+                    "statistics: a linear that shared its input with another on the first "
+                    "calibration batch was fed a different input later"
+                )
+            return
+        self.h += x.T @ x
+        if self.share is not None:
+            self.share["last"] = (raw, self)
+
     def stats(self) -> LayerStats:
-        return LayerStats(sq_sum=self.sq, abs_sum=self.ab, n_tokens=self.n, hessian=self.h)
+        return LayerStats(
+            sq_sum=self.sq, abs_sum=self.ab, n_tokens=self.n, hessian=self.h, cache=self.cache
+        )
 
 
 class PartsHook:
@@ -81,8 +114,9 @@ class LocalStep:
         kwargs: list[dict],
         install: Install,
     ) -> dict[str, CompressedLinear]:
+        share: dict = {}  # linears fed one input tensor keep one X^T X
         hooks = {
-            n: StatsHook(m.in_features, engine.device, engine.spec.needs_hessian)
+            n: StatsHook(m.in_features, engine.device, engine.spec.needs_hessian, share)
             for n, m in lin.items()
         }
         handles = [lin[n].register_forward_hook(h) for n, h in hooks.items()]
@@ -91,6 +125,7 @@ class LocalStep:
         finally:
             for h in handles:
                 h.remove()
+            share.clear()
         results = {}
         for j, (name, m) in enumerate(lin.items()):
             results[name] = c = engine.compress_one(i, j, m, hooks.pop(name).stats())

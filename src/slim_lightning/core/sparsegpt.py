@@ -21,39 +21,51 @@ from slim_lightning.core.types import LayerStats, PrunerSpec, QuantSpec, QuantTe
 _MAX_DAMP_RETRIES = 3  # damping x10 per retry: damp, 10 damp, 100 damp, 1000 damp
 
 
-def hinv_cholesky(h: torch.Tensor, damp: float, info: dict | None = None) -> torch.Tensor:
+def hinv_cholesky(
+    h: torch.Tensor, damp: float, info: dict | None = None, *, rebuild=None
+) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
 
     Retries with damping x10 (up to ``_MAX_DAMP_RETRIES`` times, with a warning) when H is not
-    numerically positive definite; raises RuntimeError if that still fails.
+    numerically positive definite; raises RuntimeError if that still fails. The factorisations
+    run in place on one working matrix (LAPACK's own storage), so the peak is two ``(d, d)``
+    matrices with ``h`` kept, one with ``rebuild``.
 
     Args:
         h: fp32 ``(d, d)`` symmetric PSD matrix (dead diagonal entries already set to 1).
         damp: relative damping, e.g. 0.01.
         info: optional dict receiving ``damp`` (the damping used) and ``damp_retries``.
+        rebuild: optional callable returning a fresh ``h``; when given, ``h`` itself becomes the
+            working matrix (and the result) and a retry asks ``rebuild`` for another copy.
 
     Returns:
         fp32 ``(d, d)`` upper-triangular U with ``U^T U = H_damped^-1``.
     """
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = torch.diag(h).mean()
+    mean_diag, shape = torch.diag(h).mean(), tuple(h.shape)
+    status = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(_MAX_DAMP_RETRIES + 1):
         d = damp * 10**attempt
-        chol, err = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
-        if err.item() == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, err = torch.linalg.cholesky_ex(hinv, upper=True)
-            if err.item() == 0 and torch.isfinite(u).all():
+        if rebuild is None:
+            a = h.clone()
+        else:
+            a, h = (h if attempt == 0 else rebuild()), None
+        a.diagonal().add_(d * mean_diag)
+        torch.linalg.cholesky_ex(a, out=(a, status))
+        if status.item() == 0:
+            torch.cholesky_inverse(a, out=a)
+            torch.linalg.cholesky_ex(a, upper=True, out=(a, status))
+            if status.item() == 0 and torch.isfinite(a).all():
                 if attempt > 0:
                     warnings.warn(
                         f"sparsegpt: Cholesky needed damping {d:g} (asked {damp:g})", stacklevel=2
                     )
                 if info is not None:
                     info.update(damp=float(d), damp_retries=float(attempt))
-                return u
+                return a
+        del a
     raise RuntimeError(
         f"sparsegpt: Cholesky of the damped Hessian failed even with damping {d:g} "
-        f"(shape {tuple(h.shape)}); the calibration Hessian is degenerate or non-finite"
+        f"(shape {shape}); the calibration Hessian is degenerate or non-finite"
     )
 
 
@@ -68,6 +80,7 @@ def sparsegpt(
     quant: QuantSpec | None = None,
     mask: torch.Tensor | None = None,
     info: dict | None = None,
+    cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, QuantTensor | None]:
     """Prunes (and optionally quantises) ``w`` minimising ``||(W - W_hat) X||^2`` column by column.
 
@@ -87,6 +100,8 @@ def sparsegpt(
         info: optional dict receiving ``damp`` / ``damp_retries`` and ``dead_inputs`` (number of
             inputs with a zero Hessian diagonal; their weight columns are set to 0, as in the
             original SparseGPT, since they never contribute on the calibration data).
+        cache: optional dict (``LayerStats.cache``) keeping the inverse factor of this Hessian
+            for later calls with the same Hessian, token count and damping.
 
     Returns:
         ``(w_new, mask, qt)``: fp32 ``(d_out, d_in)`` updated weight (exactly 0 where pruned and,
@@ -107,18 +122,31 @@ def sparsegpt(
             f"sparsegpt N:M needs d_in and blocksize divisible by m={sparsity.m}; "
             f"weight shape {tuple(W.shape)}, blocksize {blocksize}"
         )
-    H = hessian_sum.detach().to(W.device, torch.float32) * (2.0 / max(n_tokens, 1))
-    dead = torch.diag(H) == 0
+    scale = 2.0 / max(n_tokens, 1)
+    dead = (torch.diag(hessian_sum).to(W.device, torch.float32) * scale) == 0
     if bool(dead.all()):
         raise ValueError(
             "sparsegpt: the calibration Hessian is all zero (this layer's inputs never fired); "
             "there is nothing to fit the weights to"
         )
-    H[dead, dead] = 1.0  # inputs that never fire: any weight there is free, zero it
-    W[:, dead] = 0.0
+    W[:, dead] = 0.0  # inputs that never fire: any weight there is free, zero it
     if info is not None:  # reported, not silent: the zeroed columns show up in the metrics
         info["dead_inputs"] = float(dead.sum())
-    Hinv = hinv_cholesky(H, damp, info)
+    key = ("sparsegpt_hinv", float(damp), int(n_tokens), str(W.device))
+    hit = None if cache is None else cache.get(key)
+    if hit is None:
+
+        def rebuild() -> torch.Tensor:  # H = 2/n X X^T, dead inputs neutralised
+            H = hessian_sum.detach().to(W.device, torch.float32) * scale
+            H[dead, dead] = 1.0
+            return H
+
+        hit = (hinv_cholesky(rebuild(), damp, hinfo := {}, rebuild=rebuild), hinfo)
+        if cache is not None:  # the re-fit and the linears sharing this Hessian reuse it
+            cache[key] = hit
+    Hinv = hit[0]
+    if info is not None:
+        info.update(hit[1])
 
     pruned = torch.zeros_like(W, dtype=torch.bool) if mask is None else ~mask.to(W.device)
     if quant is not None:
@@ -208,4 +236,5 @@ def prune_sparsegpt(
         quant=joint,
         mask=mask,
         info=info,
+        cache=stats.cache,
     )

@@ -92,12 +92,16 @@ class LayerStats:
         abs_sum: ``(d_in,)`` sum over all calibration tokens of ``|x_j|``.
         n_tokens: number of tokens accumulated.
         hessian: optional ``(d_in, d_in)`` sum of ``x x^T`` (only when a method asks for it).
+            Linears fed the same input (q/k/v, gate/up) may share one tensor: never modify it.
+        cache: work derived from ``hessian`` alone (SparseGPT's inverse factor), shared by every
+            linear that shares the Hessian and by the re-fit of the same linear.
     """
 
     sq_sum: torch.Tensor
     abs_sum: torch.Tensor
     n_tokens: int
     hessian: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def channel_stat(self, kind: Literal["sq", "abs"] = "sq") -> torch.Tensor:
         """Per-input-channel statistic: mean ``x_j^2`` (Wanda's) or mean ``|x_j|``, fp32 ``(d_in,)``."""
