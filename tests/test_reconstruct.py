@@ -212,7 +212,9 @@ def test_grid_value_equals_the_composed_straight_through_graph(
     cols, group, per_tensor, in_scale, masked
 ):
     """The fused grid value (forward and both gradients) equals the plain autograd composition
-    round/clamp (straight through) * expanded scales / in_scale * mask, partial groups included."""
+    round/clamp (straight through) * expanded scales / in_scale * mask, partial groups included;
+    under a mask it holds the kept values only (and their gradient is the composed one's kept
+    entries)."""
     from slim_lightning.compress.reconstruct import _GridValue
 
     g = torch.Generator().manual_seed(cols)
@@ -231,10 +233,17 @@ def test_grid_value_equals_the_composed_straight_through_graph(
         return w * mask if mask is not None else w
 
     outs = []
-    for f in (composed, lambda v, s: _GridValue.apply(v, s, ins, mask, -8, 7, group)):
-        v, s = v0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    kept = v0 if mask is None else v0.masked_select(mask)
+    for f, v_init in (
+        (composed, v0),
+        (lambda v, s: _GridValue.apply(v, s, ins, mask, -8, 7, group), kept),
+    ):
+        v, s = v_init.clone().requires_grad_(True), s0.clone().requires_grad_(True)
         w = f(v, s)
         w.backward(gw)
-        outs.append((w.detach(), v.grad, s.grad))
+        grad_v = v.grad if mask is None or v.ndim == 1 else v.grad.masked_select(mask)
+        outs.append((w.detach(), grad_v, s.grad))
+    if mask is not None:
+        assert outs[1][1].shape == (int(mask.sum()),)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -37,13 +37,15 @@ class _GridValue(torch.autograd.Function):
     """``w = clamp(round(v)) * mask * scale[:, j // group] / in_scale[j]`` with a straight-through
     gradient for ``v`` (``dw/dv`` taken as the identity on the rounding) and the exact one for
     the scales, in a few in-place passes (the composed autograd graph takes about three times as
-    many full-size tensors). The codes are recomputed in the backward, not saved."""
+    many full-size tensors). The codes are recomputed in the backward, not saved.
+
+    With a mask, ``v`` holds only the kept values (``mask``'s True entries in row-major order, a
+    1-d tensor): pruned values never change (their gradient is zero), so neither they nor their
+    gradient and optimiser state are stored."""
 
     @staticmethod
     def forward(ctx, v, scale, in_scale, mask, lo: int, hi: int, group: int):
-        q = torch.round(v).clamp_(lo, hi)
-        if mask is not None:
-            q.mul_(mask)
+        q = _codes(v, mask, lo, hi)
         ctx.save_for_backward(v, scale, in_scale, mask)
         ctx.lo, ctx.hi, ctx.group = lo, hi, group
         return scale_groups_(q, scale, group, in_scale)
@@ -56,21 +58,37 @@ class _GridValue(torch.autograd.Function):
             g.div_(in_scale.reshape(1, -1))
         grad_s = None
         if ctx.needs_input_grad[1]:
-            gq = g * torch.round(v).clamp_(ctx.lo, ctx.hi)
+            gq = g * _codes(v, mask, ctx.lo, ctx.hi)
             grad_s = group_sums(gq, scale.shape, ctx.group)
-        grad_v = scale_groups_(g, scale, ctx.group) if ctx.needs_input_grad[0] else None
+            del gq
+        grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_v = scale_groups_(g, scale, ctx.group)
+            if mask is not None:
+                grad_v = grad_v.masked_select(mask)
         return grad_v, grad_s, None, None, None, None, None
+
+
+def _codes(v: torch.Tensor, mask: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """The dense fp32 codes ``clamp(round(v))`` (zero where ``mask`` is False; ``v`` then holds
+    the kept values only)."""
+    if mask is None:
+        return torch.round(v).clamp_(lo, hi)
+    q = torch.zeros(mask.shape, dtype=torch.float32, device=v.device)
+    return q.masked_scatter_(mask, torch.round(v).clamp_(lo, hi))
 
 
 class _QuantParam(nn.Module):
     """A ``QuantTensor`` as trainable grid values and log-scales; ``value()`` is the dequantised
-    matrix the packed layer would compute from the snapped codes."""
+    matrix the packed layer would compute from the snapped codes. Under a mask ``v`` holds the
+    kept values only (see ``_GridValue``)."""
 
     def __init__(self, qt: QuantTensor, mask: torch.Tensor | None, train_v: bool, train_s: bool):
         super().__init__()
         self.group, self.bits = qt.group_size, qt.bits
         self.lo, self.hi = -(2 ** (qt.bits - 1)), 2 ** (qt.bits - 1) - 1
-        self.v = nn.Parameter(qt.q.float(), requires_grad=train_v)
+        q = qt.q if mask is None else qt.q.masked_select(mask)
+        self.v = nn.Parameter(q.float(), requires_grad=train_v)
         self.register_buffer("s0", qt.scale.float().clone())
         self.u = nn.Parameter(torch.zeros_like(self.s0), requires_grad=train_s)
         self.in_scale = None if qt.in_scale is None else qt.in_scale.float()
@@ -90,9 +108,7 @@ class _QuantParam(nn.Module):
 
     @torch.no_grad()
     def snap(self) -> QuantTensor:
-        q = torch.clamp(torch.round(self.v), self.lo, self.hi)
-        if self.mask is not None:
-            q = q * self.mask
+        q = _codes(self.v.detach(), self.mask, self.lo, self.hi)
         s = self.s0 * torch.exp(self.u)
         if self.half_scales:
             s = s.to(torch.float16).float()
