@@ -1,6 +1,8 @@
 """SparseGPT with joint OPTQ: exact N:M masks, values on the grid, Hessian-weighted error below
 magnitude / Wanda, agreement with a naive per-column OBS loop, and zero-statistic handling."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -147,7 +149,37 @@ def test_inverse_factor_in_place_and_cached(monkeypatch):
     first = sparsegpt(w, h, 512, sp, quant=qs, cache=cache)
     again = sparsegpt(w, h, 512, sp, quant=qs, cache=cache, info=(info := {}))
     other = sparsegpt(w, h, 512, sp, quant=qs, damp=0.1, cache=cache)
-    assert len(calls) == 2 and len(cache) == 2  # one factor per damping
+    assert len(calls) == 2 and sum(isinstance(k, tuple) for k in cache) == 2  # one per damping
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert info["damp"] == 0.01 and not torch.equal(first[0], other[0])
     assert torch.equal(first[0], sparsegpt(w, h, 512, sp, quant=qs)[0])  # as without a cache
+
+
+@pytest.mark.parametrize("indefinite", [False, True], ids=["first_try", "damping_raised"])
+def test_consumed_hessian_gives_the_same_result(indefinite):
+    """``consume_hessian``: the factor is computed in the Hessian's own storage (no second matrix)
+    with the same result, also when the damping has to be raised (the sum is read back from its
+    copy on disk); a later call with other options is refused instead of reading the factor as
+    a Hessian."""
+    w, _, h = _problem(seed=4)
+    if indefinite:  # one eigenvalue -0.05 x mean(diag): damping 0.01 fails, 0.1 succeeds
+        q, _ = torch.linalg.qr(torch.randn(160, 160, generator=torch.Generator().manual_seed(0)))
+        lam = torch.ones(160)
+        lam[-1] = -0.05
+        h = (q * lam[None, :]) @ q.T * (512 / 2.0)
+    sp, qs = SparsitySpec("nm", 2, 4), QuantSpec("absmax", 4, 32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ref = sparsegpt(w, h.clone(), 512, sp, quant=qs, info=(ref_info := {}))
+        h2 = h.clone()
+        cache = {"consume_hessian": True}
+        got = sparsegpt(w, h2, 512, sp, quant=qs, cache=cache, info=(info := {}))
+    assert ref_info["damp_retries"] == info["damp_retries"] == float(indefinite)
+    assert sum("needed damping" in str(x.message) for x in seen) == 2 * indefinite
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    factor = next(v[0] for k, v in cache.items() if isinstance(k, tuple))
+    if not indefinite:  # the factor lives in the Hessian's storage
+        assert factor.data_ptr() == h2.data_ptr()
+    assert torch.equal(sparsegpt(w, h2, 512, sp, quant=qs, cache=cache)[0], ref[0])
+    with pytest.raises(RuntimeError, match="factorised in place"):
+        sparsegpt(w, h2, 512, sp, quant=qs, damp=0.1, cache=cache)

@@ -32,7 +32,14 @@ class StatsHook:
     check on every call that their input is still the one it was added from.
     """
 
-    def __init__(self, d_in: int, device: torch.device, hessian: bool, share: dict | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device,
+        hessian: bool,
+        share: dict | None = None,
+        consume: bool = False,
+    ):
         self.sq = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.ab = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.hessian, self.share, self.device = hessian, share, device
@@ -40,7 +47,8 @@ class StatsHook:
         if hessian and share is None:  # (a distributed rank adds the owners' sums itself)
             self.h = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
         self.leader: StatsHook | None = None  # the hook whose X X^T this one shares
-        self.cache: dict = {}
+        # consume: the compression may factorise X X^T in place (nothing else reads it)
+        self.cache: dict = {"consume_hessian": consume}
         self.n = 0
 
     def __call__(self, _mod: nn.Module, inp: tuple, _out: Any) -> None:
@@ -115,8 +123,10 @@ class LocalStep:
         install: Install,
     ) -> dict[str, CompressedLinear]:
         share: dict = {}  # linears fed one input tensor keep one X^T X
+        spec = engine.spec
+        consume = spec.lowrank.fit != "whitened"
         hooks = {
-            n: StatsHook(m.in_features, engine.device, engine.spec.needs_hessian, share)
+            n: StatsHook(m.in_features, engine.device, spec.needs_hessian, share, consume)
             for n, m in lin.items()
         }
         handles = [lin[n].register_forward_hook(h) for n, h in hooks.items()]

@@ -10,6 +10,7 @@ as updated so far.
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 
 import torch
@@ -69,6 +70,46 @@ def hinv_cholesky(
     )
 
 
+def _factor(
+    hessian_sum: torch.Tensor,
+    scale: float,
+    dead: torch.Tensor,
+    damp: float,
+    device: torch.device,
+    consume: bool,
+) -> tuple[torch.Tensor, dict]:
+    """``hinv_cholesky`` of ``H = scale * hessian_sum`` with dead inputs neutralised.
+
+    ``consume``: the factor is computed in ``hessian_sum``'s own storage (no second ``(d, d)``
+    matrix; the caller gives up the sum), with a copy on disk read back only if the damping must
+    be raised."""
+    info: dict = {}
+
+    def rebuild() -> torch.Tensor:
+        H = hessian_sum.detach().to(device, torch.float32) * scale
+        H[dead, dead] = 1.0
+        return H
+
+    if (
+        not consume
+        or hessian_sum.device != torch.device(device)
+        or hessian_sum.dtype != torch.float32
+    ):
+        return hinv_cholesky(rebuild(), damp, info, rebuild=rebuild), info
+    with tempfile.TemporaryFile() as backup:
+        torch.save(hessian_sum, backup)
+
+        def restore() -> torch.Tensor:
+            backup.seek(0)
+            H = torch.load(backup, weights_only=True).mul_(scale)
+            H[dead, dead] = 1.0
+            return H
+
+        H = hessian_sum.detach().mul_(scale)
+        H[dead, dead] = 1.0
+        return hinv_cholesky(H, damp, info, rebuild=restore), info
+
+
 def sparsegpt(
     w: torch.Tensor,
     hessian_sum: torch.Tensor,
@@ -101,7 +142,9 @@ def sparsegpt(
             inputs with a zero Hessian diagonal; their weight columns are set to 0, as in the
             original SparseGPT, since they never contribute on the calibration data).
         cache: optional dict (``LayerStats.cache``) keeping the inverse factor of this Hessian
-            for later calls with the same Hessian, token count and damping.
+            for later calls with the same Hessian, token count and damping; with its
+            ``consume_hessian`` set, the factor is computed in ``hessian_sum``'s storage (which
+            then no longer holds the sum: later calls must hit the cache).
 
     Returns:
         ``(w_new, mask, qt)``: fp32 ``(d_out, d_in)`` updated weight (exactly 0 where pruned and,
@@ -123,30 +166,29 @@ def sparsegpt(
             f"weight shape {tuple(W.shape)}, blocksize {blocksize}"
         )
     scale = 2.0 / max(n_tokens, 1)
-    dead = (torch.diag(hessian_sum).to(W.device, torch.float32) * scale) == 0
-    if bool(dead.all()):
-        raise ValueError(
-            "sparsegpt: the calibration Hessian is all zero (this layer's inputs never fired); "
-            "there is nothing to fit the weights to"
-        )
-    W[:, dead] = 0.0  # inputs that never fire: any weight there is free, zero it
-    if info is not None:  # reported, not silent: the zeroed columns show up in the metrics
-        info["dead_inputs"] = float(dead.sum())
     key = ("sparsegpt_hinv", float(damp), int(n_tokens), str(W.device))
     hit = None if cache is None else cache.get(key)
     if hit is None:
-
-        def rebuild() -> torch.Tensor:  # H = 2/n X X^T, dead inputs neutralised
-            H = hessian_sum.detach().to(W.device, torch.float32) * scale
-            H[dead, dead] = 1.0
-            return H
-
-        hit = (hinv_cholesky(rebuild(), damp, hinfo := {}, rebuild=rebuild), hinfo)
+        if cache is not None and cache.get("consumed"):
+            raise RuntimeError(
+                "sparsegpt: this Hessian was factorised in place for other options (damping, "
+                "token count or device); it cannot be factorised again"
+            )
+        dead = (torch.diag(hessian_sum).to(W.device, torch.float32) * scale) == 0
+        if bool(dead.all()):
+            raise ValueError(
+                "sparsegpt: the calibration Hessian is all zero (this layer's inputs never "
+                "fired); there is nothing to fit the weights to"
+            )
+        consume = cache is not None and bool(cache.get("consume_hessian"))
+        hit = (*_factor(hessian_sum, scale, dead, damp, W.device, consume), dead)
         if cache is not None:  # the re-fit and the linears sharing this Hessian reuse it
-            cache[key] = hit
-    Hinv = hit[0]
-    if info is not None:
-        info.update(hit[1])
+            cache[key], cache["consumed"] = hit, consume
+    Hinv, hinfo, dead = hit
+    W[:, dead] = 0.0  # inputs that never fire: any weight there is free, zero it
+    if info is not None:  # reported, not silent: the zeroed columns show up in the metrics
+        info["dead_inputs"] = float(dead.sum())
+        info.update(hinfo)
 
     pruned = torch.zeros_like(W, dtype=torch.bool) if mask is None else ~mask.to(W.device)
     if quant is not None:

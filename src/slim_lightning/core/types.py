@@ -92,7 +92,8 @@ class LayerStats:
         abs_sum: ``(d_in,)`` sum over all calibration tokens of ``|x_j|``.
         n_tokens: number of tokens accumulated.
         hessian: optional ``(d_in, d_in)`` sum of ``x x^T`` (only when a method asks for it).
-            Linears fed the same input (q/k/v, gate/up) may share one tensor: never modify it.
+            Linears fed the same input (q/k/v, gate/up) may share one tensor: never modify it
+            (except SparseGPT under ``cache["consume_hessian"]``, see ``core.sparsegpt``).
         cache: work derived from ``hessian`` alone (SparseGPT's inverse factor), shared by every
             linear that shares the Hessian and by the re-fit of the same linear.
     """
