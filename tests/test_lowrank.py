@@ -200,3 +200,22 @@ def test_whitened_fit_needs_a_hessian():
     spec = CompressSpec(pruner=PrunerSpec("wanda"), lowrank=LowRankSpec(fit="whitened"))
     with pytest.raises(ValueError, match="lowrank.fit=whitened needs"):
         compress_linear(w, stats, spec)
+
+
+@pytest.mark.parametrize("shape", [(96, 200), (200, 96)])  # (twice as long as wide)
+def test_exact_svd_of_a_large_matrix_through_the_gram_matrix(monkeypatch, shape):
+    """From ``GRAM_MIN_SIDE`` on, the exact top-r triplets come from the fp64 Gram matrix of the
+    smaller side: same singular values and the same rank-r product as the thin SVD (fp32
+    rounding), orthonormal factors, both orientations, a spread-out spectrum."""
+    import slim_lightning.core.lowrank as lowrank
+
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -3, shape[1]))
+    u0, s0, v0 = low_rank_svd(e, 24)  # below the threshold: LAPACK's thin SVD
+    monkeypatch.setattr(lowrank, "GRAM_MIN_SIDE", 64)
+    u, s, v = low_rank_svd(e, 24)
+    assert u.shape == u0.shape and v.shape == v0.shape and u.dtype == torch.float32
+    torch.testing.assert_close(s, s0, rtol=1e-5, atol=1e-6 * float(s0[0]))
+    torch.testing.assert_close((u * s) @ v.T, (u0 * s0) @ v0.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(u.T @ u, torch.eye(24), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.T @ v, torch.eye(24), atol=1e-5, rtol=0)

@@ -68,6 +68,12 @@ def saliency(stat: torch.Tensor, kind: Literal["sq", "abs"] = "sq") -> torch.Ten
     raise ValueError(f"saliency kind: got {kind!r}; allowed: sq, abs")
 
 
+# exact SVD through the fp64 Gram matrix from this smaller side up, for matrices at least twice as
+# long as wide (LLaMA-7B's MLP, 4096 x 11008, 2 threads: 32 s and 548 MiB of work vs gesdd's 79 s
+# and 615 MiB; no gain on square ones, 4096 x 4096: 23 s / 548 MiB vs 25 s / 399 MiB)
+GRAM_MIN_SIDE = 2048
+
+
 def low_rank_svd(
     e: torch.Tensor,
     rank: int,
@@ -80,8 +86,10 @@ def low_rank_svd(
     Args:
         e: float ``(m, n)``.
         rank: ``1 <= rank <= min(m, n)``.
-        method: ``exact`` (full thin SVD) or ``randomized`` (``torch.svd_lowrank`` with
-            ``rank + oversample`` columns and ``niter`` power iterations).
+        method: ``exact`` (the thin SVD; for a matrix whose smaller side is at least
+            ``GRAM_MIN_SIDE`` and at most half the longer one, the eigendecomposition of its fp64
+            Gram matrix instead, see ``_top_svd_gram``) or ``randomized`` (``torch.svd_lowrank`` with ``rank +
+            oversample`` columns and ``niter`` power iterations).
 
     Returns:
         ``U (m, rank)``, ``S (rank,)`` descending, ``V (n, rank)``; fp32.
@@ -93,6 +101,8 @@ def low_rank_svd(
             f"low_rank_svd: rank {rank} outside [1, {full}] for shape {tuple(e.shape)}"
         )
     if method == "exact":
+        if full >= GRAM_MIN_SIDE and max(e.shape) >= 2 * full:
+            return _top_svd_gram(e, rank)
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].T
     if method == "randomized":
@@ -100,6 +110,39 @@ def low_rank_svd(
         u, s, v = torch.svd_lowrank(e, q=q, niter=niter)
         return u[:, :rank], s[:rank], v[:, :rank]
     raise ValueError(f"lowrank.svd: got {method!r}; allowed: exact, randomized")
+
+
+def _top_svd_gram(
+    e: torch.Tensor, rank: int, step: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``e`` from the eigendecomposition of the Gram matrix of
+    its smaller side, ``A A^T`` in fp64 (``A`` = ``e`` or ``e^T``), built and projected in column
+    blocks of ``step``: working memory about four ``min(m, n)^2`` fp64 matrices with LAPACK's
+    (independent of the longer side; see ``GRAM_MIN_SIDE`` for measured times). fp64 keeps the
+    squared spectrum exact to far below fp32's rounding for the leading triplets the adapters use;
+    singular vectors equal the thin SVD's up to sign (a pair flips together: ``U S V^T`` is the
+    same)."""
+    tall = e.shape[0] > e.shape[1]
+    a = e.T if tall else e  # (k, N), k = min(m, n)
+    k, n = a.shape
+    g = torch.zeros(k, k, dtype=torch.float64, device=e.device)
+    for c in range(0, n, step):
+        blk = a[:, c : c + step].to(torch.float64)
+        g.addmm_(blk, blk.T)
+    del blk
+    evals = torch.empty(k, dtype=torch.float64, device=e.device)
+    evecs = torch.linalg.eigh(g, out=(evals, g))[1]  # ascending; the vectors replace g
+    del g
+    top = torch.arange(k - 1, k - 1 - rank, -1, device=e.device)
+    s = evals[top].clamp_min(0).sqrt()
+    uk = evecs[:, top].contiguous()  # (k, rank) fp64: A = U S V^T
+    del evecs
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    vn = torch.empty(n, rank, dtype=torch.float32, device=e.device)
+    for c in range(0, n, step):
+        vn[c : c + step] = (a[:, c : c + step].T.to(torch.float64) @ uk * inv).to(torch.float32)
+    u, s = uk.to(torch.float32), s.to(torch.float32)
+    return (vn, s, u) if tall else (u, s, vn)
 
 
 def whitening(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
