@@ -85,3 +85,61 @@ def test_available_memory_reads_the_machine():
 
     avail = available_memory()
     assert avail is None or avail > 64 * 2**20
+
+
+def test_the_estimate_counts_the_methods_block_work():
+    """One block's compression work enters both estimates: none beyond row blocks for a
+    row-separable method, the X^T X (one per group of linears fed one input) and the largest
+    linear's work for SparseGPT + adapters, the trainable state for the block reconstruction."""
+    from transformers import LlamaConfig
+
+    from slim_lightning.app.autostream import ROW_WORK, estimate
+    from slim_lightning.compress.plan import build_plan
+
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=1000,
+    )
+    est = {
+        m: estimate(config, 4, build_plan(compose_config("compress", [f"method={m}"])))
+        for m in ("wanda_absmax", "slim_q_fast", "slim_q")
+    }
+    block = 4 * 256**2 + 3 * 256 * 688  # its packed results count too (< 1 byte per weight)
+    assert est["wanda_absmax"]["block_work"] < ROW_WORK * 256 * 688 + block
+    hess = 4 * (256**2 * 3 + 688**2)  # q/k/v share one, o alone, gate/up share one, down
+    assert est["slim_q_fast"]["block_work"] > hess
+    assert est["slim_q"]["block_work"] > est["slim_q_fast"]["block_work"]
+    for key in ("whole", "streaming"):
+        assert est["wanda_absmax"][key] < est["slim_q_fast"][key] < est["slim_q"][key]
+
+
+def test_a_block_too_large_to_reconstruct_is_refused_naming_the_leaner_option(
+    tmp_path, monkeypatch
+):
+    """Memory for the one-shot method streaming but not for the default's reconstruction state:
+    refused before loading, with the numbers and the option that fits; the one-shot preset then
+    streams."""
+    from slim_lightning.app import autostream
+
+    ckpt = _ckpt(tmp_path)
+    cfg = _cfg(ckpt, "method=slim_q")
+    from transformers import AutoConfig
+
+    from slim_lightning.compress.plan import build_plan
+
+    config = AutoConfig.from_pretrained(ckpt)
+    need = {
+        m: autostream.estimate(config, 4, build_plan(_cfg(ckpt, f"method={m}")))["streaming"]
+        for m in ("slim_q", "slim_q_fast")
+    }
+    assert need["slim_q_fast"] < need["slim_q"]
+    avail = (need["slim_q_fast"] + need["slim_q"]) // 2
+    monkeypatch.setattr(autostream, "available_memory", lambda: avail)
+    with pytest.raises(ConfigError, match=r"reconstruct=none") as err:
+        run_compress(cfg, tmp_path / "refused")
+    assert "one block's compression work" in str(err.value)
+    rep = run_compress(_cfg(ckpt, "method=slim_q_fast"), tmp_path / "fast")
+    assert rep["streaming"]["streaming"] is True

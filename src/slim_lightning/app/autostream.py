@@ -1,18 +1,26 @@
 """``engine.streaming=auto`` (the default): stream when the model would not fit, say why.
 
 Before any weights load, the run estimates its host memory both ways from the model's config
-(parameter count on the meta device, no weights read):
+(parameter count and linear shapes on the meta device, no weights read) and the method:
 
-* whole model (``engine.streaming=false``): the weights at ``model.dtype`` plus the packed copy
-  that is built beside them, plus a baseline for Python, torch and transformers;
-* streaming: the packed model (about 0.3x of the 16-bit bytes), the largest decoder block at
-  16 bits twice (the block and its results), the 16-bit vocabulary tables, the baseline.
+* the work of one decoder block (``block_work``): the one-shot compression holds the block's
+  input statistics (one ``d_in^2`` fp32 X^T X per group of linears fed the same input, when the
+  pruner needs it; SparseGPT factorises it in place) and the largest linear's fp32 work copies
+  and low-rank fit (``LIN_WORK_PER_WEIGHT``); the block reconstruction holds, per block weight,
+  the codes and mask, the fp32 forward value and, per kept weight, the trainable value, its
+  gradient, Adam's two moments and the best epoch's snapshot;
+* whole model (``engine.streaming=false``): the weights at ``model.dtype``, the packed copy built
+  beside them, the block's work, a baseline for Python, torch, transformers and activations;
+* streaming: the largest of its stages: loading (the 16-bit vocabulary tables), compressing
+  (one 16-bit block and its work; the tables are parked) and exporting (the packed model).
 
 It streams when the whole-model estimate exceeds ``engine.streaming_share`` of the memory
 available to the process (``MemAvailable``, and the cgroup limit where one is set), logs one
-line with the numbers and the choice, and refuses (``ConfigError`` naming both estimates and the
-available memory) when even the streaming estimate does not fit. Models that cannot stream (a
-random tiny model, a GGUF file without ``model.cache_gguf``, an identity method) run whole.
+line with the numbers and the choice, and refuses (``ConfigError`` naming both estimates, the
+block's work and the available memory) when even the streaming estimate does not fit. Models
+that cannot stream (a random tiny model, a GGUF file without ``model.cache_gguf``, an identity
+method) run whole. The estimates err on the high side (measured: see ``benchmarks/results/
+streaming_synthetic.json``).
 """
 
 from __future__ import annotations
@@ -59,10 +67,60 @@ def available_memory() -> int | None:
     return avail
 
 
-def estimate(config: Any, dtype_bytes: int) -> dict[str, int]:
-    """Host bytes of a whole-model run and of a streaming run (see the module docstring)."""
+# bytes per weight of the largest linear while it is compressed whole (fp32 copies of the
+# weight, the sparse part, the residual and its scaled copy, SparseGPT's working copy and codes,
+# the low-rank fit's workspace); measured on LLaMA-7B's 4096 x 11008 down_proj, see module doc
+LIN_WORK_PER_WEIGHT = 40
+ROW_WORK = 8 * 4  # row-separable specs: bytes per value of a few fp32 row blocks (<= 4 Mi values)
+
+
+def block_work(shapes: dict[str, tuple[int, int]], groups: tuple, spec: Any, recon: Any) -> int:
+    """Host bytes one block's compression needs beyond the block's own 16-bit weights.
+
+    Args:
+        shapes: ``{linear name in the block: (d_out, d_in)}``.
+        groups: ``ArchSpec.input_groups`` (linears sharing one X^T X).
+        spec: the ``CompressSpec``; recon: the ``ReconConfig``.
+    """
+    from ..core.compress import ROW_STEP, row_separable
+
+    if not shapes:
+        return 0
+    sizes = [o * i for o, i in shapes.values()]
+    p, largest = sum(sizes), max(sizes)
+    hess = 0
+    if spec.needs_hessian:
+        alone = dict(shapes)
+        for grp in groups:
+            if all(n in alone for n in grp):
+                hess += 4 * shapes[grp[0]][1] ** 2
+                for n in grp:
+                    del alone[n]
+        hess += sum(4 * i * i for _, i in alone.values())
+        if spec.lowrank.fit == "whitened":  # kept for the fit, factorised in a copy
+            hess += 8 * max(i for _, i in shapes.values()) ** 2
+    reconstructs = recon is not None and recon.mode == "block"
+    if row_separable(spec):
+        work = ROW_WORK * min(largest, ROW_STEP)
+    else:
+        work = LIN_WORK_PER_WEIGHT * largest
+    results = 2 * p if reconstructs else int(PACKED_PER_WEIGHT * p)  # codes + mask / packed
+    one_shot = hess + work + results
+    if not reconstructs:
+        return int(one_shot)
+    sp = spec.sparsity
+    kept = {"nm": sp.n / sp.m, "unstructured": 1.0 - sp.ratio}.get(sp.pattern, 1.0)
+    per_weight = 2 + 4 + (17 * kept if recon.train_weights else 0)  # codes+mask, fp32 value
+    return int(max(one_shot, per_weight * p + 12 * largest))
+
+
+def estimate(config: Any, dtype_bytes: int, plan: Any = None) -> dict[str, int]:
+    """Host bytes of a whole-model run and of a streaming run (see the module docstring);
+    ``plan`` (a ``CompressPlan``) adds the method's per-block work."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from ..models.arch import block_linears, get_arch, get_blocks
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
@@ -75,11 +133,30 @@ def estimate(config: Any, dtype_bytes: int) -> dict[str, int]:
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or 1
     block = max(0, total - vocab) // max(1, int(layers))
     packed = int((total - vocab) * PACKED_PER_WEIGHT)
+    work = 0
+    if plan is not None:
+        try:
+            arch = get_arch(model, plan.model.arch)
+            lins = block_linears(get_blocks(model, arch)[0], arch)
+        except (ValueError, KeyError, AttributeError, IndexError):  # unknown layout: no work
+            lins, arch = {}, None
+        shapes = {n: (m.out_features, m.in_features) for n, m in lins.items()}
+        groups = arch.input_groups if arch is not None else ()
+        work = block_work(shapes, groups, plan.spec, getattr(plan, "reconstruct", None))
+    stream_stages = (vocab * 2, 2 * block + work, packed + vocab)
     return {
         "params": int(total),
-        "whole": int(total * dtype_bytes + packed + BASELINE),
-        "streaming": int(packed + 2 * block * 2 + vocab * 2 + BASELINE),
+        "block_work": int(work),
+        "whole": int(total * dtype_bytes + packed + work + BASELINE),
+        "streaming": int(max(stream_stages) + BASELINE),
     }
+
+
+def _leaner(plan: Any) -> str:
+    """A hint naming the per-block work's main knob."""
+    if getattr(plan, "reconstruct", None) is not None and plan.reconstruct.mode == "block":
+        return ": reconstruct=none (method=slim_q_fast) keeps only the one-shot work"
+    return ""
 
 
 def _can_stream(plan: Any) -> str | None:
@@ -109,7 +186,7 @@ def resolve_streaming(plan: Any, config: Any, *, compress: bool) -> tuple[Any, d
     from transformers import PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
-        est = estimate(config, FLOAT_DTYPES[plan.model.dtype].itemsize)
+        est = estimate(config, FLOAT_DTYPES[plan.model.dtype].itemsize, plan)
         record.update(estimate_gib={k: round(v / GIB, 2) for k, v in est.items() if k != "params"})
     if avail is not None:
         record["available_gib"] = round(avail / GIB, 2)
@@ -135,8 +212,10 @@ def resolve_streaming(plan: Any, config: Any, *, compress: bool) -> tuple[Any, d
             "engine.streaming",
             "auto",
             f"a model that fits: it needs ~{est['whole'] / GIB:.2f} GiB whole and "
-            f"~{est['streaming'] / GIB:.2f} GiB streaming, but only {avail / GIB:.2f} GiB are "
-            "available (free memory, or run on a larger machine / several ranks)",
+            f"~{est['streaming'] / GIB:.2f} GiB streaming (of which ~"
+            f"{est['block_work'] / GIB:.2f} GiB is one block's compression work"
+            f"{_leaner(plan)}), but only {avail / GIB:.2f} GiB are available (free memory or "
+            "run on a larger machine)",
         )
     else:
         record["streaming"] = True

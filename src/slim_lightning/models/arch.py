@@ -31,6 +31,8 @@ class ArchSpec:
         lm_head_path: the output projection (never compressed).
         rotary_path: the shared rotary-embedding module whose output blocks take as
             ``position_embeddings`` (None for learned positions).
+        input_groups: linears fed the very same input tensor (one X^T X between them: the
+            engine detects the sharing itself; the memory estimate counts one per group).
     """
 
     model_type: str
@@ -40,6 +42,7 @@ class ArchSpec:
     norm_path: str | None
     lm_head_path: str = "lm_head"
     rotary_path: str | None = None
+    input_groups: tuple[tuple[str, ...], ...] = ()
 
 
 _LLAMA_LINEARS = (
@@ -69,6 +72,7 @@ def _llama_like(model_type: str) -> ArchSpec:
         embed_paths=("model.embed_tokens",),
         norm_path="model.norm",
         rotary_path="model.rotary_emb",
+        input_groups=(_LLAMA_LINEARS[:3], _LLAMA_LINEARS[4:6]),
     )
 
 
@@ -85,6 +89,7 @@ ARCHS: dict[str, ArchSpec] = {
             "model.decoder.project_in",
         ),
         norm_path="model.decoder.final_layer_norm",
+        input_groups=(_OPT_LINEARS[:3],),
     ),
 }
 
