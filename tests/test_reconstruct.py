@@ -247,3 +247,51 @@ def test_grid_value_equals_the_composed_straight_through_graph(
         assert outs[1][1].shape == (int(mask.sum()),)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("masked", "in_scale"), [(True, True), (True, False), (False, True)])
+def test_grid_linear_equals_the_grid_value_product_and_saves_no_dense_weight(masked, in_scale):
+    """``_GridLinear`` (the weight recomputed in the backward) gives bit for bit the output and
+    the gradients of x, the grid values and the scales of ``x @ _GridValue(...).T``, partial
+    groups included, and keeps no (out, in) fp32 matrix for its backward."""
+    from slim_lightning.compress.reconstruct import _GridLinear, _GridValue
+
+    g = torch.Generator().manual_seed(7)
+    rows, cols, group = 48, 100, 32
+    q = torch.randint(-8, 8, (rows, cols), generator=g).float()
+    mask = torch.rand(rows, cols, generator=g) > 0.5 if masked else None
+    v0 = q.masked_select(mask) if masked else q
+    v0 = v0 + 0.3 * torch.randn(v0.shape, generator=g)
+    s0 = torch.rand(rows, -(-cols // group), generator=g) + 0.1
+    ins = torch.rand(cols, generator=g) + 0.5 if in_scale else None
+    x0 = torch.randn(3, 9, cols, generator=g)
+    gy = torch.randn(3, 9, rows, generator=g)
+    outs, saved = [], []
+    for fused in (False, True):
+        v, u = v0.clone().requires_grad_(True), torch.zeros_like(s0).requires_grad_(True)
+        x = x0.clone().requires_grad_(True)
+        s = s0 * torch.exp(u)
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, k=kept: k.append(t) or t, lambda t: t
+        ):
+            if fused:
+                y = _GridLinear.apply(x * 1.0, v, s, ins, mask, -8, 7, group)
+            else:
+                y = (x * 1.0) @ _GridValue.apply(v, s, ins, mask, -8, 7, group).T
+        y.backward(gy)
+        outs.append((y.detach(), x.grad, v.grad, u.grad))
+        # fp32 (out, in) matrices other than the grid values themselves (unmasked: v is one)
+        saved.append(
+            [
+                t
+                for t in kept
+                if t.shape in ((rows, cols), (cols, rows))
+                and t.is_floating_point()
+                and t.data_ptr() != v.data_ptr()
+            ]
+        )
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert saved[0]  # the composed graph keeps the dense weight for the product's backward
+    assert not saved[1]
