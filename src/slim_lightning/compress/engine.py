@@ -238,7 +238,15 @@ class CalibrationEngine:
         targets = self.run_block(block, dense, kwargs)  # the block is still dense here
         targets_c = self.run_block(block, inputs, kwargs) if self.recon.target_mix > 0 else None
         pending: dict[str, CompressedLinear] = {}
-        results = self.step.compress(self, i, block, lin, inputs, kwargs, pending.__setitem__)
+
+        def park(name: str, c: CompressedLinear) -> None:
+            # the codes hold a quantised weight until it is reconstructed: its dense copy goes
+            # now, not after the block's last linear (4 bytes per block weight)
+            if c.weight_q is not None:
+                c.weight = c.weight.new_empty(0)
+            pending[name] = c
+
+        results = self.step.compress(self, i, block, lin, inputs, kwargs, park)
         gather = getattr(self.step, "gather", lambda xs: xs)  # every batch, on every rank
         results, norms, rep = reconstruct_block(
             block,
@@ -253,11 +261,8 @@ class CalibrationEngine:
             norm_dtype=self.norm_dtype,
             targets_c=None if targets_c is None else gather(targets_c),
             label=f"reconstruct block {i}",
+            dense_views=self.dense_views is not False,
         )
-        if self.dense_views is False:
-            for c in results.values():
-                if c.weight_q is not None:
-                    c.weight = torch.empty(c.weight.shape, dtype=torch.float32, device="meta")
         log.info(
             "block %d reconstructed: held-out error %.4g -> %.4g (epoch %d, %.1f s)",
             i,

@@ -220,8 +220,9 @@ class ReconLinear(nn.Module):
         return {k: [p for p in v if p.requires_grad] for k, v in g.items()}
 
     @torch.no_grad()
-    def snap(self) -> CompressedLinear:
-        """The trained layer as a ``CompressedLinear`` of the same format and sizes."""
+    def snap(self, dense_views: bool = True) -> CompressedLinear:
+        """The trained layer as a ``CompressedLinear`` of the same format and sizes (a quantised
+        weight's dense view on the meta device unless ``dense_views``)."""
         out = dataclasses.replace(self.c, metrics=dict(self.c.metrics))
         if self.wq is not None:
             out.weight_q = self.wq.snap()
@@ -231,7 +232,7 @@ class ReconLinear(nn.Module):
             out.lora_l_q, out.lora_r_q = self.lq.snap(), self.rq.snap()
         elif self.l is not None:
             out.lora_l, out.lora_r = self.l.detach().clone(), self.r.detach().clone()
-        return canonicalize(out)
+        return canonicalize(out, dense_views)
 
 
 def norm_params(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -264,6 +265,7 @@ def reconstruct_block(
     norm_dtype: torch.dtype = torch.float32,
     targets_c: list[torch.Tensor] | None = None,
     label: str = "reconstruct",
+    dense_views: bool = True,
 ) -> tuple[dict[str, CompressedLinear], dict[str, torch.Tensor], dict[str, float]]:
     """Trains block ``block`` (its linears still dense, their one-shot ``results`` given).
 
@@ -273,6 +275,8 @@ def reconstruct_block(
         targets_c: the dense block's output on ``inputs`` (used when ``cfg.target_mix > 0``).
         norm_dtype: trained norm gains are rounded to it (the export dtype of uncompressed
             tensors), so the run evaluates what the checkpoint stores.
+        dense_views: rebuild each quantised weight's dense fp32 view (else it is left on the
+            meta device: 4 bytes per weight the packed install does not read).
 
     Returns:
         The snapped results, the trained norm gains (empty when frozen or unchanged) and a
@@ -378,12 +382,19 @@ def reconstruct_block(
                     fault_point(label)  # (a kill here resumes from the last committed block)
                     e = held_out()
                     if e < best:
+                        best_state = None  # (one snapshot at a time)
                         best, best_epoch, best_state = e, epoch, snapshot()
-        for p, saved in zip(_all_params(views, norms), best_state.values()):
-            p.data.copy_(saved)
-        for v in views.values():
-            v.eval()
-        snapped = {name: v.snap() for name, v in views.items()}
+            del opt, sched  # Adam's moments go before the dense views are rebuilt
+        _restore(_all_params(views, norms), best_state)
+        best_state = None
+        param_groups.clear()
+        groups.clear()
+        snapped = {}
+        for name in list(views):  # each view's training state goes once it is snapped
+            view = views.pop(name)
+            block.set_submodule(name, originals[name])
+            snapped[name] = view.eval().snap(dense_views)
+            del view
         trained_norms = {}
         with torch.no_grad():
             for k, p in norms.items():
@@ -405,6 +416,13 @@ def reconstruct_block(
     for c in snapped.values():
         c.metrics.update(report)
     return snapped, trained_norms, report
+
+
+def _restore(params: list[nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    """Puts a snapshot back (gradients dropped: nothing reads them any more)."""
+    for p, saved in zip(params, state.values()):
+        p.grad = None
+        p.data.copy_(saved)
 
 
 def _adam(param_groups: list[dict]) -> torch.optim.Optimizer:

@@ -43,9 +43,12 @@ def _inputs_name(i: int) -> str:
     return f"inputs_{i:04d}.safetensors"
 
 
-def canonicalize(c: CompressedLinear) -> CompressedLinear:
-    """Recomputes the dense views from the quantised parts so a reload is bit-identical."""
-    if c.weight_q is not None:
+def canonicalize(c: CompressedLinear, dense_views: bool = True) -> CompressedLinear:
+    """Recomputes the dense views from the quantised parts so a reload is bit-identical (a
+    quantised weight's view on the meta device unless ``dense_views``)."""
+    if c.weight_q is not None and not dense_views:
+        c.weight = torch.empty(c.weight_q.q.shape, dtype=torch.float32, device="meta")
+    elif c.weight_q is not None:
         c.weight = c.weight.new_empty(0)  # (freed first: one dense copy at a time)
         w = c.weight_q.dequantize()
         # (codes are 0 where pruned, so this only writes +0.0 over +0.0: the product by the
