@@ -215,7 +215,7 @@ def test_grid_value_equals_the_composed_straight_through_graph(
     round/clamp (straight through) * expanded scales / in_scale * mask, partial groups included;
     under a mask it holds the kept values only (and their gradient is the composed one's kept
     entries)."""
-    from slim_lightning.compress.reconstruct import _GridValue
+    from slim_lightning.compress.recon_linear import _GridValue
 
     g = torch.Generator().manual_seed(cols)
     rows = 6
@@ -254,7 +254,7 @@ def test_grid_linear_equals_the_grid_value_product_and_saves_no_dense_weight(mas
     """``_GridLinear`` (the weight recomputed in the backward) gives bit for bit the output and
     the gradients of x, the grid values and the scales of ``x @ _GridValue(...).T``, partial
     groups included, and keeps no (out, in) fp32 matrix for its backward."""
-    from slim_lightning.compress.reconstruct import _GridLinear, _GridValue
+    from slim_lightning.compress.recon_linear import _GridLinear, _GridValue
 
     g = torch.Generator().manual_seed(7)
     rows, cols, group = 48, 100, 32
