@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 VENV="${TMPDIR:-/tmp}/slim-lightning-transformers-5.0"
 rm -rf "$VENV"
 python -m venv --system-site-packages "$VENV"
-"$VENV/bin/python" -m pip install -q "transformers==5.0.0" 2>&1 | grep -v "is ignored" || true
+# transformers 5.0.0 imports Hugging Face's optional `kernels` package when it is installed (5.25
+# requires it); kernels >= 0.12 rejects 5.0.0's hub mapping at import ("Either a revision or a
+# version must be specified"), so the venv gets the kernels release of 5.0.0's time
+"$VENV/bin/python" -m pip install -q "transformers==5.0.0" "kernels==0.11.7" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '5.0.0', transformers.__version__"
 "$VENV/bin/python" -m pytest -q tests/test_hf_quantizer.py tests/test_loader_trust.py tests/test_packed.py
 rm -rf "$VENV"
