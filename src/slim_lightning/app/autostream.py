@@ -123,14 +123,14 @@ def block_work(shapes: dict[str, tuple[int, int]], groups: tuple, spec: Any, rec
 
 def adapter_bytes(shapes: dict[str, tuple[int, int]], spec: Any) -> int:
     """Host bytes of one block's adapters in the compressed model: fp32 ``L`` and ``R`` (the
-    packed model in memory keeps them as parameters beside their codes, counted in
-    ``PACKED_PER_WEIGHT``); 0 without adapters."""
+    packed model in memory keeps them as parameters beside their codes, which
+    ``PACKED_PER_WEIGHT`` counts); 0 for an adapter method that adds none."""
     from ..core.lowrank import adapter_rank
+    from ..core.registry import ADAPTERS
 
-    lr = getattr(spec, "lowrank", None)
-    if lr is None or lr.method == "none":
+    if not ADAPTERS.get_entry(spec.lowrank.method).enabled:
         return 0
-    return sum(4 * adapter_rank(i, o, lr) * (i + o) for o, i in shapes.values())
+    return sum(4 * adapter_rank(i, o, spec.lowrank) * (i + o) for o, i in shapes.values())
 
 
 def estimate(config: Any, dtype_bytes: int, plan: Any = None) -> dict[str, int]:
