@@ -168,7 +168,7 @@ def restore_packed(model: nn.Module, where: str, *, rebuild_all: bool = False) -
         if not isinstance(mod, SLiMLinear):
             continue
         if mod.rank and mod.adapter_bits is not None and (rebuild_all or mod.lora_l.is_meta):
-            device = mod.packed_weight().tensors["values"].device
+            device = next(iter(mod.packed_weight().tensors.values())).device
             mod.rebuild_adapter_params()
             mod.to(device)
         for label, pw in (

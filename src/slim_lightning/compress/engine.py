@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.grouped import GroupQuant
 from ..core.types import CompressedLinear, CompressSpec, LayerStats, QuantTensor
 from ..models.arch import block_output, to_device
 from .resume import BlockStore, canonicalize
@@ -351,9 +352,11 @@ def _mean_metric(results: dict[str, CompressedLinear], key: str) -> float:
 def _map_tensors(
     c: CompressedLinear, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> CompressedLinear:
-    def qt(q: QuantTensor | None) -> QuantTensor | None:
+    def qt(q: QuantTensor | GroupQuant | None) -> QuantTensor | GroupQuant | None:
         if q is None:
             return None
+        if isinstance(q, GroupQuant):
+            return q.map(fn)
         return QuantTensor(
             fn(q.q),
             fn(q.scale),

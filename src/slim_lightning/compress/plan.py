@@ -38,6 +38,33 @@ def _validate_quant(q: QuantSpec) -> None:
         raise ConfigError(
             "quant.outlier_ratio", q.outlier_ratio, "0 unless quant.method=slim_quant"
         )
+    if QUANTIZERS[q.method].needs_hessian:
+        _validate_own_pass(q)
+
+
+def _validate_own_pass(q: QuantSpec) -> None:
+    """The quantisers with their own GPTQ pass (spqr, slim_llm): widths the packer stores
+    (1..8 bits per group; SliM-LLM uses N-1..N+1), a reachable SpQR bit budget."""
+    from ..core.grouped import spqr_bits_formula
+
+    mixed = q.method == "slim_llm"
+    check_int("quant.bits", q.bits, 2, 7 if mixed else 8)
+    check_range("quant.damp", q.damp, 0.0, 100.0, lo_open=True)
+    check_bool("quant.act_order", q.act_order)
+    check_int("quant.blocksize", q.blocksize, 1)
+    if q.stat_bits is not None:
+        check_int("quant.stat_bits", q.stat_bits, 1, 8)
+    check_int("quant.stat_group", q.stat_group, 1)
+    check_range("quant.tau", q.tau, 0.0, 1e6, lo_open=True)
+    check_range("quant.tau_min", q.tau_min, 0.0, 64.0, lo_open=True, hi_open=True)
+    check_range("quant.sqc_lambda", q.sqc_lambda, 0.0, 1e3)
+    check_int("quant.kl_tokens", q.kl_tokens, 1)
+    if q.target_bpw is not None:
+        if mixed:
+            raise ConfigError("quant.target_bpw", q.target_bpw, "null unless quant.method=spqr")
+        g = q.group_size if q.group_size > 0 else 4096  # per-channel: a wide row's overhead
+        floor = spqr_bits_formula(q.bits, q.stat_bits, g, q.stat_group, 0.0)
+        check_range("quant.target_bpw", q.target_bpw, floor, 32.0)
 
 
 def _validate_sparsity(s: SparsitySpec) -> None:
@@ -277,10 +304,16 @@ def validate_spec(spec: CompressSpec) -> None:
         raise ConfigError(
             "pruner.blocksize", p.blocksize, f"a multiple of sparsity.m={s.m} (column blocks)"
         )
-    if p.joint_quant and q.method != "absmax":
+    own = [k for k, v in QUANTIZERS.items() if v.needs_hessian]
+    if p.joint_quant and q.method != "absmax" and q.method not in own:
         raise ConfigError(
-            "quant.method", q.method, "absmax with pruner.joint_quant=true (OPTQ grid)"
+            "quant.method",
+            q.method,
+            f"absmax or {', '.join(own)} with pruner.joint_quant=true (OPTQ grid, or the "
+            "quantiser's own GPTQ pass after the pruner)",
         )
+    if q.method in own and p.order == "quant_then_mask":
+        raise ConfigError("pruner.order", p.order, f"mask_then_quant with quant.method={q.method}")
 
 
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.grouped import GroupQuant
 from ..core.types import CompressedLinear, QuantTensor, group_sums, scale_groups_
 from ..formats.bitpack import _lossless_dtype
 from .resume import canonicalize
@@ -152,9 +153,13 @@ class ReconLinear(nn.Module):
         self.c, self.bias = c, None if bias is None else bias.detach()
         mask = c.mask  # (bool: a product with it promotes exactly as a float 0/1 mask would)
         self.wq = self.w = None
-        if c.weight_q is not None:
+        # SpQR / SliM-LLM: codes, widths, statistics and outliers stay as compressed (the
+        # adapters and norms around them train); the dense view is rebuilt from the codes
+        fixed = c.weight_q.dequantize() if isinstance(c.weight_q, GroupQuant) else None
+        self.register_buffer("fixed", fixed)
+        if c.weight_q is not None and fixed is None:
             self.wq = _QuantParam(c.weight_q, mask, cfg.train_weights, cfg.train_scales)
-        else:
+        elif fixed is None:
             self.w = nn.Parameter(c.weight.float().clone(), requires_grad=cfg.train_weights)
             self.mask = mask
         self.lq = self.rq = self.l = self.r = None
@@ -166,6 +171,8 @@ class ReconLinear(nn.Module):
             self.r = nn.Parameter(c.lora_r.float().clone(), requires_grad=cfg.train_adapters)
 
     def weight_value(self) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed
         if self.wq is not None:
             return self.wq.value()
         return self.w if self.mask is None else self.w * self.mask
@@ -193,7 +200,7 @@ class ReconLinear(nn.Module):
         if self.wq is not None:
             g["weight"].append(self.wq.v)
             g["scale"].append(self.wq.u)
-        else:
+        elif self.w is not None:
             g["weight"].append(self.w)
         for p in (self.lq, self.rq):
             if p is not None:
@@ -211,7 +218,7 @@ class ReconLinear(nn.Module):
         out = dataclasses.replace(self.c, metrics=dict(self.c.metrics))
         if self.wq is not None:
             out.weight_q = self.wq.snap()
-        else:
+        elif self.fixed is None:
             out.weight = self.weight_value().detach().clone()
         if self.lq is not None:
             out.lora_l_q, out.lora_r_q = self.lq.snap(), self.rq.snap()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..core.grouped import GroupQuant
 from ..core.types import CompressedLinear, QuantTensor
 from ..io import (
     atomic_save_tensors,
@@ -61,7 +62,11 @@ def canonicalize(c: CompressedLinear, dense_views: bool = True) -> CompressedLin
     return c
 
 
-def _qt_to(prefix: str, qt: QuantTensor, out: dict, meta: dict) -> None:
+def _qt_to(prefix: str, qt: QuantTensor | GroupQuant, out: dict, meta: dict) -> None:
+    if isinstance(qt, GroupQuant):
+        tensors, meta[prefix] = qt.to_tensors()
+        out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+        return
     out[f"{prefix}.q"] = qt.q
     out[f"{prefix}.scale"] = qt.scale
     if qt.in_scale is not None:
@@ -69,9 +74,12 @@ def _qt_to(prefix: str, qt: QuantTensor, out: dict, meta: dict) -> None:
     meta[prefix] = {"group_size": qt.group_size, "bits": qt.bits}
 
 
-def _qt_from(prefix: str, t: dict, meta: dict) -> QuantTensor | None:
+def _qt_from(prefix: str, t: dict, meta: dict) -> QuantTensor | GroupQuant | None:
     if prefix not in meta:
         return None
+    if meta[prefix].get("kind") == "group":
+        mine = {k[len(prefix) + 1 :]: v for k, v in t.items() if k.startswith(prefix + ".")}
+        return GroupQuant.from_tensors(mine, meta[prefix])
     return QuantTensor(
         q=t[f"{prefix}.q"],
         scale=t[f"{prefix}.scale"],

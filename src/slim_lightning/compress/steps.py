@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.registry import QUANTIZERS
 from ..core.types import CompressedLinear, LayerStats
 from .distributed import DistContext, lpt_assign
 from .resume import canonicalize
 
 Install = Callable[[str, CompressedLinear], None]
+SAMPLE_STRIDE = 4  # calibration tokens per kept sample row (LayerStats.samples)
 
 
 class StatsHook:
@@ -39,6 +41,7 @@ class StatsHook:
         hessian: bool,
         share: dict | None = None,
         consume: bool = False,
+        samples: int = 0,
     ):
         self.sq = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.ab = torch.zeros(d_in, dtype=torch.float32, device=device)
@@ -50,6 +53,9 @@ class StatsHook:
         # consume: the compression may factorise X X^T in place (nothing else reads it)
         self.cache: dict = {"consume_hessian": consume}
         self.n = 0
+        # up to ``samples`` input rows (every SAMPLE_STRIDE-th token, in calibration order) for
+        # quantisers that score the layer's real outputs; linears sharing an input share them
+        self.cap, self.rows = int(samples), []
 
     def __call__(self, _mod: nn.Module, inp: tuple, _out: Any) -> None:
         raw = inp[0]
@@ -59,6 +65,9 @@ class StatsHook:
         if self.hessian:
             self._hessian(raw, x)
         self.n += x.shape[0]
+        kept = sum(r.shape[0] for r in self.rows)
+        if self.cap > kept and self.leader is None:
+            self.rows.append(x[::SAMPLE_STRIDE][: self.cap - kept].clone())
 
     def _hessian(self, raw: torch.Tensor, x: torch.Tensor) -> None:
         last = None if self.share is None else self.share.get("last")
@@ -80,8 +89,14 @@ class StatsHook:
             self.share["last"] = (raw, self)
 
     def stats(self) -> LayerStats:
+        rows = (self.leader or self).rows
         return LayerStats(
-            sq_sum=self.sq, abs_sum=self.ab, n_tokens=self.n, hessian=self.h, cache=self.cache
+            sq_sum=self.sq,
+            abs_sum=self.ab,
+            n_tokens=self.n,
+            hessian=self.h,
+            cache=self.cache,
+            samples=torch.cat(rows) if rows else None,
         )
 
 
@@ -124,9 +139,18 @@ class LocalStep:
     ) -> dict[str, CompressedLinear]:
         share: dict = {}  # linears fed one input tensor keep one X^T X
         spec = engine.spec
-        consume = spec.lowrank.fit != "whitened"
+        # SparseGPT may factorise X^T X in place unless something else reads it afterwards
+        quant = QUANTIZERS.get_entry(spec.quant.method)
+        consume = spec.lowrank.fit != "whitened" and not quant.needs_hessian
         hooks = {
-            n: StatsHook(m.in_features, engine.device, spec.needs_hessian, share, consume)
+            n: StatsHook(
+                m.in_features,
+                engine.device,
+                spec.needs_hessian,
+                share,
+                consume,
+                samples=spec.needs_samples,
+            )
             for n, m in lin.items()
         }
         handles = [lin[n].register_forward_hook(h) for n, h in hooks.items()]

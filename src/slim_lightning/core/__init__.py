@@ -4,4 +4,11 @@ Importing any ``slim_lightning.core`` module imports the method modules below, s
 registries in ``core.registry`` (pruners, quantisers, adapter methods) are always complete.
 """
 
-from slim_lightning.core import lowrank, prune, quant, sparsegpt  # noqa: F401  (registration)
+from slim_lightning.core import (  # noqa: F401  (registration)
+    lowrank,
+    prune,
+    quant,
+    slim_llm,
+    sparsegpt,
+    spqr,
+)

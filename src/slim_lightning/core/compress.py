@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from slim_lightning.core.grouped import GroupQuant
 from slim_lightning.core.lowrank import (
     adapter_rank,
     quantize_adapters,
@@ -24,7 +25,7 @@ from slim_lightning.core.lowrank import (
 )
 from slim_lightning.core.prune import make_mask
 from slim_lightning.core.quant import apply_mask, quantize_weight
-from slim_lightning.core.registry import ADAPTERS, PRUNERS
+from slim_lightning.core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from slim_lightning.core.types import (
     CompressedLinear,
     CompressSpec,
@@ -137,7 +138,10 @@ def _sparse_part(
                 "pruner.joint_quant needs quant.method absmax or slim_quant (OPTQ "
                 "uses quant.bits and quant.group_size)"
             )
-        joint = q if pr.joint_quant else None
+        # a quantiser with its own GPTQ pass (spqr, slim_llm) quantises after the pruner's OBS
+        # updates with the mask fixed; joint OPTQ is for the symmetric grid
+        own_pass = QUANTIZERS.get_entry(q.method).needs_hessian
+        joint = q if pr.joint_quant and not own_pass else None
         if sp.pattern == "dense" and joint is None:
             base, new_mask = w, None
         else:
@@ -145,15 +149,15 @@ def _sparse_part(
             if joint is not None:
                 return base, qt, new_mask, alpha
         mask = new_mask if mask is None else mask
-        qt, alpha = quantize_weight(base, q, stat=stat, mask=mask)
+        qt, alpha = quantize_weight(base, q, stat=stat, mask=mask, stats=stats)
     elif refit or pr.order == "mask_then_quant":
         if not refit:
             mask = make_mask(w, stat, sp, pr)
         base = w if mask is None else w * mask
         # the re-fit's alpha is fitted on the masked target (reference); the first alpha on dense W
-        qt, alpha = quantize_weight(base if refit else w, q, stat=stat, mask=mask)
+        qt, alpha = quantize_weight(base if refit else w, q, stat=stat, mask=mask, stats=stats)
     else:  # quant_then_mask: the score sees the quantised values
-        qt, alpha = quantize_weight(w, q, stat=stat)
+        qt, alpha = quantize_weight(w, q, stat=stat, stats=stats)
         base = w if qt is None else qt.dequantize()
         mask = make_mask(base, stat, sp, pr)
         qt = None if qt is None else apply_mask(qt, mask)
@@ -295,6 +299,8 @@ def compress_linear(
         ),
         **{k: float(v) for k, v in info.items()},
     )
+    if isinstance(qt, GroupQuant):  # SpQR / SliM-LLM: the papers' count beside the file's
+        metrics.update(bits_formula=qt.paper_bits(), outlier_share=qt.n_outliers / W.numel())
     out.metrics = metrics
     return out
 

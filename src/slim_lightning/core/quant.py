@@ -268,6 +268,7 @@ def quantize_weight(
     *,
     stat: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    stats=None,
 ) -> tuple[QuantTensor | None, float]:
     """Quantises a weight with ``spec.method`` and applies ``mask`` to the integers.
 
@@ -279,11 +280,16 @@ def quantize_weight(
         spec: the QuantSpec.
         stat: fp32 ``(d_in,)`` channel statistic (SLiM-Quant^O only).
         mask: bool ``(d_out, d_in)`` kept entries, or None.
+        stats: the layer's ``LayerStats``, handed to quantisers that run their own GPTQ pass
+            (``Quantizer.needs_hessian``; they return a ``core.grouped.GroupQuant``).
 
     Returns:
-        ``(QuantTensor or None for method none, alpha or nan)``.
+        ``(QuantTensor or GroupQuant, or None for method none; alpha, tau or nan)``.
     """
-    return QUANTIZERS.get_entry(spec.method).fn(w, spec, stat, mask)
+    entry = QUANTIZERS.get_entry(spec.method)
+    if entry.needs_hessian:
+        return entry.fn(w, spec, stat, mask, stats=stats)
+    return entry.fn(w, spec, stat, mask)
 
 
 @register_quantizer("none")

@@ -9,7 +9,10 @@ plus one YAML file (``conf/pruner/<name>.yaml``, ``conf/quant/...``, ``conf/lowr
   (``prune(w, stats, sparsity, pruner, joint_quant, mask, info) -> (base, mask, qt | None)``, the
   SparseGPT/OBS protocol: ``qt`` is the quantised result when it quantised jointly), and declares
   whether it needs the input Hessian ``X^T X``;
-* a **quantiser** maps ``(w, QuantSpec, stat, mask) -> (QuantTensor | None, alpha)``;
+* a **quantiser** maps ``(w, QuantSpec, stat, mask) -> (QuantTensor | None, alpha)`` (``alpha``:
+  its fitted scalar, SLiM-Quant's clipping value or SpQR's ``tau``; nan when none); one that runs
+  its own GPTQ pass (``needs_hessian``) also receives the layer's ``LayerStats`` as ``stats=``
+  and may return a ``GroupQuant`` (``core.grouped``);
 * an **adapter method** maps the channel statistic to the SVD weighting of the low-rank
   adapters (``None``: plain SVD).
 
@@ -37,10 +40,16 @@ class Pruner:
 
 @dataclass(frozen=True)
 class Quantizer:
-    """A weight quantiser: ``fn(w, spec, stat, mask) -> (QuantTensor | None, alpha)``."""
+    """A weight quantiser: ``fn(w, spec, stat, mask[, stats=]) -> (QuantTensor | None, alpha)``.
+
+    ``needs_hessian``: it reads ``LayerStats.hessian`` (passed as ``stats=``); ``needs_samples``:
+    it also reads ``LayerStats.samples`` (a subset of the layer's real calibration inputs).
+    """
 
     name: str
     fn: Callable[..., Any]
+    needs_hessian: bool = False
+    needs_samples: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,12 @@ def register_pruner(name: str, **kw: Any) -> Callable:
     return deco
 
 
-def register_quantizer(name: str) -> Callable:
-    """Decorator for ``fn(w, spec, stat, mask) -> (QuantTensor | None, alpha)``."""
+def register_quantizer(name: str, **kw: Any) -> Callable:
+    """Decorator for ``fn(w, spec, stat, mask) -> (QuantTensor | None, alpha)``; ``kw``:
+    ``needs_hessian`` / ``needs_samples`` (see ``Quantizer``)."""
 
     def deco(fn: Callable) -> Callable:
-        QUANTIZERS.add(Quantizer(name=name, fn=fn))
+        QUANTIZERS.add(Quantizer(name=name, fn=fn, **kw))
         return fn
 
     return deco

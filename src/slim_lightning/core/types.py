@@ -96,12 +96,15 @@ class LayerStats:
             (except SparseGPT under ``cache["consume_hessian"]``, see ``core.sparsegpt``).
         cache: work derived from ``hessian`` alone (SparseGPT's inverse factor), shared by every
             linear that shares the Hessian and by the re-fit of the same linear.
+        samples: optional fp32 ``(n, d_in)`` calibration input rows (a strided subset, for
+            quantisers that score a layer's real outputs: ``CompressSpec.needs_samples``).
     """
 
     sq_sum: torch.Tensor
     abs_sum: torch.Tensor
     n_tokens: int
     hessian: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def channel_stat(self, kind: Literal["sq", "abs"] = "sq") -> torch.Tensor:
@@ -118,6 +121,8 @@ class QuantSpec:
     ``absmax`` (group AbsMax round-to-nearest). ``group_size`` applies to absmax (-1 = per-channel).
     ``error_model`` applies to slim_quant: ``reference`` (floor, step alpha/2^b as in the reference
     code) or ``exact`` (true rounding to the grid). ``outlier_ratio`` > 0 enables SLiM-Quant^O.
+    ``spqr`` and ``slim_llm`` (asymmetric groups of ``group_size`` columns inside their own GPTQ
+    pass, ``core.spqr`` / ``core.slim_llm``) read the fields below the first six.
     """
 
     method: str = "slim_quant"  # a key of core.registry.QUANTIZERS
@@ -126,6 +131,17 @@ class QuantSpec:
     error_model: Literal["reference", "exact"] = "reference"
     outlier_ratio: float = 0.0
     outlier_scale: float = 2.0
+    # the quantisers with their own GPTQ pass (spqr, slim_llm; core.gptq_group):
+    damp: float = 0.01  # relative damping of H (SpQR's published configs: 1.0)
+    act_order: bool = False  # columns by decreasing diag(H), permutation stored (spqr)
+    blocksize: int = 128  # GPTQ lazy-update block
+    stat_bits: int | None = None  # spqr: bits of the second-level scale/zero codes (null: fp16)
+    stat_group: int = 16  # spqr: beta2, rows per second-level group
+    tau: float = 0.2  # spqr: relative outlier threshold
+    tau_min: float = 0.05  # spqr: lower end of the target_bpw search
+    target_bpw: float | None = None  # spqr: search tau per layer for this bits/weight budget
+    sqc_lambda: float = 1.0  # slim_llm: extra weight of salient weights in the range search
+    kl_tokens: int = 2048  # slim_llm: calibration tokens of the bit-allocation KL objective
 
 
 @dataclass(frozen=True)
@@ -216,13 +232,24 @@ class CompressSpec:
 
     @property
     def needs_hessian(self) -> bool:
-        """True when the pruner (``core.registry.PRUNERS``) needs ``X^T X`` for this spec."""
-        from slim_lightning.core.registry import PRUNERS
+        """True when the pruner (``core.registry.PRUNERS``) or the quantiser (``QUANTIZERS``)
+        needs ``X^T X`` for this spec."""
+        from slim_lightning.core.registry import PRUNERS, QUANTIZERS
 
         entry = PRUNERS.get(self.pruner.method)
-        return bool(entry and entry.needs_hessian) and (
-            self.sparsity.pattern != "dense" or self.pruner.joint_quant
-        )
+        quant = QUANTIZERS.get(self.quant.method)
+        return (
+            bool(entry and entry.needs_hessian)
+            and (self.sparsity.pattern != "dense" or self.pruner.joint_quant)
+        ) or bool(quant and quant.needs_hessian)
+
+    @property
+    def needs_samples(self) -> int:
+        """Calibration input rows the quantiser reads (``LayerStats.samples``), 0 for none."""
+        from slim_lightning.core.registry import QUANTIZERS
+
+        quant = QUANTIZERS.get(self.quant.method)
+        return int(self.quant.kl_tokens) if quant and quant.needs_samples else 0
 
     @property
     def is_identity(self) -> bool:

@@ -102,7 +102,7 @@ def _vocab_tables(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = False
     if isinstance(head, SLiMLinear):
-        tied = any(head.weight_values is e.weight_values for e in embs)
+        tied = any(getattr(head, "weight_values", None) is e.weight_values for e in embs)
         if not tied:
             out[f"{names[id(head)]}.weight"] = head.dense_weight().to(dtype)
         if head.bias is not None:
@@ -113,8 +113,8 @@ def _vocab_tables(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch
 def _per_column_scale(pw: Any) -> torch.Tensor | None:
     """fp32 ``(rows, cols)``: every weight entry's stored scale, or None when not a plain
     symmetric <= 4-bit grid (unquantised, wider codes, or an ``in_scale``)."""
-    if pw.bits is None or pw.bits > BITS or "in_scale" in pw.tensors:
-        return None
+    if pw.format == "grouped" or pw.bits is None or pw.bits > BITS or "in_scale" in pw.tensors:
+        return None  # (grouped: asymmetric codes with zero points, mixed widths, outliers)
     rows, cols = pw.shape
     s = pw.float_field("scale").to(torch.float32)
     if s.shape == (1, 1):
@@ -179,15 +179,14 @@ def _layer_codes(
     w = pw.to_dense()
     qt = absmax_quant(w, BITS, g)  # fp16-representable scales, codes in [-8, 7]
     deq = qt.dequantize(torch.float32)
-    why = (
-        "unquantised"
-        if pw.bits is None
-        else "in_scale"
-        if "in_scale" in pw.tensors
-        else f"{pw.bits}-bit codes"
-        if pw.bits > BITS
-        else "scale groups do not fit the export group size"
-    )
+    why = "scale groups do not fit the export group size"
+    for cond, text in (
+        (pw.bits is not None and pw.bits > BITS, f"{pw.bits}-bit codes"),
+        ("in_scale" in pw.tensors, "in_scale"),
+        (pw.bits is None, "unquantised"),
+        (pw.format == "grouped", "asymmetric grouped codes (SpQR / SliM-LLM)"),
+    ):
+        why = text if cond else why
     rec.update(
         exact=False,
         requantized=why,

@@ -9,6 +9,10 @@ Integer codes
     (one byte per value; no sub-byte packing for those widths).
     Unquantised matrices (``bits = None``) store their fp32 values.
 
+Variable-width codes (the ``grouped`` format): ``pack_bits`` / ``unpack_bits`` put the values of
+each row into one LSB-first bitstream, value ``t`` at ``widths[t]`` bits (1..8) right after value
+``t - 1``, zero-padded to whole bytes.
+
 Floating-point fields are stored as their BIT PATTERNS in integer tensors (fp16 -> ``int16``,
 fp32 -> ``int32``; decode with ``Tensor.view``), so that ``module.to(torch.bfloat16)`` or
 ``.half()`` on a model holding these buffers can never re-round a scale. The logical dtype of every
@@ -158,3 +162,94 @@ def _lossless_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------
+# variable-width bitstreams (the ``grouped`` format's codes)
+# ----------------------------------------------------------------------------------------------
+
+# rows of at most this many values are packed / unpacked per block: the int32 work tensors of
+# ``pack_bits`` / ``unpack_bits`` stay a few times this size whatever the matrix
+BITS_STEP = 1 << 22
+
+
+def _stream_layout(widths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(widths, byte, shift, row_bytes)`` of a row bitstream: int64 ``(n,)`` widths, the byte
+    holding each value's first bit and the bit inside it; ``row_bytes`` a 0-d int64."""
+    w = torch.as_tensor(widths).to(device=device, dtype=torch.int64).reshape(-1)
+    if w.numel() and (int(w.min()) < 1 or int(w.max()) > 8):
+        raise ValueError(f"bit widths must be in 1..8, got [{int(w.min())}, {int(w.max())}]")
+    off = torch.cumsum(w, 0) - w  # (n,) first stream bit of each value
+    return w, off // 8, off % 8, (w.sum() + 7) // 8
+
+
+def pack_bits(values: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Packs each row's values at their own bit widths into one LSB-first bitstream per row.
+
+    Value ``t`` occupies stream bits ``[off_t, off_t + widths[t])`` with ``off_t =
+    sum(widths[:t])`` (value bit ``b`` -> stream bit ``off_t + b``); stream bit ``p`` is bit
+    ``p % 8`` of byte ``p // 8``; the row is zero-padded to whole bytes. Every row uses the same
+    widths, so every row has the same byte length and a decoder finds value ``t`` of any row at
+    a fixed (byte, shift).
+
+    Args:
+        values: unsigned integer ``(rows, n)`` (uint8 or any int dtype), ``0 <= v < 2**widths``.
+        widths: int ``(n,)`` in 1..8.
+
+    Returns:
+        uint8 ``(rows, ceil(sum(widths) / 8))``.
+
+    Raises:
+        ValueError: a width outside 1..8, a value outside its width, or mismatched shapes.
+    """
+    if values.dim() != 2 or values.dtype.is_floating_point or values.dtype == torch.bool:
+        raise ValueError(
+            f"pack_bits: needs an integer (rows, n) tensor, got {values.dtype} "
+            f"{tuple(values.shape)}"
+        )
+    rows, n = values.shape
+    w, byte, shift, row_bytes = _stream_layout(widths, values.device)
+    if w.numel() != n:
+        raise ValueError(f"pack_bits: {w.numel()} widths for {n} values per row")
+    # one spare byte: a value that ends inside its first byte adds 0 to the next one
+    out = torch.zeros(rows, int(row_bytes) + 1, dtype=torch.int32, device=values.device)
+    step = max(1, BITS_STEP // max(1, n))
+    for s in range(0, rows, step):
+        v = values[s : s + step].to(torch.int64)
+        if v.numel() and bool(((v < 0) | (v >= (1 << w))).any()):
+            raise ValueError("pack_bits: a value does not fit its bit width (needs 0 <= v < 2**w)")
+        # a value spans at most two bytes (shift <= 7, width <= 8): its low byte and high byte
+        # land in disjoint bit ranges of their bytes, so adding them is a bitwise OR
+        word = (v << shift).to(torch.int32)  # (block, n) < 2**15
+        out[s : s + step].index_add_(1, byte, word & 0xFF)
+        out[s : s + step].index_add_(1, byte + 1, word >> 8)
+    return out[:, : int(row_bytes)].to(torch.uint8)
+
+
+def unpack_bits(stream: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_bits``: uint8 ``(rows, ceil(sum(widths) / 8))`` -> uint8 ``(rows, n)``.
+
+    Args:
+        stream: uint8 ``(rows, row_bytes)`` bitstreams.
+        widths: int ``(n,)`` in 1..8, the same for every row.
+    """
+    if stream.dim() != 2 or stream.dtype != torch.uint8:
+        raise ValueError(
+            f"unpack_bits: needs uint8 (rows, bytes), got {stream.dtype} {tuple(stream.shape)}"
+        )
+    rows = stream.shape[0]
+    w, byte, shift, row_bytes = _stream_layout(widths, stream.device)
+    if stream.shape[1] != int(row_bytes):
+        raise ValueError(
+            f"unpack_bits: rows of {stream.shape[1]} bytes; widths need {int(row_bytes)}"
+        )
+    n = w.numel()
+    out = torch.empty(rows, n, dtype=torch.uint8, device=stream.device)
+    lo_mask = ((1 << w) - 1).to(torch.int32)  # (n,)
+    shift32 = shift.to(torch.int32)
+    step = max(1, BITS_STEP // max(1, n))
+    for s in range(0, rows, step):
+        blk = torch.nn.functional.pad(stream[s : s + step].to(torch.int32), (0, 1))
+        word = blk.index_select(1, byte) | (blk.index_select(1, byte + 1) << 8)  # (block, n)
+        out[s : s + step] = ((word >> shift32) & lo_mask).to(torch.uint8)
+    return out

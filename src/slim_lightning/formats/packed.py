@@ -1,10 +1,10 @@
 """Packed storage of a compressed weight matrix: the on-disk / in-memory contract.
 
 A ``PackedWeight`` stores one ``(rows, cols)`` matrix (a linear weight ``(d_out, d_in)``, or an
-adapter ``L^T (r, d_in)`` / ``R^T (d_out, r)``) in one of three formats. It only imports torch and
-the ``QuantTensor`` contract; ``to_dense()`` reproduces ``QuantTensor.dequantize()`` (and so
-``CompressedLinear.weight``) bit-exactly, and ``nbytes()`` counts every stored byte, padding
-included.
+adapter ``L^T (r, d_in)`` / ``R^T (d_out, r)``) in one of three formats (a ``GroupQuant`` goes to
+``formats.grouped``). It only imports torch and the core contracts; ``to_dense()`` reproduces
+``QuantTensor.dequantize()`` (and so ``CompressedLinear.weight``) bit-exactly, and ``nbytes()``
+counts every stored byte, padding included.
 
 Integer codes (4-bit two's complement nibbles, low nibble first, or ``int8``) and floating-point
 fields (stored as their bit patterns: fp16 -> ``int16``, fp32 -> ``int32``): ``formats.bitpack``.
@@ -16,6 +16,8 @@ Formats (``format`` field; all tensors are row-major and contiguous), one module
 * ``unstructured`` (``formats.unstructured``) -- any mask: ``bitmask`` + row-major ``values`` +
   ``row_offsets``.
 * ``dense`` (``formats.dense``) -- no sparsity: ``values``.
+* ``grouped`` (``formats.grouped``, its own class ``GroupedWeight``) -- a ``GroupQuant``
+  (SpQR / SliM-LLM) at its true code widths; ``from_quant`` / ``empty`` hand it over.
 
 Quantisation fields (all formats, only when ``bits`` is not None):
     * ``scale``: fp16/fp32 bit patterns, ``(1, 1)`` (one scale per tensor: SLiM-Quant) or
@@ -33,18 +35,25 @@ from typing import Any, Literal
 
 import torch
 
+from slim_lightning.core.grouped import GroupQuant
 from slim_lightning.core.types import QuantTensor
 from slim_lightning.formats import dense, nm, unstructured
 from slim_lightning.formats.bitpack import (
-    _BITS_DTYPE,
     _DTYPES,
     _bits_f,
     _check_codes,
     _dtype_name,
     _f_bits,
     _lossless_dtype,
-    meta_bits,
 )
+from slim_lightning.formats.checks import (  # noqa: F401 - check_* re-exported (old home)
+    ALLOWED_FORMATS,
+    _choose_format,
+    check_meta,
+    check_values,
+    expected_tensors,
+)
+from slim_lightning.formats.grouped import GroupedWeight
 from slim_lightning.formats.nm import dequant_nm
 
 Format = Literal["nm", "unstructured", "dense"]
@@ -58,9 +67,7 @@ def _format_module(fmt: str) -> ModuleType:
     try:
         return FORMATS[fmt]
     except KeyError:
-        raise ValueError(
-            f"unknown packed format {fmt!r}; allowed: nm, unstructured, dense"
-        ) from None
+        raise ValueError(f"unknown packed format {fmt!r}; allowed: {ALLOWED_FORMATS}") from None
 
 
 # matrices with more values than this are encoded a block of rows at a time (row-major formats)
@@ -133,14 +140,15 @@ class PackedWeight:
     @classmethod
     def from_quant(
         cls,
-        qt: QuantTensor,
+        qt: QuantTensor | GroupQuant,
         mask: torch.Tensor | None = None,
         *,
         fmt: Format | None = None,
         n: int = 2,
         m: int = 4,
-    ) -> PackedWeight:
-        """Packs a QuantTensor (codes 0 where ``mask`` is False).
+    ) -> PackedWeight | GroupedWeight:
+        """Packs a QuantTensor (codes 0 where ``mask`` is False), or a ``GroupQuant`` (its own
+        mask; ``mask`` / ``fmt`` unused) as a ``GroupedWeight``.
 
         Args:
             qt: the quantised matrix.
@@ -149,6 +157,8 @@ class PackedWeight:
                 fits it, else ``unstructured``.
             n, m: the N:M pattern tried / used.
         """
+        if isinstance(qt, GroupQuant):
+            return GroupedWeight.from_group_quant(qt, n=n, m=m)
         q = qt.q
         rows, cols = q.shape
         fmt = _choose_format(mask, cols, n, m) if fmt is None else fmt
@@ -298,8 +308,13 @@ class PackedWeight:
         }
 
     @classmethod
-    def empty(cls, meta: dict, device: torch.device | str | None = None) -> PackedWeight:
-        """Uninitialised tensors with the shapes and dtypes recorded in ``meta``."""
+    def empty(
+        cls, meta: dict, device: torch.device | str | None = None
+    ) -> PackedWeight | GroupedWeight:
+        """Uninitialised tensors with the shapes and dtypes recorded in ``meta`` (a
+        ``GroupedWeight`` for the ``grouped`` format)."""
+        if meta["format"] == "grouped":
+            return GroupedWeight.empty(meta, device)
         tensors = {
             k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device=device)
             for k, v in meta["tensors"].items()
@@ -321,119 +336,6 @@ class PackedWeight:
         stored bits), or None when absent."""
         t = self.tensors.get(name)
         return None if t is None else t.view(_DTYPES[self.dtypes[name]])
-
-
-def expected_tensors(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{field: (shape, dtype name)}`` that ``meta``'s format parameters imply.
-
-    Used to check a loaded checkpoint: a ``meta()`` whose ``tensors`` disagree with its format,
-    shape, bits, n, m, group size or nnz was damaged or edited.
-
-    Raises:
-        ValueError: the parameters themselves are impossible (e.g. ``n > m``, ``cols % m``).
-    """
-    fmt, bits = meta["format"], meta["bits"]
-    rows, cols = (int(x) for x in meta["shape"])
-    n, m, g, nnz = (int(meta[k]) for k in ("n", "m", "group_size", "nnz"))
-    if rows < 1 or cols < 1:
-        raise ValueError(f"shape {meta['shape']} is not a positive matrix shape")
-    if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 8):
-        raise ValueError(f"bits={bits!r}; allowed: 2..8 or null")
-
-    def codes(k_shape: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
-        if bits is None:
-            return k_shape, "int32"
-        if bits <= 4:
-            return (*k_shape[:-1], math.ceil(k_shape[-1] / 2)), "uint8"
-        return k_shape, "int8"
-
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    if fmt == "nm":
-        if not (1 <= n <= m <= 256) or cols % m:
-            raise ValueError(f"n={n}, m={m} do not fit {cols} columns (need 1 <= n <= m, m | cols)")
-        k = cols // m * n
-        if nnz != rows * k:
-            raise ValueError(f"nnz={nnz} != rows * cols / m * n = {rows * k}")
-        out["values"] = codes((rows, k))
-        out["meta"] = ((rows, math.ceil(k * meta_bits(m) / 8)), "uint8")
-    elif fmt == "unstructured":
-        if not 0 <= nnz <= rows * cols:
-            raise ValueError(f"nnz={nnz} outside [0, {rows * cols}]")
-        out["bitmask"] = ((rows, math.ceil(cols / 8)), "uint8")
-        out["values"] = codes((nnz,))
-        out["row_offsets"] = ((rows + 1,), "int32")
-    elif fmt == "dense":
-        if nnz != rows * cols:
-            raise ValueError(f"nnz={nnz} != rows * cols = {rows * cols}")
-        out["values"] = codes((rows, cols))
-    else:
-        raise ValueError(f"format {fmt!r}; allowed: nm, unstructured, dense")
-    dtypes = meta.get("dtypes", {})
-    if bits is not None:
-        if not 1 <= g:
-            raise ValueError(f"group_size={g} must be >= 1")
-        sdt = dtypes.get("scale")
-        if sdt not in _DTYPES:
-            raise ValueError(f"scale dtype {sdt!r}; allowed: {', '.join(_DTYPES)}")
-        shape = tuple(meta["tensors"].get("scale", {}).get("shape", ()))
-        per_group = (rows, math.ceil(cols / g))
-        out["scale"] = (
-            (1, 1) if shape == (1, 1) else per_group,
-            _dtype_name(_BITS_DTYPE[_DTYPES[sdt]]),
-        )
-        if "in_scale" in meta["tensors"]:
-            idt = dtypes.get("in_scale")
-            if idt not in _DTYPES:
-                raise ValueError(f"in_scale dtype {idt!r}; allowed: {', '.join(_DTYPES)}")
-            out["in_scale"] = ((cols,), _dtype_name(_BITS_DTYPE[_DTYPES[idt]]))
-    elif dtypes.get("values", "float32") != "float32":
-        raise ValueError(f"unquantised values dtype {dtypes.get('values')!r}; allowed: float32")
-    return out
-
-
-def check_meta(meta: dict) -> None:
-    """Raises ValueError unless ``meta["tensors"]`` is exactly what the format parameters imply."""
-    want = expected_tensors(meta)
-    have = {
-        k: (tuple(int(x) for x in v["shape"]), str(v["dtype"])) for k, v in meta["tensors"].items()
-    }
-    if have != want:
-        diff = sorted(
-            f"{k}: stored {have.get(k)} expected {want.get(k)}"
-            for k in set(have) | set(want)
-            if have.get(k) != want.get(k)
-        )
-        raise ValueError("packed tensors do not match the format parameters: " + "; ".join(diff))
-
-
-def check_values(pw: PackedWeight) -> None:
-    """Raises ValueError if a stored scale / fp value is NaN/Inf or a row offset is inconsistent."""
-    for name in ("scale", "in_scale", "values"):
-        if name == "values" and pw.bits is not None:
-            continue
-        t = pw.float_field(name) if name != "values" else pw.float_field("values")
-        if t is None:
-            continue
-        bad = ~torch.isfinite(t.float())
-        if name == "in_scale":
-            bad |= t == 0
-        if bool(bad.any()):
-            raise ValueError(f"{name} has {int(bad.sum())} NaN/Inf (or zero divisor) entries")
-    off = pw.tensors.get("row_offsets")
-    if off is not None:
-        o = off.to(torch.int64)
-        if int(o[0]) != 0 or int(o[-1]) != pw.nnz or bool((o[1:] < o[:-1]).any()):
-            raise ValueError("row_offsets are not a monotone prefix sum ending at nnz")
-
-
-def _choose_format(mask: torch.Tensor | None, cols: int, n: int, m: int) -> Format:
-    """``dense`` without a mask; ``nm`` when every group of ``m`` keeps at most ``n``; else
-    ``unstructured``."""
-    if mask is None:
-        return "dense"
-    if cols % m == 0 and bool((mask.reshape(mask.shape[0], -1, m).sum(-1) <= n).all()):
-        return "nm"
-    return "unstructured"
 
 
 def pack_absmax(
