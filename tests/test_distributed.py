@@ -252,7 +252,9 @@ def test_explicit_resume_is_refused_with_several_processes(
     from slim_lightning.errors import ConfigError
 
     ctx = SimpleNamespace(world_size=2, rank=0, is_main=True)
-    plan = SimpleNamespace(engine=SimpleNamespace(resume=True))
+    plan = SimpleNamespace(
+        engine=SimpleNamespace(resume=True), spec=SimpleNamespace(needs_samples=0)
+    )
     monkeypatch.setattr(distributed, "resume_requested", lambda: True)
     with pytest.raises(ConfigError, match="engine.resume.*several processes"):
         compress_run._run_distributed(ctx, plan, {}, tmp_path)

@@ -139,3 +139,14 @@ def test_peft_fine_tunes_adapters_over_a_grouped_base(tmp_path):
             assert torch.equal(v, after[k]), k  # the grouped base is untouched
     assert any(not torch.equal(before[k], after[k]) for k in before if "adapter_" in k)
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "done"
+
+
+def test_slim_llm_with_several_processes_is_refused_before_loading(tmp_path):
+    from types import SimpleNamespace
+
+    from slim_lightning.app.compress_run import _run_distributed
+    from slim_lightning.errors import ConfigError
+
+    plan = build_plan(_cfg("compress", ["debug=default", "method=slim_llm"]))
+    with pytest.raises(ConfigError, match="quant.method.*one process"):
+        _run_distributed(SimpleNamespace(world_size=2), plan, {}, tmp_path)

@@ -236,3 +236,25 @@ def test_slim_linear_grouped_triton_trains_like_reference():
         got[backend] = (y.detach(), xi.grad, mod.lora_l.grad.clone(), mod.lora_r.grad.clone())
     for a, b in zip(got["reference"], got["triton"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(rows=4096, cols=4096, gs=16, bits=4, perm=True, outliers=4096, bilevel=True),
+        dict(rows=4096, cols=4096, gs=64, bits=2, group_bits=[1, 2, 3, 2] * 16),
+        dict(rows=4096, cols=4096, gs=64, bits=3, mask="2:4", group_bits=[2, 3, 4, 3] * 16),
+    ],
+    ids=["spqr_4096", "slim_llm_2bit_4096", "slim_llm_2of4_4096"],
+)
+def test_gpu_grouped_decode_llama_shapes(case):
+    """Compiled kernels at a LLaMA-7B width: fp32 bit for bit, bf16 / fp16 the rounded fp32."""
+    gq = _group_quant(**case)
+    pw = GroupedWeight.from_group_quant(gq)
+    pw.tensors = {k: v.to(DEV) for k, v in pw.tensors.items()}
+    ref = gq.dequantize().to(DEV)
+    assert torch.equal(grouped_decode(pw, torch.float32), ref)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(grouped_decode(pw, dtype), ref.to(dtype))

@@ -75,6 +75,15 @@ def _run_distributed(ctx: Any, plan: Any, container: dict, run_dir: Path) -> dic
     from ..errors import ConfigError
     from .rundir import run_session
 
+    if plan.spec.needs_samples:  # before any weights load
+        raise ConfigError(
+            "quant.method",
+            plan.spec.quant.method,
+            f"a quantiser without calibration samples with several processes (world size "
+            f"{ctx.world_size}): {plan.spec.quant.method} scores its bit allocation on each "
+            "layer's real inputs, which the distributed statistics exchange does not carry; "
+            "run it in one process",
+        )
     if plan.engine.resume:
         if resume_requested():
             raise ConfigError(

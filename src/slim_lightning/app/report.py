@@ -35,6 +35,9 @@ def summary_table(report: dict[str, Any]) -> str:
     lay = report.get("layers_summary", {})
     if lay:
         rows.append(("bits per weight (linears)", "16", fmt_num(lay.get("bits_per_weight"))))
+        if "bits_formula" in lay:  # SpQR / SliM-LLM: beside the file's count
+            rows.append(("bits per weight (papers' count)", "16", fmt_num(lay["bits_formula"])))
+            rows.append(("16-bit outlier share", "0", fmt_num(lay.get("outlier_share"))))
         rows.append(("sparsity (linears)", "0", fmt_num(lay.get("sparsity"))))
         rows.append(("mean adapter rank", "-", fmt_num(lay.get("mean_rank"))))
         rows.append(("saliency-weighted rel. error", "0", fmt_num(lay.get("err_final"))))
@@ -99,7 +102,7 @@ def plot_layers(reports: list[dict[str, Any]], path: str | Path) -> Path | None:
             "saliency-weighted rel. error",
         ),
         (("sparsity",), "achieved sparsity"),
-        (("bits_per_weight",), "bits per weight"),
+        (("bits_per_weight", "bits_formula"), "bits per weight (file; papers' count)"),
         (("recon_err_before", "recon_err_after"), "block output error (reconstruct=block)"),
         (("rank",), "effective adapter rank"),
         (("alpha",), "SLiM-Quant alpha"),

@@ -397,6 +397,8 @@ def summarize_layers(reports: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {"n_layers": float(len(reports)), "compressed_params": total}
     for key in (
         "bits_per_weight",
+        "bits_formula",  # SpQR / SliM-LLM: the papers' count (codes, statistics, outliers)
+        "outlier_share",
         "sparsity",
         "err_before_adapters",
         "err_after_adapters",
