@@ -14,8 +14,9 @@ Per linear, inside GPTQ's column pass (``core.gptq_group``):
   ``thr = tau * mean_j(Var_rows(W[:, j]) / d_j^2)`` is an outlier: it keeps its value (an fp16
   correction over its code, stored as CSR) and feeds back no error.
 
-``quant.target_bpw`` searches ``tau`` per layer (bisection on a log scale) for the largest outlier
-share whose bits per weight (the paper's count) stay within the target.
+``quant.target_bpw`` searches ``tau`` per layer (an estimate from a pass without outliers, then at
+most five passes) for the largest outlier share whose bits per weight (the paper's count) stay
+within the target.
 
 Pure torch.
 """
@@ -37,7 +38,7 @@ from slim_lightning.core.grouped import (
 from slim_lightning.core.registry import register_quantizer
 from slim_lightning.core.types import LayerStats, QuantSpec
 
-_TAU_STEPS = 6  # bisection passes of the tau search
+_TAU_STEPS = 5  # passes of the tau search after the first
 
 
 def _minmax(x: torch.Tensor, bits: int, round_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +137,12 @@ def spqr_quantize(
     spec: QuantSpec,
     mask: torch.Tensor | None = None,
     tau: float | None = None,
+    record: list[torch.Tensor] | None = None,
 ) -> GroupQuant:
     """SpQR of one linear weight ``w (d_out, d_in)``; ``mask`` (original order) is kept fixed.
+
+    ``record``: receives, column by column, every kept weight's Hessian-scaled squared error in
+    units of the threshold's scale (the ``tau`` above which it would stay in 16 bits).
 
     Returns:
         GroupQuant with bi-level statistics (``quant.stat_bits``; fp16 when null), the outliers
@@ -152,14 +157,16 @@ def spqr_quantize(
         m = m if factor.perm is None else m[:, factor.perm]
         W = W * m
     d = torch.diag(factor.hinv)
-    thr = math.inf
-    if tau is not None and math.isfinite(tau):
-        thr = float(tau) * float((W.var(dim=0) / d.square()).mean())
-    g = spec.group_size if spec.group_size > 0 else W.shape[1]
+    unit = float((W.var(dim=0) / d.square()).mean())
+    thr = float(tau) * unit if tau is not None and math.isfinite(tau) else math.inf
+    g = _group(spec, W)
     fit = _SpqrFit(spec, thr, math.ceil(W.shape[1] / g))
 
     def outliers(wcol, deq, u, keep):
-        hit = ((wcol - deq) / u) ** 2 > thr
+        err = ((wcol - deq) / u) ** 2
+        if record is not None:
+            record.append((err if keep is None else err[keep]) / max(unit, 1e-30))
+        hit = err > thr
         return hit if keep is None else hit & keep
 
     res = gptq_group_pass(
@@ -168,7 +175,7 @@ def spqr_quantize(
         g,
         fit,
         mask=m,
-        outliers=outliers if math.isfinite(thr) else None,
+        outliers=outliers if math.isfinite(thr) or record is not None else None,
         blocksize=spec.blocksize,
     )
     orows, ocols, ovals = res.outliers if res.outliers is not None else (None, None, None)
@@ -213,24 +220,50 @@ def spqr_bits(gq: GroupQuant, spec: QuantSpec) -> float:
 def spqr_target(
     w: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask: torch.Tensor | None
 ) -> tuple[GroupQuant, float]:
-    """``quant.target_bpw``: the smallest ``tau`` (most outliers) in ``[tau_min, 64]`` whose
-    result stays within the budget, by bisection on ``log tau``; ``(result, tau)``."""
-    lo, hi = math.log(spec.tau_min), math.log(64.0)
-    best = spqr_quantize(w, stats, spec, mask, tau=math.inf)
-    best_tau = math.inf
-    if spqr_bits(best, spec) > spec.target_bpw:
+    """``quant.target_bpw``: the most outliers the budget allows, ``(result, tau)``.
+
+    The budget leaves ``n = (target - bits without outliers) * numel / 32`` outliers. Each pass
+    records every weight's error in threshold units; until a pass fits, ``tau`` jumps to the
+    ``n``-th largest error of the last pass (the first without outliers; the leave-one-out fit
+    and the error feedback of a pass with outliers move the errors, so this is an estimate),
+    then bisects on ``log tau`` between the last pass over the budget and the best within it;
+    ``1 + _TAU_STEPS`` passes at most. The result within the budget with the most outliers.
+    """
+    base = spqr_bits_formula(spec.bits, spec.stat_bits, _group(spec, w), spec.stat_group, 0.0)
+    n_max = math.floor((spec.target_bpw - base) * w.numel() / 32)
+    if n_max < 0:
         raise ValueError(
             f"quant.target_bpw={spec.target_bpw}: even without outliers a layer needs "
-            f"{spqr_bits(best, spec):.3f} bits per weight"
+            f"{base:.3f} bits per weight"
         )
+    rec: list[torch.Tensor] = []
+    plain = spqr_quantize(w, stats, spec, mask, tau=math.inf, record=rec)
+    if n_max == 0:
+        return plain, math.inf
+    best, best_tau = plain, math.inf
+    lo, hi = spec.tau_min, math.inf  # over the budget at lo (or untried), within it at hi
     for _ in range(_TAU_STEPS):
-        mid = 0.5 * (lo + hi)
-        gq = spqr_quantize(w, stats, spec, mask, tau=math.exp(mid))
+        if math.isinf(hi):  # no fit yet: jump to the n-th largest error of the last pass
+            crit = torch.cat(rec)
+            k = min(n_max, crit.numel())
+            tau = max(lo * 1.25, float(crit.topk(k).values[-1]) if k else lo * 1.25)
+        else:  # bracketed: bisect on log tau
+            tau = math.sqrt(lo * hi)
+        rec.clear()
+        gq = spqr_quantize(w, stats, spec, mask, tau=tau, record=rec)
         if spqr_bits(gq, spec) <= spec.target_bpw:
-            best, best_tau, hi = gq, math.exp(mid), mid
+            hi = tau
+            if gq.n_outliers >= best.n_outliers:
+                best, best_tau = gq, tau
+            if gq.n_outliers == n_max:
+                break
         else:
-            lo = mid
+            lo = tau
     return best, best_tau
+
+
+def _group(spec: QuantSpec, w: torch.Tensor) -> int:
+    return spec.group_size if spec.group_size > 0 else w.shape[1]
 
 
 @register_quantizer("spqr", needs_hessian=True)
