@@ -220,3 +220,35 @@ def test_combination_2of4_spqr_with_adapters():
 def test_bad_options_are_refused_naming_the_key(kw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         QuantConfig(**kw)
+
+
+def test_paper_bit_count_against_the_file_bytes():
+    """The packed file holds exactly the paper's count plus what the paper amortises away: the
+    CSR row offsets, the act-order permutation and the byte padding of the statistic codes."""
+    from slim_lightning.formats.grouped import GroupedWeight
+
+    w, x = _layer(d_out=48, d_in=64)
+    w[5, 9] = 1.5
+    gq = spqr_quantize(w, _stats(x), SPQR)  # 4-bit, 16 x 16, 3-bit statistics
+    pw = GroupedWeight.from_group_quant(gq)
+    rows, cols, n_groups = 48, 64, 4
+    formula = spqr_bits_formula(4, 3, 16, 16, gq.n_outliers / (rows * cols))
+    assert gq.paper_bits() == pytest.approx(formula)
+    pad = 2 * rows * (8 * math.ceil(3 * n_groups / 8) - 3 * n_groups)  # scale_q, zero_q rows
+    extra = 32 * (rows + 1) + 32 * cols + pad
+    assert 8 * pw.nbytes() == pytest.approx(formula * rows * cols + extra)
+    gm, _ = slim_llm_quantize(w, _stats(x), QuantSpec(method="slim_llm", bits=2, group_size=16))
+    pm = GroupedWeight.from_group_quant(gm)
+    widths = 8 * n_groups  # one uint8 per group
+    assert 8 * pm.nbytes() == pytest.approx(gm.paper_bits() * rows * cols + widths)
+
+
+def test_second_level_of_a_nearly_constant_statistic_stays_finite():
+    """Equal scales over a row group (common under a 2:4 mask) once gave an fp16 step of 0 and an
+    infinite zero point: the step is bounded below by 1/1024 of the largest magnitude."""
+    from slim_lightning.core.spqr import second_level
+
+    x = torch.tensor([0.5, 0.5000001, 0.5, 0.5] * 4 + [0.25])
+    bl = second_level(x, 3, 16)
+    assert torch.isfinite(bl.z2).all() and torch.isfinite(bl.s2).all()
+    assert torch.allclose(bl.decode()[:, 0], x, rtol=2e-3)

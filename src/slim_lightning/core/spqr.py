@@ -89,9 +89,14 @@ def second_level(stat: torch.Tensor, bits: int, group: int) -> BiLevel:
     pad = n_rg * group - rows
     x = torch.cat([stat, stat[-1:].expand(pad)]) if pad else stat  # repeat: range unchanged
     x = x.reshape(n_rg, group)  # (row groups, group)
-    s2, z2 = _minmax(x, bits, False)
-    s2, z2 = fp16_round(s2), fp16_round(z2)
-    q = quantize_codes(x, torch.where(s2 > 0, s2, 1.0)[:, None], z2[:, None], bits)
+    lo, hi = x.amin(1), x.amax(1)
+    # the step is at least 1/1024 of the largest magnitude, so the zero point |lo / s2| <= 1024
+    # stays a finite, precise fp16 value (a nearly constant statistic, e.g. equal scales over a
+    # row group, would otherwise give a step too small for fp16 and an infinite zero)
+    s2 = torch.maximum((hi - lo) / (2**bits - 1), torch.maximum(lo.abs(), hi.abs()) / 1024)
+    s2 = fp16_round(torch.where(s2 > 0, s2, torch.ones_like(s2)))
+    z2 = fp16_round(-lo / s2)
+    q = quantize_codes(x, s2[:, None], z2[:, None], bits)
     return BiLevel(
         q=q.reshape(-1)[:rows].to(torch.uint8)[:, None],
         s2=s2[:, None],
