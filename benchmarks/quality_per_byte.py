@@ -70,16 +70,20 @@ def plot(rows: list[dict], path: str) -> None:
     ok = [r for r in rows if r.get("ppl") and r.get("bits_per_weight")]
     bpw = {id(r): r.get("bits_per_weight_true_width", r["bits_per_weight"]) for r in ok}
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"gptq": "grey", "spqr": "tab:blue", "slim_llm": "tab:green", "slim_q": "tab:red"}
+    top = 400.0  # perplexities above it are drawn at the edge (a 2-bit GPTQ collapse)
     for r in ok:
-        fam = r["name"].split("_")[0]
-        ax.scatter(bpw[id(r)], r["ppl"], label=fam)
-        ax.annotate(
-            r["name"],
-            (bpw[id(r)], r["ppl"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
+        fam = next((f for f in colors if r["name"].startswith(f)), "combination")
+        y, off = (r["ppl"], False) if r["ppl"] <= top else (top, True)
+        ax.scatter(
+            bpw[id(r)],
+            y,
+            label=fam,
+            color=colors.get(fam, "tab:orange"),
+            marker="^" if off else "o",
         )
+        text = r["name"] + (f" ({r['ppl']:.3g}, off scale)" if off else "")
+        ax.annotate(text, (bpw[id(r)], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     dense = next((r["ppl_dense"] for r in ok if r.get("ppl_dense")), None)
     if dense:
         ax.axhline(dense, color="k", lw=0.8, ls="--")
@@ -94,6 +98,7 @@ def plot(rows: list[dict], path: str) -> None:
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylim(top=top * 1.3)
     ax.set_xlabel("bits per weight (linears, packed file; GPTQ < 4 bits: codes at true width)")
     ax.set_ylabel("perplexity (embedded evaluation text)")
     ax.set_title("Quality per byte, SmolLM2-135M")

@@ -196,6 +196,10 @@ def test_combination_2of4_spqr_with_adapters():
     validate_spec(spec)
     c = compress_linear(w, _stats(x), spec)
     assert isinstance(c.weight_q, GroupQuant)
+    assert c.weight_q.perm is None  # act-order is off under the mask: the 2:4 layout packs
+    from slim_lightning.formats.grouped import GroupedWeight
+
+    assert GroupedWeight.from_group_quant(c.weight_q).layout == "nm"
     kept = c.mask.reshape(32, 16, 4).sum(-1)
     assert bool((kept == 2).all())
     assert torch.equal(c.weight, c.weight_q.dequantize())

@@ -2,7 +2,8 @@
 
 Per linear, inside GPTQ's column pass (``core.gptq_group``):
 
-* optional act-order (columns by decreasing ``diag H``; the permutation is stored),
+* optional act-order (columns by decreasing ``diag H``; the permutation is stored; off under a
+  sparsity mask, whose N:M groups live in the original column order),
 * every ``beta1 = quant.group_size`` columns, per-row min-max statistics fitted on the
   error-updated slice **without the likely outliers**: a weight whose removal lowers the group's
   ``sum ((q(w) - w) / d)^2`` by more than the threshold is replaced by the mean of the others
@@ -154,7 +155,9 @@ def spqr_quantize(
         and the act-order permutation; ``dequantize()`` is the final weight.
     """
     tau = spec.tau if tau is None else tau
-    factor = layer_factor(stats, spec.damp, spec.act_order, w.device)
+    # under a mask act-order is off: an N:M pattern holds in the original column order only, and
+    # permuted columns would leave the packed format a bitmap with every code stored
+    factor = layer_factor(stats, spec.damp, spec.act_order and mask is None, w.device)
     W = to_stored(w, factor)
     m = None
     if mask is not None:
