@@ -71,7 +71,7 @@ def test_leave_one_out_finds_and_ignores_a_planted_outlier():
     gain = loo_gain(group, torch.ones(16), bits=3)
     assert int(gain[2].argmax()) == 5 and float(gain[2, 5]) > 10 * float(gain[2].median())
     # the fit without likely outliers: row 2's range is set by the other weights, not by 0.5
-    fit = _SpqrFit(QuantSpec(method="spqr", bits=3, stat_bits=None), thr=1e-4, n_groups=1)
+    fit = _SpqrFit(QuantSpec(method="spqr", bits=3, stat_bits=None), thr=1e-4)
     s, z, _ = fit(group, None, 0, torch.ones(16))
     plain = (group[2].max() - group[2].min()) / 7
     assert float(s[2]) < 0.2 * float(plain)

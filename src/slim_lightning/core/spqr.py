@@ -110,7 +110,7 @@ def second_level(stat: torch.Tensor, bits: int, group: int) -> BiLevel:
 class _SpqrFit:
     """The per-group statistics of SpQR, remembering the second-level codes for the packer."""
 
-    def __init__(self, spec: QuantSpec, thr: float, n_groups: int):
+    def __init__(self, spec: QuantSpec, thr: float):
         self.spec, self.thr = spec, thr
         self.levels: list[tuple[BiLevel, BiLevel]] = []
 
@@ -168,7 +168,7 @@ def spqr_quantize(
     unit = float((W.var(dim=0) / d.square()).mean())
     thr = float(tau) * unit if tau is not None and math.isfinite(tau) else math.inf
     g = _group(spec, W)
-    fit = _SpqrFit(spec, thr, math.ceil(W.shape[1] / g))
+    fit = _SpqrFit(spec, thr)
 
     def outliers(wcol, deq, u, keep):
         err = ((wcol - deq) / u) ** 2
