@@ -202,22 +202,6 @@ def fp16_round(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).to(torch.float16).to(torch.float32)
 
 
-def minmax_stats(
-    w: torch.Tensor, bits: int, *, round_zero: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max statistics of each row of ``w (rows, n)``: ``scale``, ``zero``
-    (fp32 ``(rows,)``), with the range widened to include 0 (GPTQ's quantiser). A constant row
-    gets scale 1 (nothing to resolve), never 0."""
-    maxq = 2**bits - 1
-    lo = w.amin(1).clamp(max=0)
-    hi = w.amax(1).clamp(min=0)
-    scale = (hi - lo) / maxq
-    flat = scale <= 0
-    scale = torch.where(flat, torch.ones_like(scale), scale)
-    zero = -lo / scale
-    return scale, (torch.round(zero) if round_zero else zero)
-
-
 def quantize_codes(w: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
     """``clamp(round(w / scale + zero), 0, 2**bits - 1)`` as fp32 codes (broadcasting)."""
     return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
