@@ -122,3 +122,37 @@ def test_checkout_kernels_folder_never_shadows_hub_kernels(tmp_path):
     )
     assert with_hub.returncode == 0, with_hub.stderr[-2000:]
     assert with_hub.stdout.split()[0] == str(fake / "__init__.py")
+
+
+def test_third_party_imports_from_checkout_before_slim_lightning(tmp_path):
+    """A notebook started in the checkout imports peft / transformers / bitsandbytes first:
+    ``import kernels`` must give Hugging Face's package (or nothing), never our folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = (
+        "import peft, transformers, kernels\n"
+        "print(kernels.__file__)\n"
+        "import slim_lightning.kernels.reference as r\n"
+        "print(r.__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, ours = proc.stdout.split()[-2:]
+    assert Path(where).resolve().parent != (root / "kernels").resolve()
+    assert ours == "slim_lightning.kernels.reference"
+    # no hub package anywhere on the path: `import kernels` is a plain "No module named"
+    bare = (
+        "import sys; sys.path[:] = [''] + [p for p in sys.path if 'site-packages' not in p]\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+        "    print('missing', e.name, 'kernels' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", bare], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["missing", "kernels", "False"]
