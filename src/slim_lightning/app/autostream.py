@@ -155,7 +155,7 @@ def estimate(config: Any, dtype_bytes: int, plan: Any = None) -> dict[str, int]:
     work = 0
     if plan is not None:
         try:
-            arch = get_arch(model, plan.model.arch)
+            arch = get_arch(model, plan.model.arch, plan.model.ignore)
             lins = block_linears(get_blocks(model, arch)[0], arch)
         except (ValueError, KeyError, AttributeError, IndexError):  # unknown layout: no work
             lins, arch = {}, None
@@ -179,6 +179,26 @@ def _leaner(plan: Any) -> str:
     return ""
 
 
+def _fused_experts(config: Any) -> str | None:
+    """Why a mixture-of-experts model cannot stream (None for other models)."""
+    from transformers import PretrainedConfig
+
+    from ..models.arch import meta_model
+
+    if not isinstance(config, PretrainedConfig):
+        return None
+    try:
+        fused = any(p.dim() == 3 for p in meta_model(config).parameters())
+    except Exception:  # noqa: BLE001 - no causal LM for this config: load_config says why
+        return None
+    if not fused:
+        return None
+    return (
+        "its experts are stored fused (3-D tensors) and the streaming reader reads each "
+        "block's tensors by their unfused names: not supported yet"
+    )
+
+
 def _can_stream(plan: Any) -> str | None:
     """None when the model can stream, else why not."""
     src = plan.model.source
@@ -197,10 +217,14 @@ def resolve_streaming(plan: Any, config: Any, *, compress: bool) -> tuple[Any, d
     from ..dtypes import FLOAT_DTYPES
 
     mode = plan.engine.streaming
+    experts = _fused_experts(config) if mode is not False and compress else None
+    if mode is True and experts is not None:
+        raise ConfigError("engine.streaming", True, f"false for this model: {experts}")
     if mode != "auto":
         return plan, {"mode": mode, "streaming": bool(mode)}
     record: dict[str, Any] = {"mode": "auto", "streaming": False}
     why_not = _can_stream(plan) if compress else "nothing is compressed"
+    why_not = why_not or experts
     avail = available_memory()
     est = None
     from transformers import PretrainedConfig

@@ -238,6 +238,13 @@ def _finish(
     if loaded.embeddings is not None:
         report["embeddings"] = loaded.embeddings
     calib = loaded.calib_result
+    if calib is not None and calib.experts:
+        report["experts"] = {
+            "min_tokens": plan.engine.expert_min_tokens,
+            "rule": "an expert routed fewer calibration tokens than min_tokens in a batch also "
+            "saw all of that batch's tokens, for its statistics only (topped_up)",
+            "layers": calib.experts,
+        }
     reports = calib.reports if calib is not None else []
     report["layers"] = reports
     report["layers_summary"] = summarize_layers(reports)

@@ -118,11 +118,14 @@ def write_packed(
 
 
 def write_hf(model: nn.Module, tokenizer: Any, out: Path, *, packed: bool) -> None:
-    """A plain HF model at ``out`` (``SLiMLinear`` merged into dense ``nn.Linear`` first)."""
+    """A plain HF model at ``out`` (``SLiMLinear`` merged into dense ``nn.Linear`` first; per-
+    expert linears stacked back into the family's fused expert tensors)."""
+    from ..models.experts import fuse_experts
     from ..nn.adapters import merge_to_dense
 
     if packed:
         merge_to_dense(model)
+    fuse_experts(model)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

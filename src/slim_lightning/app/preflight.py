@@ -113,7 +113,7 @@ def preflight(
     """
     from ..checkpoint.layout import verify_files
     from ..data.text import calibration_windows, eval_tokens, eval_windows
-    from ..models.arch import get_arch, linear_shapes
+    from ..models.arch import arch_of_config, linear_shapes
     from ..models.load import load_config, load_tokenizer
 
     prepared = Prepared(tokenizer=None)
@@ -133,8 +133,9 @@ def preflight(
         from transformers import PretrainedConfig
 
         if isinstance(config, PretrainedConfig):
-            arch = _arch_of(config, plan.model.arch, get_arch)
-            check_dims(plan.spec, linear_shapes(config, arch), plan.model.name)
+            trust = bool(plan.model.trust_remote_code)
+            arch = arch_of_config(config, plan.model.arch, plan.model.ignore, trust)
+            check_dims(plan.spec, linear_shapes(config, arch, trust), plan.model.name)
         from .autostream import resolve_streaming
 
         plan, prepared.streaming = resolve_streaming(plan, config, compress=compress)
@@ -180,12 +181,3 @@ def _whole_model(plan: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(plan, engine=dataclasses.replace(plan.engine, streaming=False))
-
-
-def _arch_of(config: Any, arch: str, get_arch: Any) -> Any:
-    class _Shell:
-        pass
-
-    shell = _Shell()
-    shell.config = config  # type: ignore[attr-defined]
-    return get_arch(shell, arch)  # type: ignore[arg-type]

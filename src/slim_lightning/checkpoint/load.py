@@ -206,15 +206,26 @@ def retie(model: nn.Module, tied_to: dict[str, str | None], sd: dict[str, torch.
 
 
 def _materialise_buffers(model: nn.Module, arch: Any, device: str | torch.device) -> None:
-    """Recomputes non-persistent buffers (e.g. rotary ``inv_freq``) left on the meta device."""
-    from ..models.arch import get_module
-
-    if arch.rotary_path is not None:
-        rot = get_module(model, arch.rotary_path)
-        if rot is not None and any(b.is_meta for b in rot.buffers()):
-            with torch.device(device):
-                fresh = type(rot)(config=model.config)
-            model.set_submodule(arch.rotary_path, fresh)
+    """Recomputes non-persistent buffers (rotary ``inv_freq`` tables: never stored) left on the
+    meta device, by building each owning module again from its config."""
+    for name, mod in list(model.named_modules()):
+        if not any(b.is_meta for b in mod.buffers(recurse=False)):
+            continue
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            continue  # weights are reported below
+        fresh = None
+        for cfg in (getattr(mod, "config", None), getattr(model, "config", None)):
+            if cfg is None:
+                continue
+            try:
+                with torch.device(device):
+                    fresh = type(mod)(config=cfg)
+                break
+            except TypeError:
+                continue
+        if fresh is None or any(b.is_meta for b in fresh.buffers()):
+            raise ValueError(f"cannot rebuild the buffers of {name} ({type(mod).__name__})")
+        model.set_submodule(name, fresh)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"tensors not restored from the checkpoint: {left[:5]}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..core.grouped import GroupQuant
 from ..core.types import CompressedLinear, CompressSpec, LayerStats, QuantTensor
-from ..models.arch import block_output, to_device
+from ..models.arch import block_kwargs, block_output, to_device
 from .resume import BlockStore, canonicalize
 from .steps import LocalStep
 
@@ -50,6 +50,7 @@ class CalibrationResult:
     seconds: float = 0.0
     embeddings: dict[str, Any] | None = None  # quantize_embeddings' report (embeddings.bits)
     block_seconds: list[float] = field(default_factory=list)  # wall time of each block run
+    experts: dict[str, Any] | None = None  # MoE: calibration tokens per expert (pipeline)
 
 
 def merge_install(block: nn.Module, name: str, linear: nn.Linear, c: CompressedLinear) -> None:
@@ -143,8 +144,9 @@ class CalibrationEngine:
         return outs
 
     @torch.no_grad()
-    def run(self, inputs: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> CalibrationResult:
-        """Compresses every block, given the first block's inputs and kwargs (per batch)."""
+    def run(self, inputs: list[torch.Tensor], kwargs: list[Any]) -> CalibrationResult:
+        """Compresses every block, given the first block's inputs and, per batch, the blocks'
+        keyword arguments (``arch.capture_block_inputs``: a ``PerBlock`` or one shared dict)."""
         t0 = time.perf_counter()
         result = CalibrationResult()
         self.discarded: str | None = None
@@ -156,7 +158,8 @@ class CalibrationEngine:
             start = store.load_progress()
             self.discarded = store.discarded
         inputs, kwargs = self.step.select(inputs, kwargs)
-        kwargs = [to_device(kw, self.device) for kw in kwargs]
+        memo: dict[int, Any] = {}  # arguments the blocks share move once
+        all_kwargs = [to_device(kw, self.device, memo) for kw in kwargs]
         offload = self.offload_blocks
         for i in range(start):  # re-install finished blocks from their saved state
             self._reinstall(store, i, result)
@@ -188,6 +191,7 @@ class CalibrationEngine:
                 self.block_hook(i, self.blocks[i], "load")
             block = self.blocks[i].to(self.device)
             lin = self._linears(block)
+            kwargs = block_kwargs(all_kwargs, i)  # block i's own masks and position tables
             install = lambda n, c, i=i, block=block, lin=lin: self._install(  # noqa: E731
                 i, block, n, lin[n], c, result
             )

@@ -9,10 +9,12 @@ rank-zero / barrier logic around ``load_or_compress``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,12 +157,12 @@ def compress_model(
     from ..io import tensors_sha256
     from ..models.arch import get_arch, get_blocks
 
-    arch = get_arch(model)
+    arch = get_arch(model, ignore=tuple(getattr(plan.model, "ignore", ()) or ()))
     blocks = get_blocks(model, arch)
     if plan.spec.is_identity:
         return CalibrationResult()
     device = plan.device
-    inputs, kwargs = capture_block_inputs(model, blocks[0], calib_ids, plan.engine.batch_size)
+    inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, plan.engine.batch_size)
     if stream is not None:
         stream.park()
     state_dir = None
@@ -208,7 +210,18 @@ def compress_model(
         reconstruct=plan.reconstruct,
         norm_dtype=FLOAT_DTYPES[export_dtype],
     )
-    result = engine.run(inputs, kwargs)
+    with expert_census(model, plan.engine.expert_min_tokens) as census:
+        result = engine.run(inputs, kwargs)
+    if dist is not None and census:  # every rank counted its own batches
+        shares = dist.all_gather_object(census)
+        census = {
+            n: {
+                "tokens": [sum(col) for col in zip(*(sh[n]["tokens"] for sh in shares))],
+                "topped_up": sorted(set().union(*(sh[n]["topped_up"] for sh in shares))),
+            }
+            for n in census
+        }
+    result.experts = census or None
     del inputs, kwargs
     emb = getattr(plan, "embeddings", None)
     quantized = emb is not None and emb.bits is not None
@@ -235,6 +248,27 @@ def compress_model(
         if not stream.keep_offloaded:
             engine.reinstall_offloaded()  # the packed blocks, back from their offload files
     return result
+
+
+@contextlib.contextmanager
+def expert_census(model: nn.Module, min_tokens: int) -> Iterator[dict[str, Any]]:
+    """While the engine runs: the experts' statistics passes count the tokens routed to each
+    expert and top up the rarely routed ones (``engine.expert_min_tokens``). Yields the report
+    (``{module path: {"tokens": [...], "topped_up": [...]}}``), filled on exit."""
+    from ..models.experts import LinearExperts
+
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LinearExperts)}
+    for m in mods.values():
+        m.reset_counts()
+        m.count_tokens, m.only_observed, m.stats_min_tokens = True, True, min_tokens
+    out: dict[str, Any] = {}
+    try:
+        yield out
+    finally:
+        for name, m in mods.items():
+            m.count_tokens, m.only_observed, m.stats_min_tokens = False, False, 0
+            tokens = [0] * m.num_experts if m.tokens_routed is None else m.tokens_routed.tolist()
+            out[name] = {"tokens": tokens, "topped_up": sorted(m.topped_up)}
 
 
 # -- the one compression path both entry points share ---------------------------------------------
@@ -292,7 +326,7 @@ def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
     if dtype == "auto":
         dtype = source_dtype(plan.model, None if prepared is None else prepared.config)
     out.export_dtype = dtype
-    round_uncompressed(model, dtype)
+    round_uncompressed(model, dtype, plan.model.ignore)
     return out
 
 

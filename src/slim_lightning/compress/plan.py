@@ -166,9 +166,14 @@ class EngineConfig:
     # slim_lightning.device.set_omp_wait_policy): auto (passive when other processes keep the
     # cores busy at start) | passive | active | null (the runtime's default)
     omp_wait: Any = "auto"
+    # mixture of experts: an expert routed fewer calibration tokens than this in a batch also
+    # sees every token of that batch for its statistics only (its output is discarded; counts
+    # and the experts topped up are in report.json "experts"); 0 = routed tokens only
+    expert_min_tokens: int = 64
 
     def __post_init__(self) -> None:
         check_int("engine.batch_size", self.batch_size, 1)
+        check_int("engine.expert_min_tokens", self.expert_min_tokens, 0)
         for key in ("resume", "progress", "offload_inputs"):
             check_bool(f"engine.{key}", getattr(self, key))
         if not (isinstance(self.streaming, bool) or self.streaming == "auto"):

@@ -96,7 +96,7 @@ class StreamingSource:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, **_dtype_kw(self.dtype))
         self.model = model
-        self.arch = get_arch(model, self.cfg.arch)
+        self.arch = get_arch(model, self.cfg.arch, self.cfg.ignore)
         self.blocks = get_blocks(model, self.arch)
         self.reader = ShardReader(
             self.dir,

@@ -51,6 +51,19 @@ def per_window_nll(
     return (nll.sum() if reduction == "sum" else nll), b * (t - 1)
 
 
+#: config fields of heads whose logits are more than ``lm_head(hidden)`` (Gemma 2/3 soft-capping,
+#: Granite's and Cohere's logit scales): their models are evaluated through their own forward
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale", "output_multiplier")
+
+
+def plain_head(model: nn.Module) -> bool:
+    """Whether the model's logits are exactly ``lm_head(base(ids)[0])``."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    cfg = get() if callable(get) else cfg
+    return all(getattr(cfg, k, None) in (None, 1, 1.0) for k in _HEAD_TRANSFORMS)
+
+
 def training_nll(
     model: nn.Module, batch: torch.Tensor, chunk_tokens: int = 256
 ) -> tuple[torch.Tensor, int]:
@@ -69,15 +82,12 @@ def training_nll(
     """
     from torch.utils.checkpoint import checkpoint
 
-    from ..models.arch import ARCHS
-
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     from ..nn.linear import SLiMLinear
 
     linear_head = isinstance(head, (nn.Linear, SLiMLinear))  # SLiMLinear: embeddings.bits
-    if base is None or not linear_head or model_type not in ARCHS:
+    if base is None or not linear_head or not plain_head(model):
         return per_window_nll(model, batch)
     b, t = batch.shape
     hidden = base(input_ids=batch, use_cache=False)[0]  # (b, T, H)
@@ -291,20 +301,21 @@ def streaming_perplexity(
     from tqdm.auto import tqdm
 
     from ..data.evaluation import per_window_nll
-    from ..models.arch import block_output, capture_block_inputs, to_device
+    from ..models.arch import block_kwargs, block_output, capture_block_inputs, to_device
 
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n, seqlen>=2), got {tuple(windows.shape)}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     blocks = stream.blocks
-    hidden, kwargs = capture_block_inputs(model, blocks[0], windows, batch_size)
-    kwargs_dev = [to_device(kw, dev) for kw in kwargs]
+    hidden, kwargs = capture_block_inputs(model, blocks, windows, batch_size)
+    memo: dict[int, Any] = {}
+    kwargs_dev = [to_device(kw, dev, memo) for kw in kwargs]
     outs: list[Any] = []
     for i in tqdm(range(len(blocks)), desc="Perplexity (streamed)", disable=not progress):
         block = blocks[i]
         stream.read_for_eval(i, block)
         block.to(dev)
-        outs = [block(x.to(dev), **kw) for x, kw in zip(hidden, kwargs_dev)]
+        outs = [block(x.to(dev), **kw) for x, kw in zip(hidden, block_kwargs(kwargs_dev, i))]
         hidden = [block_output(o).to("cpu") for o in outs]
         stream.evict_block(block)
     last = [to_device(o, "cpu") for o in outs]

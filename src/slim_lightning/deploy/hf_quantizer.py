@@ -123,6 +123,7 @@ def register() -> bool:
             from ..checkpoint.load import install_layers
             from ..checkpoint.verify import check_file_tensors, open_checkpoint, verify_default
             from ..errors import CheckpointError
+            from ..models.experts import unfuse_experts
             from ..nn.embedding import install_embeddings
 
             files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
@@ -137,6 +138,10 @@ def register() -> bool:
             meta = self._slim_meta = open_checkpoint(path, verify=verify_default())
             self._slim_weights = files[0]
             where = f"{path / 'config.json'} quantization_config"
+            try:  # fused experts as the per-expert linears the checkpoint stores
+                unfuse_experts(model)
+            except ValueError as e:
+                raise CheckpointError(f"{where}: {e}") from None
             install_layers(model, meta["layers"], where)
             install_embeddings(model, meta.get("embeddings") or {}, where)
             self._slim_file_keys = check_file_tensors(files[0], model)

@@ -28,7 +28,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import ConfigError
 from ..io import cache_root
 from .arch import (
-    ARCHS,
+    arch_of_config,
     block_linears,
     get_arch,
     get_blocks,
@@ -137,14 +137,22 @@ def load_config(cfg: ModelConfig) -> Any:
         raise ConfigError(
             "model.path", cfg.path, f"a readable model config ({type(e).__name__}: {e})"
         ) from None
-    key = cfg.arch if cfg.arch != "auto" else getattr(config, "model_type", None)
-    if key not in ARCHS:
+    try:  # the structure, from a weightless (meta) build of the config
+        arch_of_config(config, cfg.arch, cfg.ignore, bool(cfg.trust_remote_code))
+    except ValueError as e:
         raise ConfigError(
             "model.path",
             cfg.path,
-            f"a model of a supported architecture ({', '.join(sorted(ARCHS))}); its model_type "
-            f"is {key!r}",
-        )
+            "a decoder whose blocks the engine understands (an nn.ModuleList of identical "
+            f"blocks of nn.Linear layers or fused experts); model_type "
+            f"{getattr(config, 'model_type', None)!r}: {e}",
+        ) from None
+    except Exception as e:  # noqa: BLE001 - transformers has no causal LM for this config
+        raise ConfigError(
+            "model.path",
+            cfg.path,
+            f"a causal language model ({type(e).__name__}: {e})",
+        ) from None
     return config
 
 
@@ -321,7 +329,7 @@ def load_model(
             src.location, **kw, **_dtype_kw(FLOAT_DTYPES[cfg.dtype]), output_loading_info=True
         )
         check_loading_info(info, f"model.path={cfg.path}")
-    get_arch(model, cfg.arch)  # fail now, not in the middle of calibration
+    get_arch(model, cfg.arch, cfg.ignore)  # fail now, not in the middle of calibration
     model = _finish(model, cfg)
     check_finite(model, f"model.path={cfg.path}")
     return model, tokenizer
@@ -346,7 +354,7 @@ def source_dtype(cfg: ModelConfig, config: Any = None) -> str:
 
 
 @torch.no_grad()
-def round_uncompressed(model: nn.Module, dtype: str) -> int:
+def round_uncompressed(model: nn.Module, dtype: str, ignore: tuple[str, ...] = ()) -> int:
     """Rounds every floating tensor that is exported uncompressed to ``dtype`` (kept in place in
     the model's own dtype), so the run evaluates exactly what the packed checkpoint stores.
 
@@ -357,7 +365,7 @@ def round_uncompressed(model: nn.Module, dtype: str) -> int:
     """
     if dtype == "float32":
         return 0
-    arch = get_arch(model)
+    arch = get_arch(model, ignore=ignore)
     skip = set()
     for i, block in enumerate(get_blocks(model, arch)):
         for name in block_linears(block, arch):

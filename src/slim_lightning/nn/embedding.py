@@ -17,10 +17,12 @@ compressed model.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..formats import PackedWeight, pack_absmax
 from ..formats.bitpack import _unpack_codes
@@ -59,23 +61,38 @@ class PackedEmbedding(nn.Module):
         for k, v in pw.tensors.items():
             self.register_buffer(f"weight_{k}", v)
         self.out_dtype = out_dtype
+        # a scaled embedding's factor (Gemma: sqrt(hidden)), applied as the model's own class does
+        scale = meta.get("embed_scale")
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+            raise ValueError(f"PackedEmbedding: embed_scale {scale!r} is not a finite number")
+        self.embed_scale = None if scale is None else float(scale)
 
     @classmethod
     def from_packed(
-        cls, pw: PackedWeight, padding_idx: int | None, out_dtype: torch.dtype
+        cls,
+        pw: PackedWeight,
+        padding_idx: int | None,
+        out_dtype: torch.dtype,
+        embed_scale: float | None = None,
     ) -> PackedEmbedding:
-        mod = cls({"weight": pw.meta(), "padding_idx": padding_idx}, device="meta")
+        mod = cls(
+            {"weight": pw.meta(), "padding_idx": padding_idx, "embed_scale": embed_scale},
+            device="meta",
+        )
         for k, v in pw.tensors.items():
             setattr(mod, f"weight_{k}", v)
         mod.out_dtype = out_dtype
         return mod
 
     def meta(self) -> dict:
-        return {
+        out = {
             "version": META_VERSION,
             "padding_idx": self.padding_idx,
             "weight": self.packed_weight().meta(),
         }
+        if self.embed_scale is not None:
+            out["embed_scale"] = self.embed_scale
+        return out
 
     def packed_weight(self) -> PackedWeight:
         meta = {**self._weight_meta, "tensors": {}}
@@ -89,8 +106,10 @@ class PackedEmbedding(nn.Module):
         codes = _unpack_codes(pw.tensors["values"][flat], pw.bits, self.embedding_dim)
         scale = pw.float_field("scale")[flat]  # (n, groups)
         scale = scale.repeat_interleave(pw.group_size, dim=1)[:, : self.embedding_dim]
-        out = codes.to(torch.float32) * scale
-        return out.to(self.out_dtype).reshape(*ids.shape, self.embedding_dim)
+        out = (codes.to(torch.float32) * scale).to(self.out_dtype)
+        if self.embed_scale is not None:
+            out = out * torch.tensor(self.embed_scale, dtype=self.out_dtype, device=out.device)
+        return out.reshape(*ids.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse: bool = True):
         # a float cast of the module changes the output dtype, a device move does not
@@ -176,18 +195,19 @@ def quantize_embeddings(
         )
     tied = head is not None and getattr(head, "weight", None) is emb.weight
     w = emb.weight.detach()
+    embed_scale = lookup_scale(emb)
     pw = pack_rows(w, bits, group_size)
     err = _rel_err(pw, w)
     if not packed:
         report = {"bits": bits, "group_size": group_size, "tied": tied, "packed": False}
         report["embedding_rel_err"] = report["head_rel_err"] = err
-        emb.weight.copy_(pw.to_dense())
+        emb.weight.copy_(pw.to_dense())  # (the model's own class keeps applying its scale)
         if isinstance(head, nn.Linear) and not tied:
             hpw = pack_rows(head.weight, bits, group_size)
             report["head_rel_err"] = _rel_err(hpw, head.weight)
             head.weight.copy_(hpw.to_dense())
         return report
-    new_emb = PackedEmbedding.from_packed(pw, emb.padding_idx, dtype or w.dtype)
+    new_emb = PackedEmbedding.from_packed(pw, emb.padding_idx, dtype or w.dtype, embed_scale)
     model.set_input_embeddings(new_emb)
     report = {"bits": bits, "group_size": group_size, "tied": tied, "packed": True}
     report["embedding_rel_err"] = err
@@ -210,6 +230,26 @@ def quantize_embeddings(
         else:
             report["head_rel_err"] = _rel_err(hpw, hw)
     return report
+
+
+def lookup_scale(emb: nn.Embedding) -> float | None:
+    """The factor the model's embedding class multiplies its lookup by (Gemma's scaled
+    embedding), None for a plain lookup; a class that does anything else is refused."""
+    scale = getattr(emb, "embed_scale", None)
+    scale = None if scale is None else float(torch.as_tensor(scale).float())
+    if emb.weight.is_meta:
+        return scale
+    probe = torch.arange(min(emb.num_embeddings, 64), device=emb.weight.device)
+    own = emb(probe)
+    plain = F.embedding(probe, emb.weight)
+    if scale is not None:
+        plain = plain * torch.tensor(scale, dtype=plain.dtype, device=plain.device)
+    if not torch.equal(own, plain):
+        raise ValueError(
+            f"embeddings.bits: the input embedding {type(emb).__name__} computes more than a "
+            "table lookup (times a constant); allowed: embeddings.bits=null for this model"
+        )
+    return scale
 
 
 def install_embeddings(model: nn.Module, metas: dict[str, dict], where: str) -> None:
@@ -249,6 +289,8 @@ def dequantize_embeddings(model: nn.Module) -> None:
     head = model.get_output_embeddings()
     table = emb.packed_weight().to_dense().to(emb.out_dtype)
     dense = nn.Embedding(*table.shape, padding_idx=emb.padding_idx, _weight=table)
+    if emb.embed_scale is not None:
+        dense = ScaledEmbedding(dense, emb.embed_scale)
     model.set_input_embeddings(dense)
     if isinstance(head, SLiMLinear) and head.rank == 0:
         tied = head.weight_values is emb.weight_values
@@ -258,3 +300,15 @@ def dequantize_embeddings(model: nn.Module) -> None:
             lin.bias = nn.Parameter(head.bias.detach().clone())
         model.set_output_embeddings(lin)
         model.config.tie_word_embeddings = tied
+
+
+class ScaledEmbedding(nn.Embedding):
+    """A dequantised scaled embedding (Gemma): the lookup times ``embed_scale`` in the table's
+    dtype, as the model's own class computes it (the factor is not a stored tensor)."""
+
+    def __init__(self, dense: nn.Embedding, scale: float):
+        super().__init__(*dense.weight.shape, padding_idx=dense.padding_idx, _weight=dense.weight)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
