@@ -272,3 +272,87 @@ def test_moe_dense_export_is_the_familys_own_layout(kind, tmp_path):
     assert len(routed) == 2 and all(len(v["tokens"]) == 4 for v in routed.values())
     # debug calibration: 8 x 32 tokens, each routed to 2 of the 4 experts
     assert all(sum(v["tokens"]) == 8 * 32 * 2 for v in routed.values())
+
+
+def test_unsupported_structure_is_refused_before_any_weight_loads(tmp_path):
+    """A GPT-2 directory (transformers' Conv1D, weights stored transposed) with no weight file
+    at all: refused at config time, naming model.path and what was not understood."""
+    from transformers import GPT2Config
+
+    from slim_lightning.errors import ConfigError
+    from slim_lightning.models.load import load_config
+    from slim_lightning.models.source import ModelConfig
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=259).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.path.*Conv1D"):
+        load_config(ModelConfig(path=str(tmp_path)))
+
+
+def test_model_ignore_keeps_named_linears_dense(tmp_path):
+    """``model.ignore`` patterns leave those linears uncompressed (exported as they were)."""
+    from slim_lightning import load_compressed
+    from slim_lightning.errors import ConfigError
+    from slim_lightning.models.source import ModelConfig
+    from slim_lightning.nn.linear import SLiMLinear
+
+    _, report = _compress("llama", "slim_q_fast", tmp_path, ["+model.ignore=[mlp.down_proj]"])
+    assert len(report["layers"]) == 2 * 6
+    model, _, _ = load_compressed(tmp_path / "packed")
+    down = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert type(down) is torch.nn.Linear
+    assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), SLiMLinear)
+    with pytest.raises(ConfigError, match="model.ignore"):
+        ModelConfig(random_init=True, ignore=[""])
+
+
+def test_tied_large_vocabulary_is_packed_once(tmp_path):
+    """A Gemma 3 shape in miniature: the head tied to a 262144-row embedding (most of the
+    parameters). embeddings.bits packs the table once; the head reads the same codes; the
+    checkpoint holds it once and the packed model computes the same as after the run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from slim_lightning import load_compressed
+    from slim_lightning.nn.embedding import PackedEmbedding
+    from slim_lightning.nn.linear import SLiMLinear
+
+    _, report = _compress("gemma3_text", "slim_q_fast", tmp_path, ["+model.tiny.vocab_size=262144"])
+    emb = report["embeddings"]
+    assert emb["tied"] and emb["packed"]
+    model, _, meta = load_compressed(tmp_path / "packed")
+    e, h = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(e, PackedEmbedding) and isinstance(h, SLiMLinear)
+    assert h.weight_values is e.weight_values  # one table in memory
+    sd = load_file(tmp_path / "packed" / "model.safetensors")
+    table = [k for k, v in sd.items() if v.shape[0] == 262144]
+    assert len([k for k in table if k.endswith("_values")]) == 1, table
+    # 8-bit codes of a 262144 x 64 table: the checkpoint is dominated by it, once
+    size = (tmp_path / "packed" / "model.safetensors").stat().st_size
+    assert 262144 * 64 <= size < 2 * 262144 * 64
+    assert json.loads((tmp_path / "report.json").read_text())["embeddings"]["tied"]
+
+
+def test_scaled_embedding_keeps_its_factor_when_packed():
+    """Gemma multiplies its lookup by sqrt(hidden): the packed embedding (and its dense
+    export) apply the same factor, so 8-bit tables change the logits only by rounding."""
+    from slim_lightning.nn.embedding import (
+        PackedEmbedding,
+        ScaledEmbedding,
+        dequantize_embeddings,
+        quantize_embeddings,
+    )
+
+    model, _ = tiny_model("gemma")
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        rep = quantize_embeddings(model, 8, 16, packed=True)
+        assert isinstance(model.get_input_embeddings(), PackedEmbedding) and rep["tied"]
+        assert model.get_input_embeddings().embed_scale == pytest.approx(64**0.5)
+        packed = model(input_ids=ids).logits
+        rel = (packed - ref).norm() / ref.norm()
+        assert rel < 0.02, rel
+        dequantize_embeddings(model)
+        assert isinstance(model.get_input_embeddings(), ScaledEmbedding)
+        torch.testing.assert_close(model(input_ids=ids).logits, packed, rtol=0, atol=1e-5)
