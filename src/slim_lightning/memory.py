@@ -108,16 +108,27 @@ def reset_stages() -> None:
     MEMORY.reset()
 
 
+#: where the run is, for the record an interruption leaves (``app.signals``): the innermost
+#: open stage, and the last finished decoder block (compression) or optimiser step (training)
+PROGRESS: dict[str, Any] = {}
+
+
 @contextmanager
 def stage(timings: dict[str, float], name: str) -> Iterator[None]:
     """Times a stage into ``timings[name + "_s"]`` and records its peak memory (``MEMORY``)."""
     MEMORY.begin(name)
+    outer = PROGRESS.get("stage")
+    PROGRESS["stage"] = name
     t0 = time.perf_counter()
+    ok = False
     try:
         yield
+        ok = True
     finally:
         timings[f"{name}_s"] = time.perf_counter() - t0
         MEMORY.end()
+        if ok:  # (a stage that raised stays recorded: the run's failure record names it)
+            PROGRESS["stage"] = outer
 
 
 def peak_memory() -> dict[str, Any]:

@@ -121,7 +121,8 @@ def clear_outputs(run_dir: Path, keep: tuple[str | Path | None, ...] = ()) -> li
     """Removes the previous run's outputs and stale temps; keeps anything under ``keep``."""
     removed = remove_stale_temps(run_dir)
     kept = [Path(k).expanduser() for k in keep if k]
-    for name in OUTPUTS:
+    ranks = tuple(p.name for p in run_dir.glob("report.rank*.json"))  # other ranks' records
+    for name in (*OUTPUTS, *ranks):
         p = run_dir / name
         if not (p.exists() or p.is_symlink()):
             continue
@@ -205,13 +206,26 @@ def run_session(
     Yields:
         The status dict (``status``, ``kind``, ``started``, ``removed``) for the final report.
     """
+    from ..memory import PROGRESS
+    from .signals import SignalGuard, signal_name
+
     run_dir = Path(run_dir)
     status: dict[str, Any] = {"status": "running", "kind": kind, "started": time.time()}
-    if global_rank() != 0:
-        yield status
+    PROGRESS.clear()
+    rank = global_rank()
+    if rank != 0:  # (rank zero holds the directory; each rank records its own interruption)
+        guard = SignalGuard(lambda name: _record_interrupted(run_dir, status, name, rank))
+        with guard:
+            try:
+                yield status
+            except BaseException as e:
+                if signal_name(e):
+                    guard.record_once(signal_name(e))  # type: ignore[arg-type]
+                raise
         return
     fd = acquire(run_dir)
     try:
+        status["previous"] = _previous_status(run_dir)
         status["removed"] = clear_outputs(run_dir, keep)
         if config is not None:
             from omegaconf import OmegaConf
@@ -225,19 +239,62 @@ def run_session(
                     OmegaConf.to_yaml(OmegaConf.create(config)).encode(),
                 )
         atomic_write_json(run_dir / "report.json", {**status, "pid": os.getpid()})
-        try:
-            yield status
-        except BaseException as e:
-            failed = {
-                **status,
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}"[:2000],
-                "finished": time.time(),
-            }
+        guard = SignalGuard(lambda name: _record_interrupted(run_dir, status, name, 0))
+        with guard:
             try:
-                atomic_write_json(run_dir / "report.json", failed)
-            except OSError:
-                pass
-            raise
+                yield status
+            except BaseException as e:
+                name = signal_name(e)
+                if name is not None:
+                    guard.record_once(name)
+                elif not guard.recorded:  # (an error the interruption caused keeps its record)
+                    failed = {
+                        **status,
+                        "status": "failed",
+                        "error": f"{type(e).__name__}: {e}"[:2000],
+                        "finished": time.time(),
+                        **{k: v for k, v in PROGRESS.items() if v is not None},
+                    }
+                    try:
+                        atomic_write_json(run_dir / "report.json", failed)
+                    except OSError:
+                        pass
+                raise
     finally:
         os.close(fd)
+
+
+def _previous_status(run_dir: Path) -> dict[str, Any] | None:
+    """The last run's ``status``, ``stage`` and progress from its report.json (None if none)."""
+    import json
+
+    try:
+        rep = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rep, dict):
+        return None
+    keys = ("status", "kind", "signal", "stage", "last_block", "last_step")
+    return {k: rep[k] for k in keys if k in rep}
+
+
+def _record_interrupted(run_dir: Path, status: dict[str, Any], signame: str, rank: int) -> None:
+    """``status: interrupted`` with the signal, the stage and the last finished block or step:
+    ``report.json`` on rank zero, ``report.rank<r>.json`` on the others."""
+    from ..memory import PROGRESS
+
+    rec = {
+        **status,
+        "status": "interrupted",
+        "signal": signame,
+        "rank": rank,
+        "finished": time.time(),
+        **{k: v for k, v in PROGRESS.items() if v is not None},
+        "resume": "run the same command again: compression continues after its last saved "
+        "block (one process; several processes start over), training from its newest "
+        "checkpoint",
+    }
+    if not run_dir.is_dir():
+        return
+    name = "report.json" if rank == 0 else f"report.rank{rank}.json"
+    atomic_write_json(run_dir / name, rec)

@@ -98,7 +98,28 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     keep = (tp.compressed_path, tp.ckpt_path)
     with run_session(run_dir, "train", config=container, keep=keep) as status:
+        tp = _resume_interrupted(tp, run_dir, status)
         return _run_train(tp, cfg, container, run_dir, status)
+
+
+def _resume_interrupted(tp: Any, run_dir: Path, status: dict[str, Any]) -> Any:
+    """An interrupted training run started again (no ``ckpt_path`` given) continues from its
+    newest checkpoint in ``RUN/checkpoints`` (recorded as ``status["resumed_from"]``)."""
+    prev = status.get("previous") or {}
+    if (
+        tp.ckpt_path is not None
+        or prev.get("status") != "interrupted"
+        or prev.get("kind") != "train"
+    ):
+        return tp
+    ckpts = sorted(
+        (run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name)
+    )
+    if not ckpts:
+        return tp
+    status["resumed_from"] = str(ckpts[-1])
+    log.info("resuming the interrupted run from %s", ckpts[-1])
+    return dataclasses.replace(tp, ckpt_path=str(ckpts[-1]))
 
 
 def _run_train(

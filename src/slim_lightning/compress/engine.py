@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..core.grouped import GroupQuant
 from ..core.types import CompressedLinear, CompressSpec, LayerStats, QuantTensor
+from ..memory import PROGRESS
 from ..models.arch import block_kwargs, block_output, to_device
 from .resume import BlockStore, canonicalize
 from .steps import LocalStep
@@ -216,6 +217,7 @@ class CalibrationEngine:
             if self.block_hook is not None:
                 self.block_hook(i, self.blocks[i], "done")
             bar.set_postfix(block=i, err=f"{_mean_metric(results, 'err_final'):.3g}")
+            PROGRESS.update(last_block=i, blocks=len(self.blocks))  # (saved when resumable)
             result.block_seconds.append(round(time.perf_counter() - tb, 4))
             del results, lin, block  # nothing of this block is held while the next one is read
             if offload:

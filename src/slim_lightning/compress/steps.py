@@ -227,7 +227,6 @@ class DistributedStep:
         acc = {n: StatsHook(m.in_features, dev, hess) for n, m in lin.items()}
         parts = {n: PartsHook(hess) for n in lin}
         handles = [lin[n].register_forward_hook(h) for n, h in parts.items()]
-        calls: list[int] | None = None  # hook calls per linear per batch (rank 0's batch 0)
         try:
             for t in range((n_b + ws - 1) // ws):
                 err = None
@@ -240,11 +239,12 @@ class DistributedStep:
                     err = e
                 tc = time.perf_counter()
                 d.agree(err, f"collecting the statistics of block {i}")
-                if calls is None:
-                    calls = d.broadcast_object([len(parts[n].parts) for n in lin], src=0)
+                # hook calls per linear in each rank's batch (an MoE expert runs 0, 1 or 2 times)
+                counts = d.all_gather_object([len(parts[n].parts) for n in lin])
                 for src in range(ws):
                     if t * ws + src >= n_b:
                         break
+                    calls = counts[src]
                     size = sum(
                         k * (2 * m.in_features + (m.in_features**2 if hess else 0) + 2)
                         for k, m in zip(calls, lin.values())

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 
 from ..compress.plan import CompressPlan
+from ..memory import PROGRESS
 
 COMPRESSED_DIR = "compressed"  # run_dir/compressed: the one-shot result (shared by DDP ranks)
 
@@ -345,6 +346,7 @@ class SLiMModule(L.LightningModule):
         self.train_stats["tokens"] += tokens
         self.train_stats["seconds"] += dt
         self.train_stats["steps"] = int(self.global_step)
+        PROGRESS["last_step"] = int(self.global_step)  # (an interruption's record)
         self.log("train/tokens_per_s", tokens / max(dt, 1e-9))
         self.log("train/tokens", float(self.train_stats["tokens"]))
 
