@@ -217,32 +217,12 @@ TORCHRUN_DEFAULT = ("gemma3_text", "phi3", "gpt_neox", "mixtral")
 )
 def test_torchrun_two_processes_equal_one_on_every_family(kind, tmp_path):
     import json
-    import subprocess
-    import sys
 
-    from safetensors.torch import load_file
-    from test_distributed import ROOT, _env, _run
+    from test_distributed import two_processes_equal_one
 
     a, b = tmp_path / "A", tmp_path / "B"
     cmd = ["compress.py", "debug=default", f"model.tiny.kind={kind}", "eval_dense=false"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    pa = subprocess.Popen(
-        [*torchrun, *cmd, f"hydra.run.dir={a}"],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    pb = _run([sys.executable, *cmd, f"hydra.run.dir={b}"])
-    out_a = pa.communicate(timeout=300)[0]
-    assert pb.returncode == 0, pb.stderr[-3000:]
-    assert pa.returncode == 0, out_a[-3000:]
-    ta = load_file(a / "packed" / "model.safetensors")
-    tb = load_file(b / "packed" / "model.safetensors")
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    two_processes_equal_one(cmd, a, b)
     ra = json.loads((a / "report.json").read_text())
     assert ra["world_size"] == 2 and ra["status"] == "done"
 

@@ -37,6 +37,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_processes_equal_one(cmd: list[str], a: Path, b: Path) -> None:
+    """Runs ``cmd`` under torchrun with 2 processes into ``a`` and in one process into ``b``
+    (at the same time) and asserts the packed checkpoints are equal tensor for tensor."""
+    from safetensors.torch import load_file
+
+    # the launcher of this interpreter (a venv not on PATH works too)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    pa = subprocess.Popen(
+        [*torchrun, *cmd, f"hydra.run.dir={a}"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pb = _run([sys.executable, *cmd, f"hydra.run.dir={b}"])
+    out_a = pa.communicate(timeout=300)[0]
+    assert pb.returncode == 0, pb.stderr[-3000:]
+    assert pa.returncode == 0, out_a[-3000:]
+    ta = load_file(a / "packed" / "model.safetensors")
+    tb = load_file(b / "packed" / "model.safetensors")
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
 def test_lpt_assign_balances_and_is_deterministic() -> None:
     costs = [9.0, 1.0, 1.0, 3.0, 3.0, 3.0, 27.0]
     owner = lpt_assign(costs, 2)
@@ -71,29 +97,8 @@ def test_env_world_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("extra", [(), ("reconstruct=block",)], ids=["one_shot", "reconstruct"])
 def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path, extra: tuple) -> None:
-    from safetensors.torch import load_file
-
     a, b = tmp_path / "A", tmp_path / "B"
-    cmd = ["compress.py", "debug=default", *extra]
-    # the launcher of this interpreter (a venv not on PATH works too)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    pa = subprocess.Popen(
-        [*torchrun, *cmd, f"hydra.run.dir={a}"],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    pb = _run([sys.executable, *cmd, f"hydra.run.dir={b}"])
-    out_a = pa.communicate(timeout=300)[0]
-    assert pb.returncode == 0, pb.stderr[-3000:]
-    assert pa.returncode == 0, out_a[-3000:]
-    ta = load_file(a / "packed" / "model.safetensors")
-    tb = load_file(b / "packed" / "model.safetensors")
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    two_processes_equal_one(["compress.py", "debug=default", *extra], a, b)
     ra = json.loads((a / "report.json").read_text())
     rb = json.loads((b / "report.json").read_text())
     assert ra["status"] == rb["status"] == "done"

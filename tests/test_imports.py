@@ -138,11 +138,15 @@ def test_third_party_imports_from_checkout_before_slim_lightning(tmp_path):
         "import slim_lightning.kernels.reference as r\n"
         "print(r.__name__)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    where, ours = proc.stdout.split()[-2:]
+
+    def run(code: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    where, ours = run(probe).split()[-2:]
     assert Path(where).resolve().parent != (root / "kernels").resolve()
     assert ours == "slim_lightning.kernels.reference"
     # no hub package anywhere on the path: `import kernels` is a plain "No module named"
@@ -151,8 +155,4 @@ def test_third_party_imports_from_checkout_before_slim_lightning(tmp_path):
         "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
         "    print('missing', e.name, 'kernels' in sys.modules)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", bare], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["missing", "kernels", "False"]
+    assert run(bare).split() == ["missing", "kernels", "False"]
