@@ -336,3 +336,41 @@ def test_scaled_embedding_keeps_its_factor_when_packed():
         dequantize_embeddings(model)
         assert isinstance(model.get_input_embeddings(), ScaledEmbedding)
         torch.testing.assert_close(model(input_ids=ids).logits, packed, rtol=0, atol=1e-5)
+
+
+def test_multimodal_gemma3_compresses_only_its_language_decoder():
+    """``AutoModelForCausalLM`` of a Gemma 3 checkpoint is the image-text model: the blocks are
+    found inside ``get_decoder()`` (the vision tower's layers are left alone) and replay
+    exactly."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = {
+        **dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2),
+        **dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8),
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    arch = get_arch(model)
+    assert arch.blocks_path == "model.language_model.layers"
+    blocks = get_blocks(model, arch)
+    ids = _ids(2, 16)
+    ref = _own_last_block_outputs(model, blocks, ids, 2)
+    hidden, kwargs = capture_block_inputs(model, blocks, ids, 2)
+    torch.testing.assert_close(_replay(blocks, hidden, kwargs)[0], ref[0], rtol=0, atol=0)
