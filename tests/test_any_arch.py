@@ -374,3 +374,36 @@ def test_multimodal_gemma3_compresses_only_its_language_decoder():
     ref = _own_last_block_outputs(model, blocks, ids, 2)
     hidden, kwargs = capture_block_inputs(model, blocks, ids, 2)
     torch.testing.assert_close(_replay(blocks, hidden, kwargs)[0], ref[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "phi3"])
+def test_streaming_equals_the_whole_model_on_other_families(kind, tmp_path):
+    """``engine.streaming=true`` (blocks read from the shards, captured on the meta device with
+    their own arguments) writes the same checkpoint as loading the whole model."""
+    from safetensors.torch import load_file
+    from test_streaming import _overrides, _save_tiny, make_cfg
+
+    from slim_lightning.app.compress_run import run_compress
+
+    ckpt = _save_tiny(tmp_path / "ckpt", kind=kind)
+    out = {}
+    for streaming in (False, True):
+        run = tmp_path / f"run_{streaming}"
+        extra = ("method=slim_q_fast",)
+        rep = run_compress(make_cfg(_overrides(ckpt, streaming, extra)), run)
+        out[streaming] = (load_file(run / "packed" / "model.safetensors"), rep)
+    (a, ra), (b, rb) = out[False], out[True]
+    assert a.keys() == b.keys() and ra["ppl"] == rb["ppl"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_streaming_refuses_fused_experts_before_loading(tmp_path):
+    from test_streaming import _overrides, _save_tiny, make_cfg
+
+    from slim_lightning.app.compress_run import run_compress
+    from slim_lightning.errors import ConfigError
+
+    ckpt = _save_tiny(tmp_path / "ckpt", kind="mixtral")
+    with pytest.raises(ConfigError, match="engine.streaming.*fused"):
+        run_compress(make_cfg(_overrides(ckpt, True)), tmp_path / "run")

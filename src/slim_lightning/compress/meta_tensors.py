@@ -5,10 +5,31 @@ and the upcast hooks that let 16-bit linears and embeddings compute in a wider d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get meta parameters but real buffers: what a config alone computes
+    (rotary tables, Gemma's embedding scale) without the weights' memory (a parameter's CPU
+    storage is created empty and dropped as it is registered, before anything writes it)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 # -- materialising meta tensors -------------------------------------------------------------------
@@ -26,9 +47,10 @@ def _assign(root: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[attr] = t
 
 
-def _drop_storage(mod: nn.Module) -> None:
-    """Replaces ``mod``'s own tensors by meta tensors of the same shapes (frees their storage)."""
-    for store in (mod._parameters, mod._buffers):
+def _drop_storage(mod: nn.Module, buffers: bool = True) -> None:
+    """Replaces ``mod``'s own tensors by meta tensors of the same shapes (frees their storage);
+    ``buffers=False`` keeps its buffers (nothing would read a non-persistent one back)."""
+    for store in (mod._parameters, mod._buffers) if buffers else (mod._parameters,):
         for k, t in list(store.items()):
             if t is not None and not t.is_meta:
                 meta = torch.empty(t.shape, dtype=t.dtype, device="meta")

@@ -23,6 +23,7 @@ first run of a GGUF file still converts it in memory once). Checkpoints without 
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ class StreamingSource:
         """Frees the input embedding and LM head while the blocks are compressed (only the
         captured block-0 inputs are needed then); :meth:`restore` reads them back."""
         for mod in self._vocab_modules():
-            _drop_storage(mod)
+            _drop_storage(mod, buffers=False)  # (a scaled embedding keeps its factor)
         return_freed_memory()
 
     def restore(self, input_only: bool = False) -> None:
@@ -198,10 +199,39 @@ class StreamingSource:
         old = root.get_submodule(path)
         if not any(b.is_meta for b in old.buffers(recurse=False)):
             return
-        with torch.device("cpu"):
-            new = type(old)(config=root.config)
+        try:
+            with torch.device("cpu"):
+                new = type(old)(config=root.config)
+        except TypeError:  # not built from a config (Gemma's scaled embedding): copy the buffers
+            self._buffers_from_donor(root, path, old)
+            return
         new.to(self.dtype)  # as _finish's model.to(dtype) does to every floating buffer
         root.set_submodule(path, new)
+
+    def _buffers_from_donor(self, root: nn.Module, path: str, old: nn.Module) -> None:
+        """Fills ``old``'s meta buffers from the same module of a model built with real buffers
+        and meta parameters (``meta_tensors.parameters_on_meta``, built once)."""
+        from transformers import AutoModelForCausalLM
+
+        from ..models.arch import get_arch
+        from ..models.load import _dtype_kw
+        from .meta_tensors import parameters_on_meta
+
+        if getattr(self, "_donor", None) is None:
+            config = copy.deepcopy(self.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            with parameters_on_meta():
+                self._donor = AutoModelForCausalLM.from_config(config, **_dtype_kw(self.dtype))
+            get_arch(self._donor)  # (the same module tree as the run's model)
+        if root is not self.model:
+            i = next(k for k, b in enumerate(self.blocks) if b is root)
+            path = f"{self.arch.blocks_path}.{i}.{path}"
+        donor = self._donor.get_submodule(path)
+        for name, b in list(old._buffers.items()):
+            if b is not None and b.is_meta:
+                t = donor._buffers[name]
+                old._buffers[name] = t.to(self.dtype) if t.is_floating_point() else t.clone()
 
     def _materialise(
         self,
