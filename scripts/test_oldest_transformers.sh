@@ -14,4 +14,7 @@ python -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -m pip install -q "transformers==5.0.0" "kernels==0.11.7" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '5.0.0', transformers.__version__"
 "$VENV/bin/python" -m pytest -q tests/test_hf_quantizer.py tests/test_loader_trust.py tests/test_packed.py
+# discovery, per-block replay, fused experts and the pack/reload matrix (one method) on 5.0.0 too
+"$VENV/bin/python" -m pytest -q tests/test_experts.py tests/test_any_arch.py \
+    -k "replay or alternating or experts or (compress_pack and slim_q_fast)"
 rm -rf "$VENV"

@@ -167,6 +167,15 @@ def test_compress_pack_and_reload_every_family(kind, method, tmp_path):
     windows = make_eval_windows(tok, build_plan(cfg).eval)
     ppl = perplexity(model, windows, progress=False)["ppl"]
     assert ppl == pytest.approx(report["ppl"]["embedded"], rel=1e-5)
+    import transformers
+
+    from slim_lightning.deploy.hf_quantizer import MOE_FROM, _major_minor
+    from slim_lightning.errors import CheckpointError
+
+    if kind in MOE and _major_minor(transformers.__version__) < MOE_FROM:
+        with pytest.raises(CheckpointError, match="load_compressed"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+        return
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
     with torch.no_grad():
         a = model(input_ids=windows[:2]).logits

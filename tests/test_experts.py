@@ -270,8 +270,12 @@ def test_bf16_model_is_checked_in_fp32_and_unfuses() -> None:
 
 
 def test_transposed_layout_round_trips() -> None:
+    import inspect
+
     from transformers.models.aria.modeling_aria import AriaExperts, AriaTextConfig
 
+    if len(inspect.signature(AriaExperts.forward).parameters) != 4:
+        pytest.skip("this transformers' AriaExperts is not the fused, routed-call layout")
     cfg = AriaTextConfig(hidden_size=64, intermediate_size=48, moe_num_experts=4)
     cfg._experts_implementation = "eager"
     torch.manual_seed(0)

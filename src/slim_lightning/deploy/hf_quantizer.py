@@ -44,12 +44,21 @@ def supported_range() -> str:
     return f">={a}.{b},<{c}.{d}"
 
 
-def _version_ok(version: str) -> bool:
+#: the oldest transformers whose loader leaves our per-expert tensors alone (5.0.0 merges
+#: ``mlp.experts.*.gate_proj.weight*`` into its fused tensor: tested, refused)
+MOE_FROM = (5, 25)
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
     parts = []
     for p in version.split(".")[:2]:
-        digits = "".join(c for c in p if c.isdigit())
+        digits = "".join(ch for ch in p if ch.isdigit())
         parts.append(int(digits or 0))
-    return SUPPORTED[0] <= tuple(parts) < SUPPORTED[1]
+    return tuple(parts)
+
+
+def _version_ok(version: str) -> bool:
+    return SUPPORTED[0] <= _major_minor(version) < SUPPORTED[1]
 
 
 def register() -> bool:
@@ -139,9 +148,18 @@ def register() -> bool:
             self._slim_weights = files[0]
             where = f"{path / 'config.json'} quantization_config"
             try:  # fused experts as the per-expert linears the checkpoint stores
-                unfuse_experts(model)
+                unfused = unfuse_experts(model)
             except ValueError as e:
                 raise CheckpointError(f"{where}: {e}") from None
+            import transformers
+
+            if unfused and _major_minor(transformers.__version__) < MOE_FROM:
+                raise CheckpointError(
+                    f"{where}: a packed mixture-of-experts checkpoint loads through "
+                    f"from_pretrained from transformers {'.'.join(map(str, MOE_FROM))} on "
+                    f"(this is {transformers.__version__}, whose loader merges per-expert "
+                    "tensors by name); use slim_lightning.load_compressed(path)"
+                )
             install_layers(model, meta["layers"], where)
             install_embeddings(model, meta.get("embeddings") or {}, where)
             self._slim_file_keys = check_file_tensors(files[0], model)

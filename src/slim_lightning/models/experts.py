@@ -354,6 +354,11 @@ def _verify(path: str, fused: nn.Module, linear: LinearExperts) -> None:
     try:
         with torch.no_grad():
             ref, got = eager(fused, *args), linear(*args)
+    except Exception as e:  # noqa: BLE001 - another call interface: not the pattern
+        raise ValueError(
+            f"{path or '<root>'} ({type(fused).__name__}) is not called as (hidden_states, "
+            f"top_k_index, top_k_weights) ({type(e).__name__}: {e}): not understood"
+        ) from None
     finally:
         linear.count_tokens, linear.stats_min_tokens = saved
     if device.type == "cpu" and not lay.transposed:
