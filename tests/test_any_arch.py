@@ -292,6 +292,10 @@ def test_model_ignore_keeps_named_linears_dense(tmp_path):
     assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), SLiMLinear)
     with pytest.raises(ConfigError, match="model.ignore"):
         ModelConfig(random_init=True, ignore=[""])
+    from slim_lightning.models.discover import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match=r"model\.ignore"):
+        get_arch(tiny_model("llama")[0], ignore=("*",))
 
 
 def test_tied_large_vocabulary_is_packed_once(tmp_path):

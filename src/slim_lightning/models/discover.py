@@ -105,7 +105,8 @@ def block_linear_names(
 
     first = names(blocks[0])
     if not first:
-        raise UnsupportedArchitecture(f"{where}: the decoder blocks hold no nn.Linear layers")
+        hint = f" outside the ignored patterns {list(patterns)} (model.ignore)" if ignore else ""
+        raise UnsupportedArchitecture(f"{where}: the decoder blocks hold no nn.Linear layers{hint}")
     for i, block in enumerate(blocks):
         if i == 0:
             continue
