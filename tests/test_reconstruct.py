@@ -295,3 +295,39 @@ def test_grid_linear_equals_the_grid_value_product_and_saves_no_dense_weight(mas
         assert torch.equal(a, b)
     assert saved[0]  # the composed graph keeps the dense weight for the product's backward
     assert not saved[1]
+
+
+def test_adam8bit_memory_plan_trains_with_8bit_moments(monkeypatch, tmp_path):
+    """``reconstruct.optimizer=adam8bit`` reconstructs through bitsandbytes' 8-bit Adam (uint8
+    moments for the large tensors) and still lowers the held-out block error of a run."""
+    import bitsandbytes as bnb
+
+    from slim_lightning.compress import reconstruct as R
+    from slim_lightning.compress.plan import ReconConfig
+
+    made = []
+    real = bnb.optim.Adam8bit
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(bnb.optim, "Adam8bit", spy)
+    opt = R._adam([{"params": [torch.nn.Parameter(torch.randn(64, 128))], "lr": 1e-3}], "adam8bit")
+    assert made and opt is made[0]
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.uint8
+    from slim_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reconstruct.optimizer"):
+        ReconConfig(mode="block", optimizer="sgd")
+    made.clear()
+    cfg = compose_config(
+        "compress", ["debug=default", "eval_dense=false", "reconstruct.optimizer=adam8bit"]
+    )
+    report = run_compress(cfg, tmp_path)
+    assert len(made) == 2  # one optimiser per block
+    errs = [(r["recon_err_before"], r["recon_err_after"]) for r in report["layers"]]
+    assert any(after < before for before, after in errs), errs

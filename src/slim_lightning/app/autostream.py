@@ -117,7 +117,9 @@ def block_work(shapes: dict[str, tuple[int, int]], groups: tuple, spec: Any, rec
     # moments, the best epoch's int8 snapshot; the backward's fp32 copies of the largest weight
     # (its recomputed value, gradient, codes). One LLaMA-7B-width block at 2:4, streaming: 4.55
     # GiB estimated, 4.43 GiB measured (benchmarks/results/streaming_synthetic.json)
-    per_weight = 2 + 5 + (17 * kept if recon.train_weights else 0)
+    # (8-bit Adam: 2 bytes of moments per value instead of 8)
+    train = 11 if getattr(recon, "optimizer", "adam") == "adam8bit" else 17
+    per_weight = 2 + 5 + (train * kept if recon.train_weights else 0)
     return int(max(one_shot, per_weight * p + 12 * largest))
 
 

@@ -263,9 +263,13 @@ class ReconConfig:
     train_scales: bool = True
     train_adapters: bool = True
     train_norms: bool = True
+    # adam | adam8bit: bitsandbytes' 8-bit Adam (block-wise quantised moments, 2 instead of 8
+    # bytes per trained value); a memory plan that changes results (report.json records it)
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         check_choice("reconstruct.mode", self.mode, ("none", "block"))
+        check_choice("reconstruct.optimizer", self.optimizer, ("adam", "adam8bit"))
         check_int("reconstruct.epochs", self.epochs, 0, 1000)
         check_int("reconstruct.batch_windows", self.batch_windows, 0)
         check_range("reconstruct.holdout", self.holdout, 0.0, 0.5, lo_open=True)

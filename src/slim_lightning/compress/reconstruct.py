@@ -160,7 +160,7 @@ def reconstruct_block(
         best, best_epoch, best_state = before, 0, snapshot()
         steps = 0
         if param_groups and cfg.epochs > 0 and train:
-            opt = _adam(param_groups)
+            opt = _adam(param_groups, cfg.optimizer)
             # cosine decay over all steps: large early moves, settling on the grid at the end
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(micro))
             with torch.enable_grad():
@@ -221,10 +221,15 @@ def _restore(params: list[nn.Parameter], state: dict[str, torch.Tensor]) -> None
         p.data.copy_(saved)
 
 
-def _adam(param_groups: list[dict]) -> torch.optim.Optimizer:
+def _adam(param_groups: list[dict], kind: str = "adam") -> torch.optim.Optimizer:
     """Adam with its fused kernel (one pass per parameter instead of about ten elementwise
     operations: 10% of a block's reconstruction time on CPU), the default one where the
-    device has none."""
+    device has none; ``adam8bit``: bitsandbytes' 8-bit Adam (tensors under 4096 values keep
+    32-bit moments, as bitsandbytes does by default)."""
+    if kind == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(param_groups)
     try:
         return torch.optim.Adam(param_groups, fused=True)
     except (RuntimeError, ValueError):
