@@ -113,7 +113,7 @@ def preflight(
     """
     from ..checkpoint.layout import verify_files
     from ..data.text import calibration_windows, eval_tokens, eval_windows
-    from ..models.arch import arch_of_config, linear_shapes
+    from ..models.arch import get_arch, linear_shapes, meta_model
     from ..models.load import load_config, load_tokenizer
 
     prepared = Prepared(tokenizer=None)
@@ -133,9 +133,9 @@ def preflight(
         from transformers import PretrainedConfig
 
         if isinstance(config, PretrainedConfig):
-            trust = bool(plan.model.trust_remote_code)
-            arch = arch_of_config(config, plan.model.arch, plan.model.ignore, trust)
-            check_dims(plan.spec, linear_shapes(config, arch, trust), plan.model.name)
+            shell = meta_model(config, bool(plan.model.trust_remote_code))  # one build, no weights
+            arch = get_arch(shell, plan.model.arch, plan.model.ignore)
+            check_dims(plan.spec, linear_shapes(shell, arch), plan.model.name)
         from .autostream import resolve_streaming
 
         plan, prepared.streaming = resolve_streaming(plan, config, compress=compress)

@@ -124,15 +124,12 @@ def arch_of_config(
     return get_arch(meta_model(config, trust_remote_code), arch, ignore)
 
 
-def linear_shapes(
-    config: Any, arch: ArchSpec, trust_remote_code: bool = False
-) -> dict[str, tuple[int, int]]:
-    """``{dotted name of every block linear: (d_out, d_in)}`` from a config, on the meta device.
+def linear_shapes(model: nn.Module, arch: ArchSpec) -> dict[str, tuple[int, int]]:
+    """``{dotted name of every block linear: (d_out, d_in)}`` of ``model`` (a meta build from
+    ``meta_model`` serves: no weights are read) as ``get_arch`` found it.
 
-    Names are full paths (``<blocks_path>.<i>.<linear>``); no weights are allocated.
+    Names are full paths (``<blocks_path>.<i>.<linear>``).
     """
-    model = meta_model(config, trust_remote_code)
-    get_arch(model)  # (experts as linears, as in the run)
     out = {}
     for i, block in enumerate(get_blocks(model, arch)):
         for name, lin in block_linears(block, arch).items():
