@@ -117,6 +117,7 @@ def test_command_line_group_beats_method_preset():
         ("device=tpu", "device"),
         ("pruner=wanda pruner.joint_quant=true", "pruner.joint_quant"),
         ("lowrank.quant_in_scale=maybe", "lowrank.quant_in_scale"),
+        ("lowrank.alternate=-1", "lowrank.alternate"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, key):

@@ -97,6 +97,7 @@ def _validate_lowrank(lr: LowRankSpec) -> None:
     check_int("lowrank.niter", lr.niter, 0)
     check_choice("lowrank.split", lr.split, ("left", "balanced"))
     check_int("lowrank.refit_rounds", lr.refit_rounds, 1, 20)
+    check_int("lowrank.alternate", lr.alternate, 0, 20)
     if lr.quant_bits is not None:
         check_int("lowrank.quant_bits", lr.quant_bits, 2, 8)
     check_int("lowrank.quant_group_size", lr.quant_group_size, 1)

@@ -228,7 +228,8 @@ def compress_linear(
         s_lr = ADAPTERS.get_entry(lr.method).weights(
             stats.channel_stat(lr.stat).to(W.device), lr.stat
         )
-        n_rounds = max(1, lr.refit_rounds) if lr.refit else 1
+        # lowrank.alternate: the first rounds re-pick the mask on W - L R (mask=None)
+        n_rounds = lr.alternate + (max(1, lr.refit_rounds) if lr.refit else 1)
         white = None
         if lr.fit == "whitened":
             if stats.hessian is None:
@@ -258,7 +259,12 @@ def compress_linear(
                 # the re-fit then compensates the adapters' quantisation error as well
                 lq, rq = quant_ad(left, right)
                 l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
-            if lr.refit:
+            if k < lr.alternate:  # the pruner chooses the mask afresh for W - L R
+                w_c, qt, mask, alpha = _sparse_part(
+                    W - (l_eff @ r_eff).T, stats, stat, spec, None, info, refit=False
+                )
+                rounds += 1
+            elif lr.refit:
                 w_c, qt, _, alpha = _sparse_part(
                     W - (l_eff @ r_eff).T, stats, stat, spec, mask, info, refit=True
                 )

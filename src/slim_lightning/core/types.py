@@ -188,7 +188,9 @@ class LowRankSpec:
     svd: ``exact`` or ``randomized`` (oversample / niter power iterations).
     split: ``left`` (all singular values in L, reference) or ``balanced`` (sqrt(S) on both sides).
     refit: re-fit the sparse part after the adapters (reference, default on); ``refit_rounds`` > 1
-    alternates adapters and re-fit.
+    alternates adapters and re-fit. ``alternate`` = N > 0 runs N rounds before those in which the
+    pruner re-picks the mask on ``W - L R`` (HASSLE-free alternation: the sparse part and the
+    rank fit take turns, each solving its own subproblem with the other fixed).
     quant_bits: None keeps adapters in floating point; otherwise AbsMax with ``quant_group_size``
     groups along each matmul's reduction axis. ``quant_before_refit`` quantises the adapters before
     the final re-fit so the sparse part compensates their error. ``quant_in_scale`` quantises each
@@ -212,6 +214,7 @@ class LowRankSpec:
     split: Literal["left", "balanced"] = "left"
     refit: bool = True
     refit_rounds: int = 1
+    alternate: int = 0
     quant_bits: int | None = 4
     quant_group_size: int = 128
     quant_before_refit: bool = False
