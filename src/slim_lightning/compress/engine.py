@@ -269,6 +269,7 @@ class CalibrationEngine:
             targets_c=None if targets_c is None else gather(targets_c),
             label=f"reconstruct block {i}",
             dense_views=self.dense_views is not False,
+            mask_group=self.spec.sparsity.m if self.spec.sparsity.pattern == "nm" else 0,
         )
         log.info(
             "block %d reconstructed: held-out error %.4g -> %.4g (epoch %d, %.1f s)",

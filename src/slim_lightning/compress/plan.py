@@ -21,6 +21,7 @@ from typing import Any
 from ..core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from ..core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
 from ..device import check_omp_wait, resolve_device
+from .recon_mask import check_refine
 from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
 
 
@@ -267,10 +268,18 @@ class ReconConfig:
     # adam | adam8bit: bitsandbytes' 8-bit Adam (block-wise quantised moments, 2 instead of 8
     # bytes per trained value); a memory plan that changes results (report.json records it)
     optimizer: str = "adam"
+    # fixed | refine: re-derive the N:M / unstructured mask mask_refines times per block from a
+    # gradient-aware score (compress.recon_mask), same count per group, packed as any mask
+    mask: str = "fixed"
+    mask_refines: int = 2
+    mask_alpha: float = 1.0  # weight of the gradient term in the score
 
     def __post_init__(self) -> None:
         check_choice("reconstruct.mode", self.mode, ("none", "block"))
         check_choice("reconstruct.optimizer", self.optimizer, ("adam", "adam8bit"))
+        check_choice("reconstruct.mask", self.mask, ("fixed", "refine"))
+        check_int("reconstruct.mask_refines", self.mask_refines, 1, 100)
+        check_range("reconstruct.mask_alpha", self.mask_alpha, 0.0, 1000.0)
         check_int("reconstruct.epochs", self.epochs, 0, 1000)
         check_int("reconstruct.batch_windows", self.batch_windows, 0)
         check_range("reconstruct.holdout", self.holdout, 0.0, 0.5, lo_open=True)
@@ -402,6 +411,7 @@ def build_plan(cfg: Any) -> CompressPlan:
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")
     device = resolve_device(device)  # resolved once: the plan carries cpu | cuda[:N]
+    check_refine(reconstruct, spec)
     seed = cfg.get("seed", 0)
     check_int("seed", seed, 0)
     dense_cache = cfg.get("dense_cache", False)

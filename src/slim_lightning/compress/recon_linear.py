@@ -49,13 +49,15 @@ class _GridLinear(torch.autograd.Function):
     """``x @ w.T`` with ``w`` the grid matrix of ``_GridValue``, recomputed in the backward
     instead of saved: between a block's forward and backward no dense fp32 weight is held
     (4 bytes per block weight: 0.8 GB on a LLaMA-7B block), one linear's at a time in the
-    backward. The same products as the composed graph ``x @ _GridValue(...).T``."""
+    backward. The same products as the composed graph ``x @ _GridValue(...).T``. ``acc``
+    (``reconstruct.mask=refine``): ``(|dL/dW| sum, input channels' sum of squares)`` accumulated
+    in the backward, or None."""
 
     @staticmethod
-    def forward(ctx, x, v, scale, in_scale, mask, lo: int, hi: int, group: int):
+    def forward(ctx, x, v, scale, in_scale, mask, lo: int, hi: int, group: int, acc=None):
         w = scale_groups_(_codes(v, mask, lo, hi), scale, group, in_scale)
         ctx.save_for_backward(x, v, scale, in_scale, mask)
-        ctx.grid = (lo, hi, group)
+        ctx.grid, ctx.acc = (lo, hi, group), acc
         return x @ w.T
 
     @staticmethod
@@ -70,8 +72,11 @@ class _GridLinear(torch.autograd.Function):
             del w
         if need[1] or need[2]:
             gw = gy.reshape(-1, gy.shape[-1]).T.mm(x.reshape(-1, x.shape[-1]))
+            if ctx.acc is not None:  # (before _grid_grads masks gw in place)
+                ctx.acc[0].add_(gw.abs())
+                ctx.acc[1].add_(x.reshape(-1, x.shape[-1]).square().sum(0))
             grad_v, grad_s = _grid_grads(gw, v, scale, in_scale, mask, ctx.grid, need[1], need[2])
-        return gx, grad_v, grad_s, None, None, None, None, None
+        return gx, grad_v, grad_s, None, None, None, None, None, None
 
 
 def _grid_grads(gw, v, scale, in_scale, mask, grid, need_v: bool, need_s: bool):
@@ -117,6 +122,7 @@ class _QuantParam(nn.Module):
         self.u = nn.Parameter(torch.zeros_like(self.s0), requires_grad=train_s)
         self.in_scale = None if qt.in_scale is None else qt.in_scale.float()
         self.mask = mask
+        self.acc: tuple[torch.Tensor, torch.Tensor] | None = None  # see _GridLinear
         # scales stored in fp16 by the packed format stay fp16-representable (same sizes)
         # (the packer's own rule for storing scales in fp16)
         self.half_scales = _lossless_dtype(self.s0) == torch.float16
@@ -133,7 +139,8 @@ class _QuantParam(nn.Module):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ self.value().T`` without keeping the dense value for the backward."""
         return _GridLinear.apply(
-            x, self.v, self.scale(), self.in_scale, self.mask, self.lo, self.hi, self.group
+            x, self.v, self.scale(), self.in_scale, self.mask, self.lo, self.hi, self.group,
+            self.acc,
         )
 
     @torch.no_grad()

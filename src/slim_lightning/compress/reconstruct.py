@@ -29,6 +29,7 @@ from ..core.types import CompressedLinear
 from ..io import fault_point
 from ..models.arch import block_output, to_device
 from .recon_linear import ReconLinear
+from .recon_mask import MaskRefiner
 
 
 def norm_params(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -62,6 +63,7 @@ def reconstruct_block(
     targets_c: list[torch.Tensor] | None = None,
     label: str = "reconstruct",
     dense_views: bool = True,
+    mask_group: int = 0,
 ) -> tuple[dict[str, CompressedLinear], dict[str, torch.Tensor], dict[str, float]]:
     """Trains block ``block`` (its linears still dense, their one-shot ``results`` given).
 
@@ -73,6 +75,7 @@ def reconstruct_block(
             tensors), so the run evaluates what the checkpoint stores.
         dense_views: rebuild each quantised weight's dense fp32 view (else it is left on the
             meta device: 4 bytes per weight the packed install does not read).
+        mask_group: ``reconstruct.mask=refine``: M of the N:M pattern (0: per-row counts).
 
     Returns:
         The snapped results, the trained norm gains (empty when frozen or unchanged) and a
@@ -145,6 +148,9 @@ def reconstruct_block(
                 v.train()
         return e
 
+    masks = _masks(views) if cfg.mask == "refine" else {}
+    mask0 = {k: m.clone() for k, m in masks.items()}
+
     def snapshot() -> dict[str, torch.Tensor]:
         # grid values as their snapped int8 codes: after the restore only snap() reads them,
         # and it rounds and clamps the same way (1 byte per weight instead of 4)
@@ -153,16 +159,27 @@ def reconstruct_block(
             r = grid.get(id(p))
             t = p.detach()
             out[str(i)] = torch.clamp(torch.round(t), *r).to(torch.int8) if r else t.clone()
+        out.update({f"mask.{k}": m.clone() for k, m in masks.items()})  # (refined masks)
         return out
 
     try:
         before = held_out()
         best, best_epoch, best_state = before, 0, snapshot()
+        refiner = None
         steps = 0
         if param_groups and cfg.epochs > 0 and train:
             opt = _adam(param_groups, cfg.optimizer)
             # cosine decay over all steps: large early moves, settling on the grid at the end
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(micro))
+            if masks:
+                refiner = MaskRefiner(
+                    views,
+                    {n: m.weight.detach() for n, m in originals.items()},
+                    group=mask_group,
+                    alpha=cfg.mask_alpha,
+                    refines=cfg.mask_refines,
+                    total_steps=cfg.epochs * len(micro),
+                )
             with torch.enable_grad():
                 for epoch in range(1, cfg.epochs + 1):
                     perm = torch.randperm(len(micro), generator=g).tolist()
@@ -175,13 +192,17 @@ def reconstruct_block(
                         opt.step()
                         sched.step()
                         steps += 1
+                        if refiner is not None and refiner.due(steps):
+                            refiner.refine(opt)
                     fault_point(label)  # (a kill here resumes from the last committed block)
                     e = held_out()
                     if e < best:
                         best_state = None  # (one snapshot at a time)
                         best, best_epoch, best_state = e, epoch, snapshot()
             del opt, sched  # Adam's moments go before the dense views are rebuilt
-        _restore(_all_params(views, norms), best_state)
+        if refiner is not None:
+            refiner.close()
+        _restore(_all_params(views, norms), best_state, masks)
         best_state = None
         param_groups.clear()
         groups.clear()
@@ -209,16 +230,30 @@ def reconstruct_block(
         "recon_steps": float(steps),
         "recon_s": time.perf_counter() - t0,
     }
+    if masks:  # share of the kept positions the kept result moved, and the refinements run
+        moved = sum(int((m & ~mask0[k]).sum()) for k, m in masks.items())
+        report["recon_mask_moved"] = moved / max(1, sum(int(m.sum()) for m in mask0.values()))
+        report["recon_mask_refines"] = float(refiner.done if refiner is not None else 0)
     for c in snapped.values():
         c.metrics.update(report)
     return snapped, trained_norms, report
 
 
-def _restore(params: list[nn.Parameter], state: dict[str, torch.Tensor]) -> None:
-    """Puts a snapshot back (gradients dropped: nothing reads them any more)."""
-    for p, saved in zip(params, state.values()):
+def _restore(
+    params: list[nn.Parameter], state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> None:
+    """Puts a snapshot back (gradients dropped: nothing reads them any more), with the masks
+    it was taken under (``reconstruct.mask=refine``)."""
+    for i, p in enumerate(params):
         p.grad = None
-        p.data.copy_(saved)
+        p.data.copy_(state[str(i)])
+    for k, m in masks.items():
+        m.copy_(state[f"mask.{k}"])
+
+
+def _masks(views: dict[str, ReconLinear]) -> dict[str, torch.Tensor]:
+    """The masks ``reconstruct.mask=refine`` may change (grid-valued kept weights)."""
+    return {n: v.wq.mask for n, v in views.items() if v.wq is not None and v.wq.mask is not None}
 
 
 def _adam(param_groups: list[dict], kind: str = "adam") -> torch.optim.Optimizer:
