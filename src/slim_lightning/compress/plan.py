@@ -21,6 +21,7 @@ from typing import Any
 from ..core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from ..core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
 from ..device import check_omp_wait, resolve_device
+from .permute import check_permute
 from .recon_mask import check_refine
 from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
 
@@ -105,7 +106,7 @@ def _validate_lowrank(lr: LowRankSpec) -> None:
     check_choice("lowrank.stat", lr.stat, ("sq", "abs"))
     check_choice("lowrank.fit", lr.fit, ("diag", "whitened"))
     check_range("lowrank.fit_damp", lr.fit_damp, 0.0, 1.0, lo_open=True)
-    for key in ("refit", "quant_before_refit", "quant_in_scale"):
+    for key in ("refit", "quant_before_refit", "quant_in_scale", "permute"):
         check_bool(f"lowrank.{key}", getattr(lr, key))
 
 
@@ -412,6 +413,7 @@ def build_plan(cfg: Any) -> CompressPlan:
         raise ConfigError("device", device, "auto, cpu, cuda, cuda:N")
     device = resolve_device(device)  # resolved once: the plan carries cpu | cuda[:N]
     check_refine(reconstruct, spec)
+    check_permute(spec)
     seed = cfg.get("seed", 0)
     check_int("seed", seed, 0)
     dense_cache = cfg.get("dense_cache", False)

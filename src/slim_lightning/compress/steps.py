@@ -19,6 +19,7 @@ from torch import nn
 from ..core.registry import QUANTIZERS
 from ..core.types import CompressedLinear, LayerStats
 from .distributed import DistContext, lpt_assign
+from .permute import permute_block
 from .resume import canonicalize
 
 Install = Callable[[str, CompressedLinear], None]
@@ -160,9 +161,12 @@ class LocalStep:
             for h in handles:
                 h.remove()
             share.clear()
+        permuted = permute_block(engine, block, lin, hooks, inputs, kwargs)
         results = {}
         for j, (name, m) in enumerate(lin.items()):
             results[name] = c = engine.compress_one(i, j, m, hooks.pop(name).stats())
+            if name in permuted:
+                c.metrics["permuted"] = 1.0
             install(name, c)
         return results
 
@@ -292,6 +296,12 @@ class DistributedStep:
         and broadcasts the results; every rank returns all of them in the block's order."""
         d = self.ctx
         acc = self._stats(engine, i, block, lin, inputs, kwargs)
+        # (every rank holds the same sums: the same permutations everywhere; checked on the
+        # rank's own first batch, or none)
+        permuted = permute_block(engine, block, lin, acc, inputs[:1], kwargs[:1])
+        every = d.all_gather_object(sorted(permuted))
+        if any(x != every[0] for x in every):
+            raise RuntimeError(f"lowrank.permute: the ranks permuted different linears: {every}")
         names = list(lin)
         costs = [self._costs.get(n, float(m.in_features * m.out_features)) for n, m in lin.items()]
         owner = lpt_assign(costs, d.world_size)
@@ -301,6 +311,8 @@ class DistributedStep:
             for j, (name, m) in enumerate(lin.items()):
                 if owner[j] == d.rank:
                     c = engine.compress_one(i, j, m, acc[name].stats())
+                    if name in permuted:
+                        c.metrics["permuted"] = 1.0
                     d.add("compress_s", c.metrics["time_s"])
                     d.add("linears", 1)
                     if c.weight_q is not None:  # recomputed from the codes on arrival

@@ -190,7 +190,8 @@ class LowRankSpec:
     refit: re-fit the sparse part after the adapters (reference, default on); ``refit_rounds`` > 1
     alternates adapters and re-fit. ``alternate`` = N > 0 runs N rounds before those in which the
     pruner re-picks the mask on ``W - L R`` (HASSLE-free alternation: the sparse part and the
-    rank fit take turns, each solving its own subproblem with the other fixed).
+    rank fit take turns, each solving its own subproblem with the other fixed). ``permute``:
+    free input-channel permutations of N:M-pruned linears (``compress.permute``).
     quant_bits: None keeps adapters in floating point; otherwise AbsMax with ``quant_group_size``
     groups along each matmul's reduction axis. ``quant_before_refit`` quantises the adapters before
     the final re-fit so the sparse part compensates their error. ``quant_in_scale`` quantises each
@@ -215,6 +216,7 @@ class LowRankSpec:
     refit: bool = True
     refit_rounds: int = 1
     alternate: int = 0
+    permute: bool = False
     quant_bits: int | None = 4
     quant_group_size: int = 128
     quant_before_refit: bool = False
