@@ -26,6 +26,7 @@ from ..errors import CheckpointError
 FORMAT = "slim-lightning"
 VERSION = 1
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded checkpoints (streaming runs)
 META = "slim.json"
 
 
@@ -36,48 +37,126 @@ def written_sizes(
 
     ``linears``: every tensor stored under a compressed layer (packed weight, adapters, scales,
     bias) vs that layer's weight and bias at 16 bits; ``rest``: everything else (embeddings,
-    norms, lm_head; quantised or not) vs its 16-bit bytes; ``checkpoint``: the whole file (header included) vs
-    the whole model at 16 bits.
+    norms, lm_head; quantised or not) vs its 16-bit bytes; ``checkpoint``: the whole file (header
+    included) vs the whole model at 16 bits. ``mods``: the compressed layers counted as linears.
     """
     from safetensors import safe_open
 
-    lin = rest = 0
     with safe_open(str(weights), framework="pt") as f:
+        stored = []
         for k in f.keys():
             sl = f.get_slice(k)
-            n = math.prod(sl.get_shape()) * _st_dtype(sl.get_dtype()).itemsize
-            if k.rpartition(".")[0] in mods:
-                lin += n
+            stored.append((k, math.prod(sl.get_shape()) * _st_dtype(sl.get_dtype()).itemsize))
+    tally = SizeTally(tied)
+    tally.add(model.named_modules(), model.state_dict().items(), stored, set(mods))
+    return tally.result(weights.stat().st_size)
+
+
+class SizeTally:
+    """What ``written_sizes`` measures, added up one part of the model at a time (the whole
+    model at once, or the non-block tensors and then one decoder block after another).
+
+    Args:
+        tied: tensor names stored under another name (not counted again).
+    """
+
+    def __init__(self, tied: Any) -> None:
+        self.tied = set(tied)
+        self.lin = self.rest = self.lin16 = self.rest16 = self.weights_numel = 0
+
+    def add(self, modules: Any, state: Any, stored: Any, sized: set[str]) -> None:
+        """Counts one part.
+
+        Args:
+            modules: its ``(full name, module)`` pairs.
+            state: its ``(full key, tensor)`` state-dict pairs (meta tensors count by shape).
+            stored: ``(key, bytes)`` of the tensors written for it.
+            sized: the names of its compressed layers counted as linears (not the LM head).
+        """
+        for k, n in stored:
+            if k.rpartition(".")[0] in sized:
+                self.lin += n
             else:
-                rest += n
-    lin16 = sum(
-        2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
-        for m in mods.values()
-    )
-    rest16 = 0
-    for k, v in model.state_dict().items():
-        if k not in tied and k.rpartition(".")[0] not in mods and v.is_floating_point():
-            rest16 += 2 * v.numel()
-    for name, m in model.named_modules():  # quantised embedding / LM head: their 16-bit tables
-        if name not in mods and hasattr(m, "packed_weight") and f"{name}.weight_values" not in tied:
-            rest16 += 2 * math.prod(m.packed_weight().shape)
-    file_bytes = weights.stat().st_size
-    weights_numel = sum(m.in_features * m.out_features for m in mods.values())
-    return {
-        "checkpoint_bytes": file_bytes,
-        "checkpoint_fp16_bytes": lin16 + rest16,
-        "checkpoint_ratio_vs_fp16": file_bytes / (lin16 + rest16),
-        "linears_bytes": lin,
-        "linears_fp16_bytes": lin16,
-        "linears_ratio_vs_fp16": lin / lin16 if lin16 else None,
-        "linears_bits_per_weight": 8 * lin / weights_numel if weights_numel else None,
-        "rest_bytes": rest,
-        "rest_fp16_bytes": rest16,
-        # the summary table's keys: the compressed linears
-        "packed_bytes": lin,
-        "dense_fp16_bytes": lin16,
-        "ratio_vs_fp16": lin / lin16 if lin16 else None,
-    }
+                self.rest += n
+        for k, v in state:
+            if k not in self.tied and k.rpartition(".")[0] not in sized and v.is_floating_point():
+                self.rest16 += 2 * v.numel()
+        for name, m in modules:
+            if name in sized:
+                bias = m.out_features if m.bias is not None else 0
+                self.lin16 += 2 * (m.in_features * m.out_features + bias)
+                self.weights_numel += m.in_features * m.out_features
+            elif hasattr(m, "packed_weight") and f"{name}.weight_values" not in self.tied:
+                # quantised embedding / LM head: their 16-bit tables
+                self.rest16 += 2 * math.prod(m.packed_weight().shape)
+
+    def result(self, file_bytes: int) -> dict[str, Any]:
+        """The sizes, with ``file_bytes`` the bytes of every weights file written."""
+        lin, lin16, rest16 = self.lin, self.lin16, self.rest16
+        numel = self.weights_numel
+        return {
+            "checkpoint_bytes": file_bytes,
+            "checkpoint_fp16_bytes": lin16 + rest16,
+            "checkpoint_ratio_vs_fp16": file_bytes / (lin16 + rest16),
+            "linears_bytes": lin,
+            "linears_fp16_bytes": lin16,
+            "linears_ratio_vs_fp16": lin / lin16 if lin16 else None,
+            "linears_bits_per_weight": 8 * lin / numel if numel else None,
+            "rest_bytes": self.rest,
+            "rest_fp16_bytes": rest16,
+            # the summary table's keys: the compressed linears
+            "packed_bytes": lin,
+            "dense_fp16_bytes": lin16,
+            "ratio_vs_fp16": lin / lin16 if lin16 else None,
+        }
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a packed checkpoint: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists (in name order).
+
+    Raises:
+        CheckpointError: naming the file: no weights, both layouts at once, an unreadable
+            index, a listed shard that is missing, or a ``*.safetensors`` file the index does
+            not list (a stray or extra shard).
+    """
+    path = Path(path)
+    single, index = path / WEIGHTS, path / INDEX
+    if not index.is_file():
+        if not single.is_file():
+            raise CheckpointError(f"{single}: missing (and no {INDEX})")
+        return [single]
+    if single.exists():
+        raise CheckpointError(
+            f"{single}: beside {index.name}; a checkpoint is one file or shards, not both"
+        )
+    shards = sorted(set(read_index(index).values()))
+    for name in shards:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing ({index.name} lists it)")
+    extra = sorted(f.name for f in path.glob("*.safetensors") if f.name not in shards)
+    if extra:
+        raise CheckpointError(
+            f"{path / extra[0]}: not listed in {index.name} (a stray or extra shard); remove "
+            "it or re-export the checkpoint"
+        )
+    return [path / name for name in shards]
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index (tensor name -> plain file name)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{index}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged"
+        ) from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
+    for k, v in weight_map.items():
+        if not isinstance(v, str) or Path(v).name != v or not v.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: tensor {k} maps to {v!r}, not a shard file name")
+    return weight_map
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -130,12 +209,19 @@ def verify_files(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     path = Path(path)
     meta = read_meta(path) if meta is None else meta
     files = meta.get("files")
-    if not isinstance(files, dict) or WEIGHTS not in files:
+    if not isinstance(files, dict) or not (WEIGHTS in files or INDEX in files):
         raise CheckpointError(
             f"{path / META}: no file digests (written by an older slim-lightning); load it with "
             "verify=False to trust it as is"
         )
     bad = first_digest_mismatch(path, files)
+    if bad is None and INDEX in files:  # every shard the (verified) index lists is recorded
+        unrecorded = sorted(set(read_index(path / INDEX).values()) - set(files))
+        if unrecorded:
+            raise CheckpointError(
+                f"{path / unrecorded[0]}: {INDEX} lists it but {META} records no digest for it "
+                "(the index was replaced); re-export the checkpoint"
+            )
     if bad is not None and bad[1] == "missing":
         raise CheckpointError(
             f"{bad[0]}: missing (slim.json lists it); the checkpoint is incomplete"
@@ -189,17 +275,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def linear_sizes(model: torch.nn.Module) -> dict[str, float]:
+def linear_sizes(
+    model: torch.nn.Module, offloaded: dict[str, dict] | None = None
+) -> dict[str, float]:
     """Packed bytes of the compressed linears vs their fp16 size, from the modules in memory
-    (an estimate used only when nothing is written; written runs report the file's bytes)."""
+    (an estimate used only when nothing is written; written runs report the file's bytes).
+
+    ``offloaded``: ``{name: SLiMLinear.meta()}`` of compressed layers that are not in memory
+    (a streaming run's blocks on disk), counted from their metadata (nothing is read).
+    """
     from ..nn.linear import SLiMLinear
 
     packed = dense = 0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for mod in model.modules():
-        if isinstance(mod, SLiMLinear) and mod is not head:
-            packed += mod.packed_nbytes()
-            dense += mod.in_features * mod.out_features * 2
+    mods = [m for m in model.modules() if isinstance(m, SLiMLinear) and m is not head]
+    for meta in (offloaded or {}).values():
+        mods.append(SLiMLinear.from_meta(meta, device="meta"))  # shapes and dtypes only
+    for mod in mods:
+        packed += mod.packed_nbytes()
+        dense += mod.in_features * mod.out_features * 2
     if dense == 0:
         return {}
     return {"packed_bytes": packed, "dense_fp16_bytes": dense, "ratio_vs_fp16": packed / dense}

@@ -18,7 +18,7 @@ from torch import nn
 from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError
 from ..io import load_tensors
-from .layout import META, WEIGHTS
+from .layout import INDEX, META, weight_files
 from .verify import check_complete, check_file_tensors, check_finite, open_checkpoint
 
 
@@ -33,7 +33,8 @@ def load_compressed(
     """Rebuilds a compressed model from a packed checkpoint (no original weights needed).
 
     Args:
-        path: a directory written by ``save_compressed``.
+        path: a directory written by ``save_compressed`` (one ``model.safetensors``, or the
+            shards and index a streaming run writes).
         device: where the tensors go.
         backend: ``SLiMLinear`` backend: ``auto`` (triton on CUDA where the kernels support the
             layer, else reference), ``reference`` or ``triton``.
@@ -56,7 +57,8 @@ def load_compressed(
 
     path = Path(path)
     meta = open_checkpoint(path, verify=verify)
-    weights = path / WEIGHTS
+    files = weight_files(path)  # model.safetensors, or the shards of a streaming run's export
+    weights = files[0] if len(files) == 1 else path / INDEX  # (named in errors)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
@@ -81,13 +83,15 @@ def load_compressed(
         from ..nn.embedding import install_embeddings
 
         install_embeddings(model, meta["embeddings"], f"{path / META}")
-    file_keys = check_file_tensors(weights, model)
+    file_keys = check_file_tensors(files, model)
     check_complete(model, file_keys, meta, weights)
     expected = {k: v.dtype for k, v in model.state_dict().items()}
-    try:
-        sd = load_tensors(weights, device=str(device))
-    except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
-        raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {e})") from None
+    sd = {}
+    for file in files:
+        try:
+            sd.update(load_tensors(file, device=str(device)))
+        except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
+            raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
     for k, v in sd.items():  # 16-bit storage -> the compute dtype (exact: an upcast)
         if k in expected and v.dtype != expected[k] and v.is_floating_point():
             sd[k] = v.to(expected[k])
@@ -114,6 +118,15 @@ def load_compressed(
                 f"{path}: tokenizer unreadable ({type(e).__name__}: {e})"
             ) from None
     return model, tokenizer, meta
+
+
+def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor a packed checkpoint stores, as stored (one ``model.safetensors`` or every
+    shard of a sharded one; ``layout.weight_files`` checks which), without building a model."""
+    out: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        out.update(load_tensors(file, device=device))
+    return out
 
 
 def install_layers(model: nn.Module, layers: dict[str, dict], where: str) -> None:

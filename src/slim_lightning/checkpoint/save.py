@@ -30,13 +30,7 @@ from torch import nn
 
 from ..dtypes import FLOAT_DTYPES as _FLOAT
 from ..io import atomic_dir
-from .layout import (
-    FORMAT,
-    META,
-    VERSION,
-    WEIGHTS,
-    written_sizes,
-)
+from .layout import FORMAT, META, VERSION, WEIGHTS, written_sizes
 
 
 def _tied_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -65,6 +59,7 @@ def save_compressed(
     calibration: str | None = None,
     dtype: str | None = None,
     base_sha256: str | None = None,
+    blocks: Any = None,
 ) -> Path:
     """Writes ``model`` (with ``SLiMLinear`` layers installed) as a packed checkpoint.
 
@@ -85,6 +80,9 @@ def save_compressed(
             when the values were rounded to it (``models.round_uncompressed``; the pipeline does).
         base_sha256: ``adapters.state_hashes(model)["base"]`` when the caller already has it
             (hashing a large packed base twice is avoidable work); computed otherwise.
+        blocks: a ``stream_save.OffloadedBlocks`` when the model's decoder blocks wait on disk
+            (a streaming run): the checkpoint is then written sharded, one block at a time
+            (``stream_save.save_streaming``), with the same tensors and metadata.
 
     Returns:
         ``out_dir`` as a Path.
@@ -93,23 +91,32 @@ def save_compressed(
 
     from ..io import dir_sha256, fault_point
     from ..nn.adapters import state_hashes
-    from ..nn.embedding import PackedEmbedding
     from ..nn.linear import SLiMLinear
-    from .layout import package_versions
 
+    if blocks is not None:
+        from .stream_save import save_streaming
+
+        return save_streaming(
+            model,
+            blocks,
+            tokenizer,
+            out_dir,
+            plan=plan,
+            results=results,
+            calibration=calibration,
+            dtype=dtype,
+        )
     out_dir = Path(out_dir)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, SLiMLinear)}
     if not mods:
         raise ValueError("save_compressed: the model has no SLiMLinear layers (nothing is packed)")
     compute = str(next(model.parameters()).dtype).removeprefix("torch.")
-    store = dtype or compute
-    if store not in _FLOAT:
-        raise ValueError(f"save_compressed: dtype {store!r}; allowed: {', '.join(_FLOAT)}")
+    store = storage_dtype(dtype, compute)
     for m in mods.values():
         if not m.adapters_on_grid():
             m.requantize_adapters()
     layers = {n: m.meta() for n, m in mods.items()}
-    embeddings = {n: m.meta() for n, m in model.named_modules() if isinstance(m, PackedEmbedding)}
+    embeddings = packed_embeddings(model)
     head = model.get_output_embeddings()
     sized = {n: m for n, m in mods.items() if m is not head}  # the head counts with the rest
     sd = model.state_dict()
@@ -119,28 +126,103 @@ def save_compressed(
     for k, v in sd.items():
         if k in tied:
             continue
-        owner, _, attr = k.rpartition(".")
-        mod = mods.get(owner)
-        if mod is not None and attr in ("lora_l", "lora_r"):
-            if mod.adapter_bits is not None:
-                continue  # rebuilt from the packed codes on load
-            v = v.to(_FLOAT[mod.adapter_dtype])
-        elif mod is not None and attr == "bias":
-            v = v.to(_FLOAT[store])
-            layers[owner]["bias_dtype"] = store
-        elif mod is None and v.is_floating_point():
-            v = v.to(_FLOAT[store])
-        tensors[k] = v.detach().to("cpu").contiguous()
+        v = stored_tensor(k, v, mods, store, layers)
+        if v is not None:
+            tensors[k] = v
+    meta = checkpoint_meta(
+        layers,
+        tied_to,
+        embeddings,
+        store,
+        compute,
+        base_sha256 or state_hashes(model)["base"],
+        plan=plan,
+        results=results,
+        calibration=calibration,
+    )
+    with atomic_dir(out_dir) as tmp:
+        fault_point(f"write {out_dir.name}/{WEIGHTS}")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        write_config(tmp, model, tokenizer, meta, out_dir.name)
+        meta["size"] = written_sizes(tmp / WEIGHTS, model, sized, tied)
+        # every file's sha256, so a load can verify that nothing changed since it was written
+        meta["files"] = dir_sha256(tmp, exclude=(META,))
+        fault_point(f"write {out_dir.name}/{META}")
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    return out_dir
+
+
+def storage_dtype(dtype: str | None, compute: str) -> str:
+    """The dtype the uncompressed tensors are stored in (``dtype``, default ``compute``)."""
+    store = dtype or compute
+    if store not in _FLOAT:
+        raise ValueError(f"save_compressed: dtype {store!r}; allowed: {', '.join(_FLOAT)}")
+    return store
+
+
+def packed_embeddings(model: nn.Module) -> dict[str, dict]:
+    """``{name: meta}`` of the quantised vocabulary tables (``PackedEmbedding``)."""
+    from ..nn.embedding import PackedEmbedding
+
+    return {n: m.meta() for n, m in model.named_modules() if isinstance(m, PackedEmbedding)}
+
+
+def stored_tensor(
+    key: str, value: torch.Tensor, mods: dict[str, nn.Module], store: str, layers: dict
+) -> torch.Tensor | None:
+    """One state-dict entry as the checkpoint stores it (None: not stored).
+
+    4-bit adapters' fp32 parameters are not stored (rebuilt from their codes on load); fp
+    adapters go to their ``adapter_dtype``; a compressed layer's bias and every other floating
+    tensor to ``store`` (recorded as the layer's ``bias_dtype`` in ``layers``); packed buffers
+    stay as they are.
+
+    Args:
+        key: the full state-dict key.
+        value: its tensor.
+        mods: the compressed layers (``SLiMLinear``) by full name (at least the key's owner).
+        store: storage dtype of the uncompressed tensors.
+        layers: the layers' metadata (``bias_dtype`` is updated in place).
+    """
+    owner, _, attr = key.rpartition(".")
+    mod = mods.get(owner)
+    if mod is not None and attr in ("lora_l", "lora_r"):
+        if mod.adapter_bits is not None:
+            return None  # rebuilt from the packed codes on load
+        value = value.to(_FLOAT[mod.adapter_dtype])
+    elif mod is not None and attr == "bias":
+        value = value.to(_FLOAT[store])
+        layers[owner]["bias_dtype"] = store
+    elif mod is None and value.is_floating_point():
+        value = value.to(_FLOAT[store])
+    return value.detach().to("cpu").contiguous()
+
+
+def checkpoint_meta(
+    layers: dict[str, dict],
+    tied_to: dict[str, str],
+    embeddings: dict[str, dict],
+    store: str,
+    compute: str,
+    base_sha256: str,
+    *,
+    plan: Any,
+    results: dict[str, Any] | None,
+    calibration: str | None,
+) -> dict[str, Any]:
+    """``slim.json`` without ``size`` and ``files`` (see the module docstring)."""
+    from .layout import package_versions
+
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "layers": layers,
-        "tied": tied,
+        "tied": list(tied_to),
         "tied_to": tied_to,
         "embeddings": embeddings,
         "dtype": store,
         "compute_dtype": compute,
-        "base_sha256": base_sha256 or state_hashes(model)["base"],
+        "base_sha256": base_sha256,
         "versions": package_versions(),
         "calibration": calibration,
         "results": _jsonable(results or {}),
@@ -153,26 +235,25 @@ def save_compressed(
             "calib": _jsonable(getattr(plan, "calib", None)),
             "seed": getattr(plan, "seed", None),
         }
-    with atomic_dir(out_dir) as tmp:
-        fault_point(f"write {out_dir.name}/{WEIGHTS}")
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        config = copy.deepcopy(model.config)  # the caller's model keeps its own config
-        # what transformers' "slim" quantizer (hf_quantizer.py) builds the model from
-        config.quantization_config = hf_quantization_config(
-            layers, embeddings, tied_to, store, compute
-        )
-        config.use_cache = True  # generate() with the KV cache, as users expect
-        fault_point(f"write {out_dir.name}/config.json")
-        config.save_pretrained(tmp)
-        _generation_config(model, config).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta["size"] = written_sizes(tmp / WEIGHTS, model, sized, tied)
-        # every file's sha256, so a load can verify that nothing changed since it was written
-        meta["files"] = dir_sha256(tmp, exclude=(META,))
-        fault_point(f"write {out_dir.name}/{META}")
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    return out_dir
+    return meta
+
+
+def write_config(tmp: Path, model: nn.Module, tokenizer: Any, meta: dict, label: str) -> None:
+    """``config.json`` (with the ``quantization_config`` transformers' ``slim`` quantizer
+    builds the model from), ``generation_config.json`` and the tokenizer files into ``tmp``."""
+    from ..io import fault_point
+
+    config = copy.deepcopy(model.config)  # the caller's model keeps its own config
+    # what transformers' "slim" quantizer (hf_quantizer.py) builds the model from
+    config.quantization_config = hf_quantization_config(
+        meta["layers"], meta["embeddings"], meta["tied_to"], meta["dtype"], meta["compute_dtype"]
+    )
+    config.use_cache = True  # generate() with the KV cache, as users expect
+    fault_point(f"write {label}/config.json")
+    config.save_pretrained(tmp)
+    _generation_config(model, config).save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
 
 
 def hf_quantization_config(

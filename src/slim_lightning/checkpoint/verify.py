@@ -5,10 +5,13 @@
 ``load_compressed``) share them, so a damaged or edited directory is refused the same way
 whichever door it comes through:
 
-* ``open_checkpoint``: ``slim.json`` is readable, every file matches its recorded sha256 (unless
-  ``verify=False``, or ``SLIM_LIGHTNING_VERIFY=0`` for ``from_pretrained``), and ``config.json``'s
-  ``quantization_config`` lists the same layers, embeddings and ties as ``slim.json``;
-* ``check_file_tensors``: every stored tensor has the shape and dtype the metadata gives it;
+* ``open_checkpoint``: ``slim.json`` is readable, every file (each shard too) matches its recorded
+  sha256 (unless ``verify=False``, or ``SLIM_LIGHTNING_VERIFY=0`` for ``from_pretrained``), the
+  weights are one ``model.safetensors`` or exactly the shards the index lists (``layout.
+  weight_files``), and ``config.json``'s ``quantization_config`` lists the same layers,
+  embeddings and ties as ``slim.json``;
+* ``check_file_tensors``: every stored tensor has the shape and dtype the metadata gives it (a
+  sharded checkpoint's shards hold exactly what ``model.safetensors.index.json`` maps to them);
 * ``check_complete``: no tensor of the model is left unloaded (nothing falls back to fresh
   weights) and the file holds nothing the model does not take;
 * ``check_finite``: every floating-point tensor the model holds is finite.
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .layout import META, WEIGHTS, _st_dtype, read_meta, verify_files
+from .layout import INDEX, META, _st_dtype, read_index, read_meta, verify_files, weight_files
 
 VERIFY_ENV = "SLIM_LIGHTNING_VERIFY"
 
@@ -44,8 +47,7 @@ def open_checkpoint(path: str | Path, *, verify: bool) -> dict[str, Any]:
     meta = read_meta(path)
     if verify:
         verify_files(path, meta)
-    if not (path / WEIGHTS).is_file():
-        raise CheckpointError(f"{path / WEIGHTS}: missing")
+    weight_files(path)  # one file, or every shard the index lists and no other
     cfg_file = path / "config.json"
     try:
         qc = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config")
@@ -88,30 +90,52 @@ def _differing(a: Any, b: Any) -> list[str]:
     )
 
 
-def check_file_tensors(weights: Path, model: nn.Module) -> set[str]:
-    """Every tensor in ``weights`` that the model has must match its shape, and its dtype unless
-    both are floating point (16-bit storage upcasts exactly). Returns the file's tensor names."""
+def check_file_tensors(weights: Path | list[Path], model: nn.Module) -> set[str]:
+    """Every tensor in ``weights`` (one file, or a sharded checkpoint's shards) that the model
+    has must match its shape, and its dtype unless both are floating point (16-bit storage
+    upcasts exactly); shards must hold exactly what their index maps to them, no tensor twice.
+    Returns the tensor names of all files."""
     from safetensors import safe_open
 
+    files = [weights] if isinstance(weights, Path) else list(weights)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            keys = set(f.keys())
-            for k in keys & set(expected):
-                sl = f.get_slice(k)
-                got = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
-                both_float = isinstance(got[1], torch.dtype) and (
-                    got[1].is_floating_point and expected[k][1].is_floating_point
-                )
-                if got[0] != expected[k][0] or (got[1] != expected[k][1] and not both_float):
-                    raise CheckpointError(
-                        f"{weights}: tensor {k} is {got[0]} {got[1]}, the metadata says "
-                        f"{expected[k][0]} {expected[k][1]}"
+    index = files[0].parent / INDEX if files else None
+    weight_map = read_index(index) if index is not None and index.is_file() else None
+    keys: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                mine = set(f.keys())
+                for k in mine & set(expected):
+                    sl = f.get_slice(k)
+                    got = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
+                    both_float = isinstance(got[1], torch.dtype) and (
+                        got[1].is_floating_point and expected[k][1].is_floating_point
                     )
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
-        raise CheckpointError(f"{weights}: unreadable ({type(e).__name__}: {e})") from None
+                    if got[0] != expected[k][0] or (got[1] != expected[k][1] and not both_float):
+                        raise CheckpointError(
+                            f"{file}: tensor {k} is {got[0]} {got[1]}, the metadata says "
+                            f"{expected[k][0]} {expected[k][1]}"
+                        )
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated or garbled safetensors
+            raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
+        twice = sorted(mine & keys)
+        if twice:
+            raise CheckpointError(f"{file}: tensors {twice[:5]} are stored in another shard too")
+        if weight_map is not None:
+            wrong = sorted(k for k in mine if weight_map.get(k) != file.name)
+            if wrong:
+                raise CheckpointError(
+                    f"{file}: holds {wrong[:5]}, which {INDEX} maps elsewhere (or not at all)"
+                )
+        keys |= mine
+    if weight_map is not None and set(weight_map) - keys:
+        lost = sorted(set(weight_map) - keys)
+        raise CheckpointError(
+            f"{index}: maps {lost[:5]} to {weight_map[lost[0]]}, which does not hold them"
+        )
     return keys
 
 

@@ -8,8 +8,9 @@ quantizer registry is first imported, so ``import slim_lightning`` itself stays 
 
 * the skeleton is built on the meta device and each listed ``nn.Linear`` is swapped for an empty
   ``SLiMLinear`` (``checkpoint.install_layers``, the same code ``load_compressed`` uses);
-* transformers fills the packed buffers from ``model.safetensors`` as they are (integer codes are
-  never cast; no dense weight is allocated); ``dtype=`` casts what stays floating point;
+* transformers fills the packed buffers from ``model.safetensors`` (or the shards of a streaming
+  run's export) as they are (integer codes are never cast; no dense weight is allocated);
+  ``dtype=`` casts what stays floating point;
   ``device_map=`` places modules as usual;
 * after loading, 4-bit adapters' fp32 parameters are rebuilt from their codes (bit-exact, as in
   ``load_compressed``), every packed tensor is range-checked, and the kernel backend is chosen
@@ -128,7 +129,7 @@ def register() -> bool:
             import re
             from pathlib import Path
 
-            from ..checkpoint.layout import WEIGHTS
+            from ..checkpoint.layout import INDEX, WEIGHTS, weight_files
             from ..checkpoint.load import install_layers
             from ..checkpoint.verify import check_file_tensors, open_checkpoint, verify_default
             from ..errors import CheckpointError
@@ -136,16 +137,22 @@ def register() -> bool:
             from ..nn.embedding import install_embeddings
 
             files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
-            if len(files) != 1 or files[0].name != WEIGHTS:
+            if not files or len({f.parent for f in files}) != 1:
                 raise CheckpointError(
-                    f"quant_method 'slim': expected one {WEIGHTS} (what compress.py writes), got "
-                    f"{[str(f) for f in files] or 'none'}"
+                    f"quant_method 'slim': expected {WEIGHTS} or the shards {INDEX} lists (what "
+                    f"compress.py writes), got {[str(f) for f in files] or 'none'}"
                 )
             path = files[0].parent
             # (also checks config.json's quantization_config, which transformers read, against
             # slim.json: the layers installed below are the verified ones)
             meta = self._slim_meta = open_checkpoint(path, verify=verify_default())
-            self._slim_weights = files[0]
+            ours = weight_files(path)
+            if sorted(f.name for f in files) != [f.name for f in ours]:
+                raise CheckpointError(
+                    f"quant_method 'slim': transformers would load {sorted(f.name for f in files)}"
+                    f" from {path}, the checkpoint's weights are {[f.name for f in ours]}"
+                )
+            self._slim_weights = ours[0] if len(ours) == 1 else path / INDEX
             where = f"{path / 'config.json'} quantization_config"
             try:  # fused experts as the per-expert linears the checkpoint stores
                 unfused = unfuse_experts(model)
@@ -162,7 +169,7 @@ def register() -> bool:
                 )
             install_layers(model, meta["layers"], where)
             install_embeddings(model, meta.get("embeddings") or {}, where)
-            self._slim_file_keys = check_file_tensors(files[0], model)
+            self._slim_file_keys = check_file_tensors(ours, model)
             # not stored: 4-bit adapters' fp32 parameters (rebuilt from their codes) and tied
             # tensors (re-tied to their source after loading)
             ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])

@@ -9,6 +9,7 @@ adapters (DDP consistency), :func:`merge_to_dense` folds them into plain ``nn.Li
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,15 +84,22 @@ def state_hashes(model: nn.Module) -> dict[str, str]:
     for name, mod in sorted(model.named_modules(), key=lambda kv: kv[0]):
         if not isinstance(mod, SLiMLinear):
             continue
-        for bname, buf in sorted(mod.named_buffers(recurse=False)):
-            if buf is None or bname.startswith("adapter_"):
-                continue
-            base.update(f"{name}.{bname}".encode())
-            base.update(buf.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        hash_base(base, name, mod)
         for pname, p in sorted(mod.named_parameters(recurse=False)):
             adapters.update(f"{name}.{pname}".encode())
             adapters.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return {"base": base.hexdigest(), "adapters": adapters.hexdigest()}
+
+
+def hash_base(digest: Any, name: str, mod: nn.Module) -> None:
+    """Feeds one ``SLiMLinear``'s packed base (its buffers but the adapters', by name) into
+    ``digest``; ``state_hashes`` calls it for every layer in name order, and so does a writer
+    that sees the layers a block at a time (``checkpoint.stream_save``)."""
+    for bname, buf in sorted(mod.named_buffers(recurse=False)):
+        if buf is None or bname.startswith("adapter_"):
+            continue
+        digest.update(f"{name}.{bname}".encode())
+        digest.update(buf.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def merge_to_dense(model: nn.Module) -> nn.Module:

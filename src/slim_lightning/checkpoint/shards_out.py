@@ -1,0 +1,164 @@
+"""Writing Hugging Face's sharded safetensors layout one shard at a time.
+
+A sharded directory holds ``model-00001-of-0000N.safetensors`` ... ``model-0000N-of-0000N
+.safetensors`` and ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes of
+every stored tensor, ...}, "weight_map": {tensor name: shard file name}}``, written as
+transformers writes it: indent 2, sorted keys), which is what ``from_pretrained`` and
+``safetensors`` readers expect.
+
+``write_safetensors`` writes one file in the safetensors format with the exact bytes that
+``safetensors.torch.save_file`` writes for the same tensors (8-byte little-endian header length,
+compact JSON header with ``__metadata__`` first and the tensors by descending dtype then name,
+space-padded to a multiple of 8, then the tensors' bytes in that order), but streams every
+tensor's bytes straight from its storage (``save_file`` first copies every tensor of the file
+into ``bytes``) and hashes them as they are written, so a file's sha256 needs no second read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import fault_point
+from .layout import INDEX
+
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+
+# safetensors' own dtype names and their order (the Rust ``Dtype`` enum; tensors are laid out
+# from the highest to the lowest, ties by name)
+_ST_NAMES: dict[torch.dtype, tuple[int, str]] = {
+    torch.bool: (0, "BOOL"),
+    torch.uint8: (4, "U8"),
+    torch.int8: (5, "I8"),
+    torch.int16: (9, "I16"),
+    torch.uint16: (10, "U16"),
+    torch.float16: (11, "F16"),
+    torch.bfloat16: (12, "BF16"),
+    torch.int32: (13, "I32"),
+    torch.uint32: (14, "U32"),
+    torch.float32: (15, "F32"),
+    torch.float64: (16, "F64"),
+    torch.int64: (17, "I64"),
+    torch.uint64: (18, "U64"),
+}
+
+
+def shard_name(k: int, n: int) -> str:
+    """File name of shard ``k`` (1-based) of ``n``."""
+    return SHARD.format(k, n)
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[str, int]:
+    """Writes ``tensors`` to ``path`` (see the module docstring); returns ``(sha256, bytes)``.
+
+    Args:
+        path: the file (created or truncated; callers write inside an ``io.atomic_dir``).
+        tensors: name -> CPU tensor (made contiguous one at a time when it is not).
+        metadata: the header's ``__metadata__`` (string values), or None.
+    """
+    order = sorted(tensors, key=lambda k: (-_dtype_rank(tensors[k], k), k))
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        n = tensor_nbytes(t)
+        header[k] = {
+            "dtype": _ST_NAMES[t.dtype][1],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            f.write(chunk)
+            digest.update(chunk)
+        for k in order:
+            t = tensors[k].detach()
+            if t.device.type != "cpu":
+                raise ValueError(f"write_safetensors: tensor {k} is on {t.device}, not the CPU")
+            if t.numel() == 0:
+                continue
+            # a flat byte view of the storage (no copy for a contiguous tensor)
+            view = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(view))
+            digest.update(memoryview(view))
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest(), 8 + len(head) + offset
+
+
+def _dtype_rank(t: torch.Tensor, name: str) -> int:
+    entry = _ST_NAMES.get(t.dtype)
+    if entry is None:
+        raise ValueError(f"write_safetensors: tensor {name} has dtype {t.dtype}, not stored here")
+    return entry[0]
+
+
+class ShardedWriter:
+    """Writes ``n`` shards into ``directory`` (in any order) and then their index.
+
+    Args:
+        directory: the target (a temporary directory of ``io.atomic_dir``).
+        n: the number of shards (known up front: file names carry it).
+        metadata: every shard's ``__metadata__``.
+        label: prefix of the fault-injection labels (``io.fault_point``), e.g. ``packed``.
+
+    After the shards are written, ``digests`` maps every shard file name to its sha256 and
+    ``sizes`` to its bytes; ``weight_map`` and ``total_size`` are the index's.
+    """
+
+    def __init__(
+        self, directory: Path, n: int, metadata: dict[str, str] | None, label: str
+    ) -> None:
+        self.directory, self.n, self.metadata, self.label = Path(directory), n, metadata, label
+        self.digests: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> str:
+        """Writes shard ``k`` (1-based); returns its file name."""
+        name = shard_name(k, self.n)
+        if not 1 <= k <= self.n or name in self.digests:
+            raise ValueError(f"ShardedWriter: shard {k} of {self.n} (written: {len(self.digests)})")
+        twice = sorted(set(tensors) & set(self.weight_map))
+        if twice:
+            raise ValueError(f"ShardedWriter: tensors {twice[:5]} are in two shards")
+        fault_point(f"write {self.label}/{name}")
+        self.digests[name], self.sizes[name] = write_safetensors(
+            self.directory / name, tensors, self.metadata
+        )
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += tensor_nbytes(t)
+        return name
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Writes the index (``extra`` joins ``total_size`` in its ``metadata``); returns it."""
+        missing = [shard_name(k, self.n) for k in range(1, self.n + 1)]
+        missing = [m for m in missing if m not in self.digests]
+        if missing:
+            raise ValueError(f"ShardedWriter: shards {missing[:3]} were not written")
+        index = {
+            "metadata": {"total_size": self.total_size, **extra},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        fault_point(f"write {self.label}/{INDEX}")
+        (self.directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return index
