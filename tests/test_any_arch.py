@@ -393,10 +393,10 @@ def test_multimodal_gemma3_compresses_only_its_language_decoder():
 def test_streaming_equals_the_whole_model_on_other_families(kind, tmp_path):
     """``engine.streaming=true`` (blocks read from the shards, captured on the meta device with
     their own arguments) writes the same checkpoint as loading the whole model."""
-    from safetensors.torch import load_file
     from test_streaming import _overrides, _save_tiny, make_cfg
 
     from slim_lightning.app.compress_run import run_compress
+    from slim_lightning.checkpoint.load import read_weights
 
     ckpt = _save_tiny(tmp_path / "ckpt", kind=kind)
     out = {}
@@ -404,7 +404,7 @@ def test_streaming_equals_the_whole_model_on_other_families(kind, tmp_path):
         run = tmp_path / f"run_{streaming}"
         extra = ("method=slim_q_fast",)
         rep = run_compress(make_cfg(_overrides(ckpt, streaming, extra)), run)
-        out[streaming] = (load_file(run / "packed" / "model.safetensors"), rep)
+        out[streaming] = (read_weights(run / "packed"), rep)  # (streaming: sharded)
     (a, ra), (b, rb) = out[False], out[True]
     assert a.keys() == b.keys() and ra["ppl"] == rb["ppl"]
     for k in a:

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from slim_lightning.app.compress_run import run_compress
+from slim_lightning.checkpoint.load import read_weights
 from slim_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +69,8 @@ def runs(ckpt, tmp_path_factory):
 def test_streaming_output_equals_non_streaming(runs):
     (d0, r0), (d1, r1) = runs[False], runs[True]
     assert r1["ppl"] == r0["ppl"] and r1["ppl"]["embedded"] > 1
-    a = load_file(d0 / "packed" / "model.safetensors")
-    b = load_file(d1 / "packed" / "model.safetensors")
+    a = read_weights(d0 / "packed")
+    b = read_weights(d1 / "packed")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -139,8 +140,8 @@ def test_resume_after_interrupted_streaming_run(ckpt, runs, tmp_path, monkeypatc
     report = run_compress(cfg, run_dir)
     assert report["resumed_blocks"] == 1
     assert report["ppl"] == runs[False][1]["ppl"]
-    a = load_file(runs[False][0] / "packed" / "model.safetensors")
-    b = load_file(run_dir / "packed" / "model.safetensors")
+    a = read_weights(runs[False][0] / "packed")
+    b = read_weights(run_dir / "packed")
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
@@ -165,9 +166,15 @@ def test_tied_opt_checkpoint_streams_identically(tmp_path):
         run_dir = tmp_path / f"run_{streaming}"
         reports[streaming] = run_compress(make_cfg(_overrides(d, streaming, extra)), run_dir)
     assert reports[True]["ppl"] == reports[False]["ppl"]
-    a = load_file(tmp_path / "run_False" / "packed" / "model.safetensors")
-    b = load_file(tmp_path / "run_True" / "packed" / "model.safetensors")
+    a = read_weights(tmp_path / "run_False" / "packed")
+    b = read_weights(tmp_path / "run_True" / "packed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the streamed shards drop the tied keys and record the same metadata
+    ma, mb = (
+        json.loads((tmp_path / f"run_{s}" / "packed" / "slim.json").read_text())
+        for s in (False, True)
+    )
+    assert ma["tied_to"] and all(ma[k] == mb[k] for k in ("tied_to", "layers", "base_sha256"))
 
 
 def test_random_tiny_model_cannot_stream(tmp_path):
@@ -250,8 +257,8 @@ def test_streaming_variants_equal_non_streaming(tmp_path, dtype, extra):
         )
     assert reports[True]["ppl"] == reports[False]["ppl"]
     sub = "hf" if "export.packed=false" in extra else "packed"
-    a = load_file(tmp_path / "run_False" / sub / "model.safetensors")
-    b = load_file(tmp_path / "run_True" / sub / "model.safetensors")
+    a = read_weights(tmp_path / "run_False" / sub)
+    b = read_weights(tmp_path / "run_True" / sub)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -315,8 +322,8 @@ def test_blocks_are_offloaded_without_a_resume_state(ckpt, runs, tmp_path, monke
     report = run_compress(make_cfg(_overrides(ckpt, True, ("engine.resume=false",))), run_dir)
     assert seen == [0, 1] and not (run_dir / "calib_state").exists()
     assert report["ppl"] == runs[False][1]["ppl"]
-    a = load_file(runs[False][0] / "packed" / "model.safetensors")
-    b = load_file(run_dir / "packed" / "model.safetensors")
+    a = read_weights(runs[False][0] / "packed")
+    b = read_weights(run_dir / "packed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

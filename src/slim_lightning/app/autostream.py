@@ -12,10 +12,10 @@ Before any weights load, the run estimates its host memory both ways from the mo
 * whole model (``engine.streaming=false``): the weights at ``model.dtype``, the packed copy built
   beside them, the block's work, a baseline for Python, torch, transformers and activations;
 * streaming: the largest of its stages: loading (the 16-bit vocabulary tables), compressing
-  (one 16-bit block and its work; the tables are parked) and exporting (the packed model with
-  its adapters, which are held as fp32 parameters until written: ``adapter_bytes``; on the
-  8-block synthetic under slim_q they are 1.03 GB of the export's 2.51 GiB, and on a deep model
-  the export, not a block, sets the peak).
+  (one 16-bit block and its work; the tables are parked) and exporting, which opens one packed
+  block at a time (``app.stream_export``): one packed block with its adapters, held as fp32
+  parameters until written (``adapter_bytes``), beside the packed vocabulary tables; with
+  ``export.hf`` one merged fp32 block beside the dequantised tables.
 
 It streams when the whole-model estimate exceeds ``engine.streaming_share`` of the memory
 available to the process (``MemAvailable``, and the cgroup limit where one is set), logs one
@@ -165,7 +165,10 @@ def estimate(config: Any, dtype_bytes: int, plan: Any = None) -> dict[str, int]:
         groups = arch.input_groups if arch is not None else ()
         work = block_work(shapes, groups, plan.spec, getattr(plan, "reconstruct", None))
         packed += int(layers) * adapter_bytes(shapes, plan.spec)
-    stream_stages = (vocab * 2, 2 * block + work, packed + vocab)
+    export = packed // max(1, int(layers)) + vocab  # one packed block (the exports stream)
+    if plan is not None and plan.export.hf:  # one merged fp32 block, dequantised tables
+        export = max(export, 4 * block + dtype_bytes * vocab)
+    stream_stages = (vocab * 2, 2 * block + work, export)
     return {
         "params": int(total),
         "block_work": int(work),
@@ -222,11 +225,25 @@ def resolve_streaming(plan: Any, config: Any, *, compress: bool) -> tuple[Any, d
     experts = _fused_experts(config) if mode is not False and compress else None
     if mode is True and experts is not None:
         raise ConfigError("engine.streaming", True, f"false for this model: {experts}")
+    servable = None
+    if compress and mode is not False and getattr(plan.export, "servable", False):
+        servable = (
+            "export.servable=true writes from the whole packed model (one export group size "
+            "chosen over every layer); streaming exports one block at a time"
+        )
+    if mode is True and servable is not None:
+        raise ConfigError(
+            "export.servable",
+            True,
+            f"false with engine.streaming=true ({servable}); write the servable copy from the "
+            "packed checkpoint afterwards (deploy.servable.write_servable of load_compressed) "
+            "or run with engine.streaming=false",
+        )
     if mode != "auto":
         return plan, {"mode": mode, "streaming": bool(mode)}
     record: dict[str, Any] = {"mode": "auto", "streaming": False}
     why_not = _can_stream(plan) if compress else "nothing is compressed"
-    why_not = why_not or experts
+    why_not = why_not or experts or servable
     avail = available_memory()
     est = None
     from transformers import PretrainedConfig

@@ -17,6 +17,7 @@ from ..compress.plan import build_plan
 from ..memory import reset_stages, stage
 from .export import report_header, write_outputs, write_report
 from .report import plot_layers
+from .stream_export import offloaded_blocks, offloaded_metas
 
 log = logging.getLogger(__name__)
 
@@ -186,19 +187,23 @@ def _run_compress(
                 progress=plan.engine.progress,
             )
         report["ppl"][eval_name] = out["ppl"]
-    if stream is not None:
-        stream.reinstall_all()  # the outputs need the whole packed model
-    model = loaded.model.to("cpu")
+    # streaming: the exports open the packed blocks one at a time (the rest is on the CPU)
+    model = loaded.model.to("cpu") if stream is None else loaded.model
     if ctx is not None:
         report["world_size"] = ctx.world_size
         report["distributed"] = _shares(ctx, timings)
         if not main:  # waits for rank zero's outputs (an error there is raised here too)
+            if stream is not None:
+                stream.discard_offloaded()
             ctx.agree(None, "rank 0 wrote the outputs")
             return report
     else:
         report["world_size"] = 1
     with agreed(ctx, "rank 0 wrote the outputs"):
-        return _finish(plan, loaded, model, report, run_dir, zs_tasks, timings, t_start)
+        report = _finish(plan, loaded, model, report, run_dir, zs_tasks, timings, t_start, stream)
+    if stream is not None:
+        stream.discard_offloaded()  # written: a later resume re-installs from calib_state
+    return report
 
 
 def _shares(ctx: Any, timings: dict[str, float]) -> dict[str, Any]:
@@ -229,11 +234,18 @@ def _finish(
     zs_tasks: tuple,
     timings: dict[str, float],
     t_start: float,
+    stream: Any = None,
 ) -> dict[str, Any]:
-    """Zero-shot, exports and ``report.json`` (rank zero of a distributed run)."""
+    """Zero-shot, exports and ``report.json`` (rank zero of a distributed run). ``stream``: the
+    ``StreamingSource`` whose packed blocks wait on disk (the exports stream them)."""
     if zs_tasks:
         with stage(timings, "zero_shot"):
+            if stream is not None:  # zero-shot runs the whole model: read back for it
+                stream.reinstall_all(keep=True)
             report["zero_shot"] = _zero_shot(model, loaded.tokenizer, plan, plan.device)
+            if stream is not None:  # skeletons again: the exports read one block at a time
+                for i in stream.offloaded_layers:
+                    stream.evict_block(stream.blocks[i])
 
     if loaded.embeddings is not None:
         report["embeddings"] = loaded.embeddings
@@ -248,7 +260,8 @@ def _finish(
     reports = calib.reports if calib is not None else []
     report["layers"] = reports
     report["layers_summary"] = summarize_layers(reports)
-    report["size"] = linear_sizes(model) if plan.export.packed else {}
+    offloaded = offloaded_metas(stream) if stream is not None else None
+    report["size"] = linear_sizes(model, offloaded) if plan.export.packed else {}
     if calib is not None:
         report["resumed_blocks"] = calib.resumed_blocks
         report["resume"] = {
@@ -267,6 +280,7 @@ def _finish(
         results={"ppl": report["ppl"], "ppl_dense": report["ppl_dense"]},
         calibration=loaded.fingerprint,
         dtype=loaded.export_dtype,
+        blocks=offloaded_blocks(stream) if stream is not None else None,
     )
     plot = plot_layers(reports, run_dir / "layers.png")
     if plot is not None:

@@ -3,7 +3,8 @@
 * ``report_header``: the first keys of ``report.json`` (status, method, config, versions, ...);
 * ``write_outputs``: the packed checkpoint, the servable copy and the HF model, in that order;
 * ``write_packed``: the packed checkpoint (``checkpoint.save_compressed``) and its sizes measured
-  from the written file;
+  from the written file (sharded, one block at a time, when a streaming run's blocks wait on
+  disk);
 * ``write_hf``: a plain Hugging Face model (adapters merged into dense weights);
 * ``write_report``: ``report.json`` (``status: done``, timings, peak memory) written atomically,
   and the summary table printed.
@@ -62,11 +63,21 @@ def write_outputs(
     dtype: str,
     base_sha256: str | None = None,
     hf: bool = True,
+    blocks: Any = None,
 ) -> None:
     """The run's exports into ``run_dir`` (rank zero): ``packed/`` (``report["size"]`` then holds
-    the sizes measured from the written file), ``servable/``, and ``hf/`` when ``hf``."""
+    the sizes measured from the written file), ``servable/``, and ``hf/`` when ``hf``.
+
+    ``blocks``: a ``checkpoint.stream_save.OffloadedBlocks`` when the decoder blocks wait on
+    disk (a streaming run): ``packed/`` and ``hf/`` are then written one block at a time, as
+    sharded safetensors (``app.stream_export``)."""
+    if plan.export.servable and blocks is not None:  # (autostream refuses it before loading)
+        from ..errors import ConfigError
+
+        raise ConfigError("export.servable", True, "false with engine.streaming")
     with stage(timings, "export"):
-        if plan.export.packed and report["size"]:
+        packed = bool(plan.export.packed and report["size"])
+        if packed:
             report["size"] = write_packed(
                 model,
                 tokenizer,
@@ -76,6 +87,7 @@ def write_outputs(
                 calibration=calibration,
                 dtype=dtype,
                 base_sha256=base_sha256,
+                blocks=blocks,
             )
             report["packed_dir"] = str(run_dir / "packed")
         if plan.export.servable:  # before write_hf, which merges the SLiMLinear layers away
@@ -85,7 +97,19 @@ def write_outputs(
                 report["servable"] = write_servable(model, tokenizer, run_dir / "servable")
             report["servable_dir"] = str(run_dir / "servable")
             log.info(describe(report["servable"]))
-        if hf and plan.export.hf:
+        if hf and plan.export.hf and blocks is not None:
+            from .stream_export import write_hf_streaming
+
+            write_hf_streaming(
+                model,
+                blocks,
+                tokenizer,
+                run_dir / "hf",
+                packed=plan.export.packed,
+                requantize=packed,  # as the packed export did to the whole model
+            )
+            report["hf_dir"] = str(run_dir / "hf")
+        elif hf and plan.export.hf:
             write_hf(model, tokenizer, run_dir / "hf", packed=plan.export.packed)
             report["hf_dir"] = str(run_dir / "hf")
 
@@ -100,6 +124,7 @@ def write_packed(
     calibration: str | None,
     dtype: str,
     base_sha256: str | None = None,
+    blocks: Any = None,
 ) -> dict[str, Any]:
     """Writes the packed checkpoint to ``out``; returns its sizes (from the written bytes)."""
     from ..checkpoint import read_meta, save_compressed
@@ -113,6 +138,7 @@ def write_packed(
         calibration=calibration,
         dtype=dtype,
         base_sha256=base_sha256,
+        blocks=blocks,
     )
     return read_meta(out)["size"]
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,8 @@ class StreamingSource:
         self.low_precision_linears = False
         # where finished blocks go while later ones are compressed (set by compress_model)
         self.offload_dir: Path | None = None
-        # leave them there after compression (the caller evaluates block by block and calls
-        # reinstall_all before it needs the whole model)
+        # leave them there after compression (the caller evaluates and exports block by block,
+        # calling reinstall_all only where it needs the whole model)
         self.keep_offloaded = False
         self._offloaded: dict[int, dict[str, dict]] = {}  # block -> its SLiMLinear metas
 
@@ -382,10 +384,37 @@ class StreamingSource:
         else:
             self.read_block(i, block, low=True)
 
-    def reinstall_all(self) -> None:
-        """Reads every offloaded block back in (the model is whole again, packed)."""
+    def reinstall_all(self, keep: bool = False) -> None:
+        """Reads every offloaded block back in (the model is whole again, packed); ``keep``:
+        their files stay (``evict_block`` makes each a skeleton again)."""
         for i in sorted(self._offloaded):
-            self.reload_block(i, self.blocks[i])
+            self.reload_block(i, self.blocks[i], keep=keep)
+
+    @property
+    def offloaded_layers(self) -> dict[int, dict[str, dict]]:
+        """``{block: {layer name in it: SLiMLinear.meta()}}`` of the blocks waiting on disk."""
+        return self._offloaded
+
+    @contextmanager
+    def opened(self, i: int) -> Iterator[nn.Module]:
+        """Block ``i`` for a while (a streaming export): read back from its offload file, which
+        stays, and evicted on exit; a block that is not offloaded is yielded as it is."""
+        block = self.blocks[i]
+        if i not in self._offloaded:
+            yield block
+            return
+        self.reload_block(i, block, keep=True)
+        try:
+            yield block
+        finally:
+            self.evict_block(block)
+
+    def discard_offloaded(self) -> None:
+        """Deletes the offload files once the outputs are written (a later resume re-installs
+        the blocks from the resume state)."""
+        for i in sorted(self._offloaded):
+            (self.offload_dir / f"block_{i:04d}.safetensors").unlink(missing_ok=True)
+        self._offloaded.clear()
 
     def evict_block(self, block: nn.Module) -> None:
         """Back to a meta skeleton (compressed linears become meta ``nn.Linear`` again, as
