@@ -95,7 +95,21 @@ def test_env_world_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env_world() is None
 
 
-@pytest.mark.parametrize("extra", [(), ("reconstruct=block",)], ids=["one_shot", "reconstruct"])
+LEVERS = (
+    "reconstruct=block",
+    "reconstruct.mask=refine",
+    "lowrank.permute=true",
+    "lowrank.alternate=1",
+    "calib.nsamples=32",
+    "reconstruct.epochs=4",
+    "reconstruct.lr_weight=0.1",
+    "reconstruct.lr_adapter=0.1",
+)
+
+
+@pytest.mark.parametrize(
+    "extra", [(), ("reconstruct=block",), LEVERS], ids=["one_shot", "reconstruct", "levers"]
+)
 def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path, extra: tuple) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     two_processes_equal_one(["compress.py", "debug=default", *extra], a, b)
@@ -109,8 +123,13 @@ def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path, extra:
     assert [r["rank"] for r in ranks] == [0, 1]
     n_linears = len(rb["layers"])
     assert sum(r["linears"] for r in ranks) == n_linears and all(r["linears"] for r in ranks)
-    assert sum(r["batches"] for r in ranks) == 2  # debug: 8 samples in batches of 4
+    # debug: 8 samples (LEVERS: 32) in batches of 4
+    assert sum(r["batches"] for r in ranks) == (8 if extra == LEVERS else 2)
     assert not (a / "calib_state").exists()  # no resume state with several processes
+    if extra == LEVERS:  # the levers did something, the same on both sides
+        assert any(r.get("permuted") for r in rb["layers"])
+        assert any(r.get("recon_mask_moved", 0) > 0 for r in rb["layers"])
+        assert [r.get("permuted") for r in ra["layers"]] == [r.get("permuted") for r in rb["layers"]]
 
 
 def test_torchrun_streaming_equals_one_process(tmp_path: Path) -> None:
