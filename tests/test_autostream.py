@@ -132,17 +132,58 @@ def test_a_block_too_large_to_reconstruct_is_refused_naming_the_leaner_option(
 
     config = AutoConfig.from_pretrained(ckpt)
     need = {
-        m: autostream.estimate(config, 4, build_plan(_cfg(ckpt, f"method={m}")))["streaming"]
-        for m in ("slim_q", "slim_q_fast")
+        m: autostream.estimate(config, 4, build_plan(_cfg(ckpt, *m.split())))["streaming"]
+        for m in ("method=slim_q", "method=slim_q_fast", "reconstruct.optimizer=adam8bit")
     }
-    assert need["slim_q_fast"] < need["slim_q"]
-    avail = (need["slim_q_fast"] + need["slim_q"]) // 2
+    assert need["method=slim_q_fast"] < need["reconstruct.optimizer=adam8bit"]
+    assert need["reconstruct.optimizer=adam8bit"] < need["method=slim_q"]
+    # below even the 8-bit memory plan's need
+    avail = (need["method=slim_q_fast"] + need["reconstruct.optimizer=adam8bit"]) // 2
     monkeypatch.setattr(autostream, "available_memory", lambda: avail)
     with pytest.raises(ConfigError, match=r"reconstruct=none") as err:
         run_compress(cfg, tmp_path / "refused")
     assert "one block's compression work" in str(err.value)
     rep = run_compress(_cfg(ckpt, "method=slim_q_fast"), tmp_path / "fast")
     assert rep["streaming"]["streaming"] is True
+
+
+def test_auto_chooses_the_8bit_memory_plan_when_only_it_fits(tmp_path, monkeypatch, caplog):
+    """Streaming with Adam's fp32 moments over the budget, with 8-bit moments within it: the
+    run streams with reconstruct.optimizer=adam8bit, says so in the log and in report.json."""
+    from transformers import AutoConfig
+
+    from slim_lightning.app import autostream
+    from slim_lightning.compress.plan import build_plan
+
+    ckpt = _ckpt(tmp_path)
+    config = AutoConfig.from_pretrained(ckpt)
+    need = {
+        o: autostream.estimate(config, 4, build_plan(_cfg(ckpt, f"reconstruct.optimizer={o}")))
+        for o in ("adam", "adam8bit")
+    }
+    share = 0.8  # engine.streaming_share's default
+    avail = int((need["adam8bit"]["streaming"] + need["adam"]["streaming"]) / 2 / share)
+    assert need["adam8bit"]["whole"] > share * avail  # (the whole model does not fit either)
+    monkeypatch.setattr(autostream, "available_memory", lambda: avail)
+    used = []
+    real = autostream.estimate
+    monkeypatch.setattr(
+        autostream,
+        "estimate",
+        lambda c, b, plan=None: used.append(plan and plan.reconstruct.optimizer) or real(c, b, plan),
+    )
+    from slim_lightning.compress import reconstruct
+
+    kinds, adam = [], reconstruct._adam
+    monkeypatch.setattr(reconstruct, "_adam", lambda g, kind: kinds.append(kind) or adam(g, kind))
+    with caplog.at_level(logging.INFO, logger="slim_lightning.app.autostream"):
+        rep = run_compress(_cfg(ckpt), tmp_path / "lean")
+    assert kinds and set(kinds) == {"adam8bit"}  # the blocks trained with the plan chosen
+    assert rep["streaming"]["streaming"] is True
+    plan = rep["streaming"]["memory_plan"]
+    assert plan["reconstruct.optimizer"] == "adam8bit" and plan["changes_results"] is True
+    assert "memory plan reconstruct.optimizer=adam8bit" in caplog.text
+    assert used[-1] == "adam8bit"
 
 
 def test_the_export_estimate_counts_the_adapters_the_packed_model_holds(tmp_path):

@@ -184,6 +184,39 @@ def _leaner(plan: Any) -> str:
     return ""
 
 
+def _memory_plan(
+    plan: Any, config: Any, est: dict[str, int], budget: float, record: dict[str, Any]
+) -> tuple[Any, dict[str, int]]:
+    """The block reconstruction's leaner memory plan when streaming with the plan as given
+    would exceed ``budget`` (whole model too large too): 8-bit Adam moments
+    (``reconstruct.optimizer=adam8bit``, 11 instead of 17 bytes per kept weight; it changes
+    results slightly: recorded as ``memory_plan`` in the report)."""
+    from ..dtypes import FLOAT_DTYPES
+
+    recon = getattr(plan, "reconstruct", None)
+    if (
+        est["whole"] <= budget
+        or est["streaming"] <= budget
+        or recon is None
+        or recon.mode != "block"
+        or recon.optimizer != "adam"
+        or not recon.train_weights
+    ):
+        return plan, est
+    lean = dataclasses.replace(plan, reconstruct=dataclasses.replace(recon, optimizer="adam8bit"))
+    est8 = estimate(config, FLOAT_DTYPES[plan.model.dtype].itemsize, lean)
+    record["memory_plan"] = {
+        "reconstruct.optimizer": "adam8bit",
+        "changes_results": True,
+        "reason": f"streaming with Adam's fp32 moments needs ~{est['streaming'] / GIB:.2f} GiB "
+        f"> {budget / GIB:.2f} GiB; with 8-bit moments ~{est8['streaming'] / GIB:.2f} GiB",
+    }
+    record["estimate_gib"] = {k: round(v / GIB, 2) for k, v in est8.items() if k != "params"}
+    log.info("engine.streaming=auto: memory plan reconstruct.optimizer=adam8bit (%s)",
+             record["memory_plan"]["reason"])
+    return lean, est8
+
+
 def _fused_experts(config: Any) -> str | None:
     """Why a mixture-of-experts model cannot stream (None for other models)."""
     from transformers import PretrainedConfig
@@ -254,6 +287,8 @@ def resolve_streaming(plan: Any, config: Any, *, compress: bool) -> tuple[Any, d
     if avail is not None:
         record["available_gib"] = round(avail / GIB, 2)
     share = plan.engine.streaming_share
+    if est is not None and avail is not None and why_not is None:
+        plan, est = _memory_plan(plan, config, est, share * avail, record)
     if est is None or avail is None:
         record["reason"] = "memory or model size unknown: the whole model is loaded"
     elif est["whole"] <= share * avail:
