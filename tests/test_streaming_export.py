@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,8 +36,16 @@ def pair(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stream_export")
     ckpt = _save_tiny(root / "ckpt")
+    from slim_lightning.checkpoint import stream_save
+
     original = streaming.StreamingSource.opened
+    original_read = stream_save.FileBlock.read
     seen: list[int] = []
+    reads: list[list[str]] = []
+
+    def read(self, keys):
+        reads.append(list(keys))
+        return original_read(self, keys)
 
     @contextmanager
     def opened(self, i):
@@ -48,9 +57,10 @@ def pair(tmp_path_factory):
     for s in (False, True):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(streaming.StreamingSource, "opened", opened)
+            mp.setattr(stream_save.FileBlock, "read", read)
             run_compress(make_cfg(_overrides(ckpt, s, ("export.hf=true",))), root / f"run_{s}")
         out[s] = root / f"run_{s}"
-    out["opened"] = seen
+    out["opened"], out["reads"] = seen, reads
     return out
 
 
@@ -83,6 +93,8 @@ def test_packed_shards_hold_the_whole_model_checkpoint(pair):
         assert {k.split(".")[2] for k in per_shard[_shards(n)[i + 1]]} == {str(i)}
     assert not any(k.startswith("model.layers.") for k in per_shard[_shards(n)[0]])
     assert pair["opened"] and max(pair["opened"]) == 1  # never a second block in memory
+    # the packed writer reads one layer (or one tensor) of a block at a time
+    assert pair["reads"] and all(len({k.rpartition(".")[0] for k in r}) == 1 for r in pair["reads"])
 
 
 def test_slim_json_and_config_equal_the_whole_model_ones(pair):
@@ -197,37 +209,54 @@ def test_whole_model_file_is_what_the_shard_writer_writes(pair, tmp_path):
     assert (tmp_path / "again.safetensors").read_bytes() == f.read_bytes()
 
 
-def _in_memory_blocks(model):
-    from slim_lightning.checkpoint.stream_save import OffloadedBlocks
+def _blocks_on_disk(model, directory: Path):
+    """``model``'s blocks as a streaming run leaves them: each block's state dict in a file of
+    its own with its layers' metadata (``open`` yields a fresh copy of the block)."""
+    import copy
 
-    layers = model.model.layers
-    return OffloadedBlocks("model.layers", len(layers), lambda i: nullcontext(layers[i]))
+    from slim_lightning.checkpoint.stream_save import FileBlock, OffloadedBlocks
+    from slim_lightning.nn.linear import SLiMLinear
+
+    layers = copy.deepcopy(model.model.layers)
+    directory.mkdir()
+    files = []
+    for i, block in enumerate(layers):
+        save_file(
+            {k: v.contiguous() for k, v in block.state_dict().items()},
+            str(directory / f"{i}.safetensors"),
+        )
+        metas = {n: m.meta() for n, m in block.named_modules() if isinstance(m, SLiMLinear)}
+        files.append(FileBlock(directory / f"{i}.safetensors", metas))
+    return OffloadedBlocks(
+        "model.layers",
+        len(layers),
+        lambda i: nullcontext(copy.deepcopy(layers[i])),
+        files.__getitem__,
+    )
 
 
 def test_a_failed_shard_write_leaves_no_output(pair, tmp_path, monkeypatch):
     from slim_lightning.checkpoint import save_compressed
 
     model, tok, _ = load_compressed(pair[False] / "packed")
+    blocks = _blocks_on_disk(model, tmp_path / "offloaded")
     out = tmp_path / "packed"
     monkeypatch.setenv("SLIM_FAULT", "enospc:write packed/model-00003-of-00003.safetensors")
     with pytest.raises(OSError, match="No space"):
-        save_compressed(model, tok, out, blocks=_in_memory_blocks(model), dtype="float16")
-    assert not out.exists() and not list(tmp_path.iterdir())
+        save_compressed(model, tok, out, blocks=blocks, dtype="float16")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["offloaded"]
     monkeypatch.delenv("SLIM_FAULT")
-    save_compressed(model, tok, out, blocks=_in_memory_blocks(model), dtype="float16")
+    save_compressed(model, tok, out, blocks=blocks, dtype="float16")
     _same_tensors(read_weights(out), read_weights(pair[True] / "packed"))
 
 
 def test_off_grid_adapters_are_requantised_in_both_streamed_exports(pair, tmp_path):
     """Adapters moved off their 4-bit grid (as training leaves them) are snapped back before
     they are packed, and the streamed ``hf/`` merges the snapped values, as the whole-model
-    exports do; each block is opened as a fresh copy, as it is read back from disk."""
-    import copy
-
+    exports do; the blocks are read from files, as a streaming run's are."""
     from slim_lightning.app.export import write_hf
     from slim_lightning.app.stream_export import write_hf_streaming
     from slim_lightning.checkpoint import save_compressed
-    from slim_lightning.checkpoint.stream_save import OffloadedBlocks
 
     def off_grid():
         model, tok, _ = load_compressed(pair[False] / "packed")
@@ -241,10 +270,7 @@ def test_off_grid_adapters_are_requantised_in_both_streamed_exports(pair, tmp_pa
     save_compressed(model, tok, tmp_path / "p_whole", dtype="float16")
     write_hf(model, tok, tmp_path / "h_whole", packed=True)
     model, tok = off_grid()
-    saved = copy.deepcopy(model.model.layers)
-    blocks = OffloadedBlocks(
-        "model.layers", len(saved), lambda i: nullcontext(copy.deepcopy(saved[i]))
-    )
+    blocks = _blocks_on_disk(model, tmp_path / "offloaded")
     save_compressed(model, tok, tmp_path / "p", dtype="float16", blocks=blocks)
     write_hf_streaming(model, blocks, tok, tmp_path / "h", packed=True, requantize=True)
     _same_tensors(read_weights(tmp_path / "p_whole"), read_weights(tmp_path / "p"))

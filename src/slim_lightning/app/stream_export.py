@@ -4,12 +4,14 @@ A streaming run's compressed blocks wait in ``RUN/offloaded`` (``compress.stream
 exports open them one after another instead of reading the whole packed model back:
 
 * ``offloaded_blocks``: the ``checkpoint.stream_save.OffloadedBlocks`` view of a
-  ``StreamingSource`` (block ``i`` read back from its offload file, then evicted again);
-* the packed checkpoint: ``checkpoint.save_compressed(..., blocks=...)`` (sharded);
-* ``write_hf_streaming``: the plain Hugging Face model (``export.hf``), each block's compressed
-  layers merged into dense ``nn.Linear`` weights and written to a shard of its own (sharded
-  safetensors + index, ``config.json``, ``generation_config.json``, tokenizer: what
-  ``save_pretrained`` writes from the whole merged model, with the same tensors);
+  ``StreamingSource`` (block ``i``'s offload file, read a layer or a tensor at a time, or the
+  block read back from it and evicted again);
+* the packed checkpoint: ``checkpoint.save_compressed(..., blocks=...)`` (sharded; one layer in
+  memory at a time, ``checkpoint.stream_save``);
+* ``write_hf_streaming``: the plain Hugging Face model (``export.hf``), one block in memory at
+  a time: its compressed layers merged into dense ``nn.Linear`` weights and written to a shard
+  of its own (sharded safetensors + index, ``config.json``, ``generation_config.json``,
+  tokenizer: what ``save_pretrained`` writes from the whole merged model, the same tensors);
 * ``offloaded_metas``: the offloaded layers' metadata, for the size estimate
   (``checkpoint.layout.linear_sizes``).
 
@@ -24,13 +26,20 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint.stream_save import OffloadedBlocks
+from ..checkpoint.stream_save import BlockTensors, FileBlock, ModuleBlock, OffloadedBlocks
 from ..io import atomic_dir
 
 
 def offloaded_blocks(stream: Any) -> OffloadedBlocks:
-    """The blocks of ``stream`` (a ``StreamingSource``) as ``save_compressed`` streams them."""
-    return OffloadedBlocks(stream.arch.blocks_path, len(stream.blocks), stream.opened)
+    """The blocks of ``stream`` (a ``StreamingSource``) as the exports stream them: the packed
+    writer reads each layer from the block's offload file, the ``hf/`` writer opens the block."""
+
+    def tensors(i: int) -> BlockTensors:
+        if i in stream.offloaded_layers:
+            return FileBlock(stream.offload_file(i), stream.offloaded_layers[i])
+        return ModuleBlock(stream.blocks[i])  # (not offloaded: in memory)
+
+    return OffloadedBlocks(stream.arch.blocks_path, len(stream.blocks), stream.opened, tensors)
 
 
 def offloaded_metas(stream: Any) -> dict[str, dict]:

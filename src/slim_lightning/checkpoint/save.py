@@ -170,12 +170,7 @@ def packed_embeddings(model: nn.Module) -> dict[str, dict]:
 def stored_tensor(
     key: str, value: torch.Tensor, mods: dict[str, nn.Module], store: str, layers: dict
 ) -> torch.Tensor | None:
-    """One state-dict entry as the checkpoint stores it (None: not stored).
-
-    4-bit adapters' fp32 parameters are not stored (rebuilt from their codes on load); fp
-    adapters go to their ``adapter_dtype``; a compressed layer's bias and every other floating
-    tensor to ``store`` (recorded as the layer's ``bias_dtype`` in ``layers``); packed buffers
-    stay as they are.
+    """One state-dict entry as the checkpoint stores it (None: not stored; ``stored_dtype``).
 
     Args:
         key: the full state-dict key.
@@ -184,18 +179,34 @@ def stored_tensor(
         store: storage dtype of the uncompressed tensors.
         layers: the layers' metadata (``bias_dtype`` is updated in place).
     """
+    dtype = stored_dtype(key, value.dtype, mods, store, layers)
+    if dtype is None:
+        return None
+    return value.to(dtype).detach().to("cpu").contiguous()
+
+
+def stored_dtype(
+    key: str, dtype: torch.dtype, mods: dict[str, nn.Module], store: str, layers: dict
+) -> torch.dtype | None:
+    """The dtype a state-dict entry is stored in (None: not stored).
+
+    4-bit adapters' fp32 parameters are not stored (rebuilt from their codes on load); fp
+    adapters go to their ``adapter_dtype``; a compressed layer's bias and every other floating
+    tensor to ``store`` (recorded as the layer's ``bias_dtype`` in ``layers``); packed buffers
+    stay as they are. Arguments as ``stored_tensor``'s.
+    """
     owner, _, attr = key.rpartition(".")
     mod = mods.get(owner)
     if mod is not None and attr in ("lora_l", "lora_r"):
         if mod.adapter_bits is not None:
             return None  # rebuilt from the packed codes on load
-        value = value.to(_FLOAT[mod.adapter_dtype])
-    elif mod is not None and attr == "bias":
-        value = value.to(_FLOAT[store])
+        return _FLOAT[mod.adapter_dtype]
+    if mod is not None and attr == "bias":
         layers[owner]["bias_dtype"] = store
-    elif mod is None and value.is_floating_point():
-        value = value.to(_FLOAT[store])
-    return value.detach().to("cpu").contiguous()
+        return _FLOAT[store]
+    if mod is None and dtype.is_floating_point:
+        return _FLOAT[store]
+    return dtype
 
 
 def checkpoint_meta(

@@ -12,13 +12,17 @@ compact JSON header with ``__metadata__`` first and the tensors by descending dt
 space-padded to a multiple of 8, then the tensors' bytes in that order), but streams every
 tensor's bytes straight from its storage (``save_file`` first copies every tensor of the file
 into ``bytes``) and hashes them as they are written, so a file's sha256 needs no second read.
+``write_planned`` builds the header from names, dtypes and shapes alone and fetches each tensor
+only when its bytes are due, so a caller can hold one tensor of the file at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,9 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+Plan = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape)
+
+
 def write_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> tuple[str, int]:
@@ -67,17 +74,34 @@ def write_safetensors(
         tensors: name -> CPU tensor (made contiguous one at a time when it is not).
         metadata: the header's ``__metadata__`` (string values), or None.
     """
-    order = sorted(tensors, key=lambda k: (-_dtype_rank(tensors[k], k), k))
+    plan = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    return write_planned(path, plan, tensors.__getitem__, metadata)
+
+
+def write_planned(
+    path: str | Path,
+    plan: Plan,
+    fetch: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> tuple[str, int]:
+    """``write_safetensors`` of tensors that are only fetched when their bytes are written: the
+    header is built from ``plan`` and ``fetch(name)`` is called once per tensor, in file order,
+    so the caller can hold one tensor at a time. Returns ``(sha256, bytes)``.
+
+    Raises:
+        ValueError: a fetched tensor's dtype or shape is not the planned one.
+    """
+    order = sorted(plan, key=lambda k: (-_dtype_rank(plan[k][0], k), k))
     header: dict[str, Any] = {}
     if metadata is not None:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for k in order:
-        t = tensors[k]
-        n = tensor_nbytes(t)
+        dtype, shape = plan[k]
+        n = math.prod(shape) * dtype.itemsize
         header[k] = {
-            "dtype": _ST_NAMES[t.dtype][1],
-            "shape": list(t.shape),
+            "dtype": _ST_NAMES[dtype][1],
+            "shape": list(shape),
             "data_offsets": [offset, offset + n],
         }
         offset += n
@@ -89,24 +113,28 @@ def write_safetensors(
             f.write(chunk)
             digest.update(chunk)
         for k in order:
-            t = tensors[k].detach()
-            if t.device.type != "cpu":
-                raise ValueError(f"write_safetensors: tensor {k} is on {t.device}, not the CPU")
+            t = fetch(k).detach()
+            if (t.dtype, tuple(t.shape)) != plan[k] or t.device.type != "cpu":
+                raise ValueError(
+                    f"write_safetensors: tensor {k} is {t.dtype} {tuple(t.shape)} on "
+                    f"{t.device}; planned {plan[k][0]} {plan[k][1]} on the CPU"
+                )
             if t.numel() == 0:
                 continue
             # a flat byte view of the storage (no copy for a contiguous tensor)
             view = t.contiguous().reshape(-1).view(torch.uint8).numpy()
             f.write(memoryview(view))
             digest.update(memoryview(view))
+            del t, view
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest(), 8 + len(head) + offset
 
 
-def _dtype_rank(t: torch.Tensor, name: str) -> int:
-    entry = _ST_NAMES.get(t.dtype)
+def _dtype_rank(dtype: torch.dtype, name: str) -> int:
+    entry = _ST_NAMES.get(dtype)
     if entry is None:
-        raise ValueError(f"write_safetensors: tensor {name} has dtype {t.dtype}, not stored here")
+        raise ValueError(f"write_safetensors: tensor {name} has dtype {dtype}, not stored here")
     return entry[0]
 
 
@@ -134,19 +162,25 @@ class ShardedWriter:
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> str:
         """Writes shard ``k`` (1-based); returns its file name."""
+        plan = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
+        return self.write_planned(k, plan, tensors.__getitem__)
+
+    def write_planned(self, k: int, plan: Plan, fetch: Callable[[str], torch.Tensor]) -> str:
+        """Writes shard ``k`` (1-based) from a plan, fetching one tensor at a time
+        (``write_planned``); returns its file name."""
         name = shard_name(k, self.n)
         if not 1 <= k <= self.n or name in self.digests:
             raise ValueError(f"ShardedWriter: shard {k} of {self.n} (written: {len(self.digests)})")
-        twice = sorted(set(tensors) & set(self.weight_map))
+        twice = sorted(set(plan) & set(self.weight_map))
         if twice:
             raise ValueError(f"ShardedWriter: tensors {twice[:5]} are in two shards")
         fault_point(f"write {self.label}/{name}")
-        self.digests[name], self.sizes[name] = write_safetensors(
-            self.directory / name, tensors, self.metadata
+        self.digests[name], self.sizes[name] = write_planned(
+            self.directory / name, plan, fetch, self.metadata
         )
-        for key, t in tensors.items():
+        for key, (dtype, shape) in plan.items():
             self.weight_map[key] = name
-            self.total_size += tensor_nbytes(t)
+            self.total_size += math.prod(shape) * dtype.itemsize
         return name
 
     def finish(self, **extra: Any) -> dict[str, Any]:

@@ -1,48 +1,121 @@
 """Writing a packed checkpoint whose decoder blocks wait on disk (a streaming run's export).
 
 ``save_streaming`` writes the same checkpoint as ``save.save_compressed`` would write from the
-whole model, but never holds more than the non-block tensors (embeddings, final norm, LM head)
-and one decoder block: each block is opened from where it waits (``OffloadedBlocks.open``),
-converted exactly as ``save_compressed`` converts it (``save.stored_tensor``: same keys and
-dtypes, 4-bit adapters as their codes, off-grid adapters re-quantised first), written to a shard
-of its own and closed again.
+whole model, but holds only the non-block tensors (embeddings, final norm, LM head) and, at any
+moment, one compressed layer of one block (or one of its tensors):
+
+1. for each block, its layers are read one at a time from where the block waits (``BlockTensors``:
+   a streaming run's offload file, read with ``pread`` into memory that is freed with the
+   tensors), each as a ``SLiMLinear``: off-grid adapters are re-quantised (the new codes are
+   kept, they are small), the packed base is fed to ``base_sha256`` and the layer's metadata
+   taken, exactly as ``save_compressed`` does on the whole model;
+2. the block's shard is then written tensor by tensor (``shards_out.write_planned``): its header
+   comes from the stored dtypes and shapes (``save.stored_dtype``), each tensor is read, converted
+   (``save.stored_tensor``: same keys and dtypes, 4-bit adapters as their codes) and written.
 
 Layout: Hugging Face's sharded safetensors (``shards_out``): ``n = blocks + 1`` shards,
 ``model-00001-of-0000n.safetensors`` holds everything outside the decoder blocks (tied keys
 dropped, as in the one-file layout) and ``model-<i + 2>-of-0000n.safetensors`` decoder block
-``i``; ``model.safetensors.index.json`` maps every tensor to its shard. ``slim.json`` and
-``config.json`` have the content the one-file writer gives them: ``base_sha256`` is fed layer by
-layer in ``nn.adapters.state_hashes``' order (the blocks are visited in the name order of their
-layers: ``layers.0, layers.1, layers.10, ...``; the shard numbers follow the block numbers),
-the sizes are added up from the tensors written (``layout.SizeTally``; ``checkpoint_bytes`` is
-the bytes of all shards, each with its own header), and ``files`` takes each shard's sha256
-as it is written (only the small files are read back). The directory is written under a
-temporary name and renamed when complete (``io.atomic_dir``).
+``i``; ``model.safetensors.index.json`` maps every tensor to its shard; every shard has the bytes
+``safetensors.torch.save_file`` writes for its tensors. ``slim.json`` and ``config.json`` have the
+content the one-file writer gives them: ``base_sha256`` is fed layer by layer in
+``nn.adapters.state_hashes``' order (the blocks are visited in the name order of their layers:
+``layers.0, layers.1, layers.10, ...``; the shard numbers follow the block numbers), the sizes are
+added up from the tensors written (``layout.SizeTally``; ``checkpoint_bytes`` is the bytes of all
+shards, each with its own header), and ``files`` takes each shard's sha256 as it is written (only
+the small files are read back). The directory is written under a temporary name and renamed when
+complete (``io.atomic_dir``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from ..io import atomic_dir, dir_sha256, fault_point
-from .layout import FORMAT, INDEX, META, SizeTally
+from .layout import FORMAT, META, SizeTally, _st_dtype
 from .save import (
     _tied_keys,
     checkpoint_meta,
     packed_embeddings,
     storage_dtype,
+    stored_dtype,
     stored_tensor,
     write_config,
 )
-from .shards_out import ShardedWriter, tensor_nbytes
+from .shards_out import ShardedWriter
+
+
+class BlockTensors(Protocol):
+    """One decoder block's state dict (block-relative keys) and its compressed layers."""
+
+    layers: dict[str, dict]  # block-relative layer name -> SLiMLinear.meta()
+
+    def header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Every tensor's dtype and shape (nothing read)."""
+        ...
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (memory the caller frees by dropping them)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FileBlock:
+    """A block's tensors in a safetensors file (a streaming run's offload file)."""
+
+    path: Path
+    layers: dict[str, dict]
+
+    def header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (_st_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+        return out
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        # pread: each tensor in memory of its own (a mapped file stays resident as long as
+        # any tensor read from it lives); older safetensors map the file, closed right after
+        try:
+            f = safe_open(str(self.path), framework="pt", backend="pread")
+        except TypeError:
+            f = safe_open(str(self.path), framework="pt")
+        with f:
+            return {k: f.get_tensor(k) for k in keys}
+
+
+@dataclass(frozen=True)
+class ModuleBlock:
+    """A block held in memory (its layers re-quantised in place, like the one-file writer's)."""
+
+    module: nn.Module
+
+    @property
+    def layers(self) -> dict[str, dict]:
+        from ..nn.linear import SLiMLinear
+
+        return {n: m.meta() for n, m in self.module.named_modules() if isinstance(m, SLiMLinear)}
+
+    def header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {k: (v.dtype, tuple(v.shape)) for k, v in self.module.state_dict().items()}
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        sd = self.module.state_dict()
+        return {k: sd[k] for k in keys}
 
 
 @dataclass(frozen=True)
@@ -54,11 +127,13 @@ class OffloadedBlocks:
         count: the number of blocks.
         open: ``open(i)`` is a context manager that yields block ``i`` as the whole model would
             hold it (packed layers installed) and frees it again on exit.
+        tensors: ``tensors(i)``: block ``i``'s ``BlockTensors`` (read a layer at a time).
     """
 
     path: str
     count: int
     open: Callable[[int], AbstractContextManager[nn.Module]]
+    tensors: Callable[[int], BlockTensors]
 
     def name(self, i: int) -> str:
         return f"{self.path}.{i}"
@@ -75,8 +150,8 @@ def save_streaming(
     calibration: str | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """``save_compressed`` of ``model`` whose blocks are opened one at a time (see the module
-    docstring for the layout). Arguments as ``save_compressed``'s."""
+    """``save_compressed`` of ``model`` whose blocks wait on disk (see the module docstring for
+    the layout and the order of work). Arguments as ``save_compressed``'s."""
     from ..nn.adapters import hash_base
     from ..nn.linear import SLiMLinear
 
@@ -87,11 +162,8 @@ def save_streaming(
         for n, m in model.named_modules()
         if isinstance(m, SLiMLinear) and not n.startswith(prefix)
     }
-    compute, first_in = _compute_dtype(model, blocks)
-    if compute is None and dtype is None:  # the model's first parameter is in a block
-        with blocks.open(first_in) as block:
-            compute = _first_dtype(block)
-    store = storage_dtype(dtype, compute or "float32")
+    compute = _compute_dtype(model, blocks)
+    store = storage_dtype(dtype, compute)
     for m in resident.values():
         if not m.adapters_on_grid():
             m.requantize_adapters()
@@ -105,49 +177,25 @@ def save_streaming(
         [(blocks.name(i) + ".", i) for i in range(blocks.count)] + [(n, -1) for n in resident]
     )
     base = hashlib.sha256()
-    n_shards = blocks.count + 1
-    found = False
     with atomic_dir(out_dir) as tmp:
-        writer = ShardedWriter(tmp, n_shards, {"format": FORMAT}, out_dir.name)
+        writer = ShardedWriter(tmp, blocks.count + 1, {"format": FORMAT}, out_dir.name)
         tensors = {}
         for k, v in sd.items():
             t = None if k in tied_to else stored_tensor(k, v, resident, store, layers)
             if t is not None:
                 tensors[k] = t
         writer.write(1, tensors)
-        rest = {n: m for n, m in model.named_modules() if not n.startswith(prefix)}
+        rest = [(n, m) for n, m in model.named_modules() if not n.startswith(prefix)]
         sized = {n for n, m in resident.items() if m is not head}
-        tally.add(rest.items(), sd.items(), _nbytes(tensors), sized)
-        del tensors, sd
+        tally.add(rest, sd.items(), [(k, _nbytes(t)) for k, t in tensors.items()], sized)
+        del tensors, sd, rest
         for key, i in visit:
             if i < 0:
                 hash_base(base, key, resident[key])
-                continue
-            with blocks.open(i) as block:
-                if i == first_in:
-                    compute = _first_dtype(block) or compute
-                full = blocks.name(i)
-                mods = {
-                    f"{full}.{n}": m for n, m in block.named_modules() if isinstance(m, SLiMLinear)
-                }
-                found = found or bool(mods)
-                for m in mods.values():
-                    if not m.adapters_on_grid():
-                        m.requantize_adapters()
-                for name in sorted(mods):
-                    hash_base(base, name, mods[name])
-                layers.update({n: m.meta() for n, m in mods.items()})
-                state = [(f"{full}.{k}", v) for k, v in block.state_dict().items()]
-                tensors = {}
-                for k, v in state:
-                    t = stored_tensor(k, v, mods, store, layers)
-                    if t is not None:
-                        tensors[k] = t
-                writer.write(i + 2, tensors)
-                named = [(f"{full}.{n}" if n else full, m) for n, m in block.named_modules()]
-                tally.add(named, state, _nbytes(tensors), set(mods))
-                del tensors, state, named, mods
-        if not (found or resident):
+            else:
+                src = blocks.tensors(i)
+                _write_block(writer, i + 2, blocks.name(i), src, store, layers, base, tally)
+        if not layers:
             raise ValueError(
                 "save_compressed: the model has no SLiMLinear layers (nothing is packed)"
             )
@@ -158,7 +206,7 @@ def save_streaming(
             tied_to,
             packed_embeddings(model),
             store,
-            compute or store,
+            compute,
             base.hexdigest(),
             plan=plan,
             results=results,
@@ -174,26 +222,87 @@ def save_streaming(
     return out_dir
 
 
-def _nbytes(tensors: dict[str, Any]) -> list[tuple[str, int]]:
-    return [(k, tensor_nbytes(t)) for k, t in tensors.items()]
+def _write_block(
+    writer: ShardedWriter,
+    shard: int,
+    full: str,
+    src: BlockTensors,
+    store: str,
+    layers: dict[str, dict],
+    base: Any,
+    tally: SizeTally,
+) -> None:
+    """Block ``full``'s layers (hashed, metadata, re-quantised adapters) and then its shard, one
+    layer or one tensor in memory at a time (see the module docstring)."""
+    from ..nn.adapters import hash_base
+    from ..nn.linear import SLiMLinear
+
+    header = src.header()
+    mods: dict[str, nn.Module] = {}  # full name -> the layer on the meta device (its metadata)
+    fresh: dict[str, torch.Tensor] = {}  # re-quantised adapter codes (block-relative keys)
+    for name in sorted(src.layers):  # state_hashes' order within the block
+        with _layer(src, name, header) as mod:
+            if not mod.adapters_on_grid():
+                mod.requantize_adapters()
+                fresh.update(
+                    {
+                        f"{name}.{k}": v
+                        for k, v in mod.state_dict().items()
+                        if k.startswith("adapter_")
+                    }
+                )
+            hash_base(base, f"{full}.{name}", mod)
+            layers[f"{full}.{name}"] = mod.meta()
+        mods[f"{full}.{name}"] = SLiMLinear.from_meta(src.layers[name], device="meta")
+    plan = {}
+    for k, (dtype, shape) in header.items():
+        out = stored_dtype(f"{full}.{k}", dtype, mods, store, layers)
+        if out is not None:
+            plan[f"{full}.{k}"] = (out, shape)
+
+    def fetch(key: str) -> torch.Tensor:
+        k = key[len(full) + 1 :]
+        t = fresh[k] if k in fresh else src.read([k])[k]
+        return t.to(plan[key][0]).contiguous()
+
+    writer.write_planned(shard, plan, fetch)
+    state = [
+        (f"{full}.{k}", torch.empty(shape, dtype=dt, device="meta"))
+        for k, (dt, shape) in header.items()
+    ]
+    stored = [(k, torch.Size(shape).numel() * dt.itemsize) for k, (dt, shape) in plan.items()]
+    tally.add(mods.items(), state, stored, set(mods))
 
 
-def _first_dtype(module: nn.Module) -> str | None:
-    p = next(module.parameters(), None)
-    return None if p is None else str(p.dtype).removeprefix("torch.")
+@contextmanager
+def _layer(src: BlockTensors, name: str, header: dict) -> Iterator[nn.Module]:
+    """Layer ``name`` of a block as a ``SLiMLinear`` holding its stored tensors (read for it)."""
+    from ..nn.linear import SLiMLinear
+
+    mod = SLiMLinear.from_meta(src.layers[name], device="meta")
+    keys = [k for k in header if k.rpartition(".")[0] == name]
+    own = {k[len(name) + 1 :]: v for k, v in src.read(keys).items()}
+    mod.load_state_dict(own, strict=True, assign=True)
+    del own
+    try:
+        yield mod
+    finally:
+        del mod
 
 
-def _compute_dtype(model: nn.Module, blocks: OffloadedBlocks) -> tuple[str | None, int]:
-    """The dtype of the whole model's first parameter (``save_compressed``'s ``compute_dtype``)
-    when it is outside the blocks, else ``(None, i)`` with ``i`` the block it is in (the
-    skeleton's meta stand-ins do not tell: a packed layer's first parameter may be another)."""
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _compute_dtype(model: nn.Module, blocks: OffloadedBlocks) -> str:
+    """The dtype of the whole model's first parameter (``save_compressed``'s
+    ``compute_dtype``); when it is in a block, that block is opened for it (nothing of it is
+    touched: a packed layer's first parameter may differ from the skeleton's stand-in)."""
     prefix = blocks.path + "."
     name, p = next(model.named_parameters(), (None, None))
     if p is None:
         raise ValueError("save_compressed: the model has no parameters")
-    if not name.startswith(prefix):
-        return str(p.dtype).removeprefix("torch."), -1
-    return None, int(name[len(prefix) :].split(".", 1)[0])
-
-
-__all__ = ["INDEX", "OffloadedBlocks", "save_streaming"]
+    if name.startswith(prefix):
+        with blocks.open(int(name[len(prefix) :].split(".", 1)[0])) as block:
+            p = next(block.parameters(), p)
+    return str(p.dtype).removeprefix("torch.")

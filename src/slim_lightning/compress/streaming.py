@@ -351,7 +351,7 @@ class StreamingSource:
             for n in self.arch.linear_names
             if isinstance(block.get_submodule(n), SLiMLinear)
         }
-        atomic_save_tensors(block.state_dict(), self.offload_dir / f"block_{i:04d}.safetensors")
+        atomic_save_tensors(block.state_dict(), self.offload_file(i))
         self.evict_block(block)
 
     def reload_block(self, i: int, block: nn.Module, keep: bool = False) -> None:
@@ -363,7 +363,7 @@ class StreamingSource:
         metas = self._offloaded[i] if keep else self._offloaded.pop(i)
         for n, meta in metas.items():
             block.set_submodule(n, SLiMLinear.from_meta(meta, device="meta"))
-        path = self.offload_dir / f"block_{i:04d}.safetensors"
+        path = self.offload_file(i)
         block.load_state_dict(load_tensors(path), strict=True, assign=True)
         if not keep:
             path.unlink()  # (a later resume re-installs from the resume state)
@@ -385,8 +385,7 @@ class StreamingSource:
             self.read_block(i, block, low=True)
 
     def reinstall_all(self, keep: bool = False) -> None:
-        """Reads every offloaded block back in (the model is whole again, packed); ``keep``:
-        their files stay (``evict_block`` makes each a skeleton again)."""
+        """Reads every offloaded block back in (whole and packed again; ``keep``: files kept)."""
         for i in sorted(self._offloaded):
             self.reload_block(i, self.blocks[i], keep=keep)
 
@@ -395,10 +394,12 @@ class StreamingSource:
         """``{block: {layer name in it: SLiMLinear.meta()}}`` of the blocks waiting on disk."""
         return self._offloaded
 
+    def offload_file(self, i: int) -> Path:
+        return self.offload_dir / f"block_{i:04d}.safetensors"  # block i's state dict
+
     @contextmanager
     def opened(self, i: int) -> Iterator[nn.Module]:
-        """Block ``i`` for a while (a streaming export): read back from its offload file, which
-        stays, and evicted on exit; a block that is not offloaded is yielded as it is."""
+        """Block ``i`` for a while: read back from its offload file (kept) and evicted on exit."""
         block = self.blocks[i]
         if i not in self._offloaded:
             yield block
@@ -410,10 +411,9 @@ class StreamingSource:
             self.evict_block(block)
 
     def discard_offloaded(self) -> None:
-        """Deletes the offload files once the outputs are written (a later resume re-installs
-        the blocks from the resume state)."""
+        """Deletes the offload files (outputs written; a resume re-installs from calib_state)."""
         for i in sorted(self._offloaded):
-            (self.offload_dir / f"block_{i:04d}.safetensors").unlink(missing_ok=True)
+            self.offload_file(i).unlink(missing_ok=True)
         self._offloaded.clear()
 
     def evict_block(self, block: nn.Module) -> None:

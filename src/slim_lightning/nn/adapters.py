@@ -99,7 +99,8 @@ def hash_base(digest: Any, name: str, mod: nn.Module) -> None:
         if buf is None or bname.startswith("adapter_"):
             continue
         digest.update(f"{name}.{bname}".encode())
-        digest.update(buf.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # the bytes in place (a copy of a 32000 x 4096 packed head would be 131 MB)
+        digest.update(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def merge_to_dense(model: nn.Module) -> nn.Module:
