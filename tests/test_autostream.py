@@ -170,7 +170,9 @@ def test_auto_chooses_the_8bit_memory_plan_when_only_it_fits(tmp_path, monkeypat
     monkeypatch.setattr(
         autostream,
         "estimate",
-        lambda c, b, plan=None: used.append(plan and plan.reconstruct.optimizer) or real(c, b, plan),
+        lambda c, b, plan=None: (
+            used.append(plan and plan.reconstruct.optimizer) or real(c, b, plan)
+        ),
     )
     from slim_lightning.compress import reconstruct
 

@@ -129,7 +129,9 @@ def test_torchrun_two_processes_write_the_same_checkpoint(tmp_path: Path, extra:
     if extra == LEVERS:  # the levers did something, the same on both sides
         assert any(r.get("permuted") for r in rb["layers"])
         assert any(r.get("recon_mask_moved", 0) > 0 for r in rb["layers"])
-        assert [r.get("permuted") for r in ra["layers"]] == [r.get("permuted") for r in rb["layers"]]
+        assert [r.get("permuted") for r in ra["layers"]] == [
+            r.get("permuted") for r in rb["layers"]
+        ]
 
 
 def test_torchrun_streaming_equals_one_process(tmp_path: Path) -> None:

@@ -117,7 +117,9 @@ def test_compress_with_permutation_reports_and_reloads(tmp_path):
 
 
 def test_permute_needs_an_nm_pattern():
-    cfg = compose_config("compress", ["debug=default", "lowrank.permute=true", "sparsity=unstructured50"])
+    cfg = compose_config(
+        "compress", ["debug=default", "lowrank.permute=true", "sparsity=unstructured50"]
+    )
     with pytest.raises(ConfigError) as e:
         build_plan(cfg)
     assert e.value.key == "lowrank.permute"

@@ -21,6 +21,7 @@ from test_streaming import _overrides, _save_tiny, make_cfg
 from slim_lightning import load_compressed
 from slim_lightning.app.compress_run import run_compress
 from slim_lightning.checkpoint.load import read_weights
+from slim_lightning.checkpoint.stream_save import save_streaming
 from slim_lightning.errors import CheckpointError, ConfigError
 from slim_lightning.io import file_sha256
 
@@ -236,17 +237,16 @@ def _blocks_on_disk(model, directory: Path):
 
 
 def test_a_failed_shard_write_leaves_no_output(pair, tmp_path, monkeypatch):
-    from slim_lightning.checkpoint import save_compressed
 
     model, tok, _ = load_compressed(pair[False] / "packed")
     blocks = _blocks_on_disk(model, tmp_path / "offloaded")
     out = tmp_path / "packed"
     monkeypatch.setenv("SLIM_FAULT", "enospc:write packed/model-00003-of-00003.safetensors")
     with pytest.raises(OSError, match="No space"):
-        save_compressed(model, tok, out, blocks=blocks, dtype="float16")
+        save_streaming(model, blocks, tok, out, dtype="float16")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["offloaded"]
     monkeypatch.delenv("SLIM_FAULT")
-    save_compressed(model, tok, out, blocks=blocks, dtype="float16")
+    save_streaming(model, blocks, tok, out, dtype="float16")
     _same_tensors(read_weights(out), read_weights(pair[True] / "packed"))
 
 
@@ -271,7 +271,7 @@ def test_off_grid_adapters_are_requantised_in_both_streamed_exports(pair, tmp_pa
     write_hf(model, tok, tmp_path / "h_whole", packed=True)
     model, tok = off_grid()
     blocks = _blocks_on_disk(model, tmp_path / "offloaded")
-    save_compressed(model, tok, tmp_path / "p", dtype="float16", blocks=blocks)
+    save_streaming(model, blocks, tok, tmp_path / "p", dtype="float16")
     write_hf_streaming(model, blocks, tok, tmp_path / "h", packed=True, requantize=True)
     _same_tensors(read_weights(tmp_path / "p_whole"), read_weights(tmp_path / "p"))
     _same_tensors(read_weights(tmp_path / "h_whole"), read_weights(tmp_path / "h"))

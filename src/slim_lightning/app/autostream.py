@@ -212,8 +212,10 @@ def _memory_plan(
         f"> {budget / GIB:.2f} GiB; with 8-bit moments ~{est8['streaming'] / GIB:.2f} GiB",
     }
     record["estimate_gib"] = {k: round(v / GIB, 2) for k, v in est8.items() if k != "params"}
-    log.info("engine.streaming=auto: memory plan reconstruct.optimizer=adam8bit (%s)",
-             record["memory_plan"]["reason"])
+    log.info(
+        "engine.streaming=auto: memory plan reconstruct.optimizer=adam8bit (%s)",
+        record["memory_plan"]["reason"],
+    )
     return lean, est8
 
 

@@ -129,17 +129,30 @@ def write_packed(
     """Writes the packed checkpoint to ``out``; returns its sizes (from the written bytes)."""
     from ..checkpoint import read_meta, save_compressed
 
-    save_compressed(
-        model,
-        tokenizer,
-        out,
-        plan=plan,
-        results=results,
-        calibration=calibration,
-        dtype=dtype,
-        base_sha256=base_sha256,
-        blocks=blocks,
-    )
+    if blocks is not None:  # the decoder blocks wait on disk: sharded, one block at a time
+        from ..checkpoint.stream_save import save_streaming
+
+        save_streaming(
+            model,
+            blocks,
+            tokenizer,
+            out,
+            plan=plan,
+            results=results,
+            calibration=calibration,
+            dtype=dtype,
+        )
+    else:
+        save_compressed(
+            model,
+            tokenizer,
+            out,
+            plan=plan,
+            results=results,
+            calibration=calibration,
+            dtype=dtype,
+            base_sha256=base_sha256,
+        )
     return read_meta(out)["size"]
 
 

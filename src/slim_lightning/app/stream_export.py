@@ -6,7 +6,7 @@ exports open them one after another instead of reading the whole packed model ba
 * ``offloaded_blocks``: the ``checkpoint.stream_save.OffloadedBlocks`` view of a
   ``StreamingSource`` (block ``i``'s offload file, read a layer or a tensor at a time, or the
   block read back from it and evicted again);
-* the packed checkpoint: ``checkpoint.save_compressed(..., blocks=...)`` (sharded; one layer in
+* the packed checkpoint: ``checkpoint.stream_save.save_streaming`` (sharded; one layer in
   memory at a time, ``checkpoint.stream_save``);
 * ``write_hf_streaming``: the plain Hugging Face model (``export.hf``), one block in memory at
   a time: its compressed layers merged into dense ``nn.Linear`` weights and written to a shard

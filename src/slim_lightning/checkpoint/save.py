@@ -59,7 +59,6 @@ def save_compressed(
     calibration: str | None = None,
     dtype: str | None = None,
     base_sha256: str | None = None,
-    blocks: Any = None,
 ) -> Path:
     """Writes ``model`` (with ``SLiMLinear`` layers installed) as a packed checkpoint.
 
@@ -67,7 +66,9 @@ def save_compressed(
     (the fp32 adapter parameters are rebuilt from them on load, bit-exactly; off-grid parameters
     are re-quantised first, which is what the forward computes anyway), fp adapters at their
     ``adapter_dtype``, everything else (embeddings, norms, lm_head, biases) at ``dtype``.
-    ``slim.json`` records the sizes measured from the written file.
+    ``slim.json`` records the sizes measured from the written file. A model whose decoder
+    blocks wait on disk (a streaming run) is written by ``stream_save.save_streaming`` instead:
+    sharded, one block at a time, the same tensors and metadata.
 
     Args:
         model: a Hugging Face causal LM whose compressed linears are ``SLiMLinear`` modules.
@@ -80,9 +81,6 @@ def save_compressed(
             when the values were rounded to it (``models.round_uncompressed``; the pipeline does).
         base_sha256: ``adapters.state_hashes(model)["base"]`` when the caller already has it
             (hashing a large packed base twice is avoidable work); computed otherwise.
-        blocks: a ``stream_save.OffloadedBlocks`` when the model's decoder blocks wait on disk
-            (a streaming run): the checkpoint is then written sharded, one block at a time
-            (``stream_save.save_streaming``), with the same tensors and metadata.
 
     Returns:
         ``out_dir`` as a Path.
@@ -93,19 +91,6 @@ def save_compressed(
     from ..nn.adapters import state_hashes
     from ..nn.linear import SLiMLinear
 
-    if blocks is not None:
-        from .stream_save import save_streaming
-
-        return save_streaming(
-            model,
-            blocks,
-            tokenizer,
-            out_dir,
-            plan=plan,
-            results=results,
-            calibration=calibration,
-            dtype=dtype,
-        )
     out_dir = Path(out_dir)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, SLiMLinear)}
     if not mods:

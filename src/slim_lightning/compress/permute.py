@@ -50,8 +50,10 @@ def check_permute(spec: Any) -> None:
         from ..errors import ConfigError
 
         raise ConfigError(
-            "lowrank.permute", True, f"false with sparsity pattern {spec.sparsity.pattern!r} "
-            "(a permutation only regroups N:M groups)"
+            "lowrank.permute",
+            True,
+            f"false with sparsity pattern {spec.sparsity.pattern!r} "
+            "(a permutation only regroups N:M groups)",
         )
 
 

@@ -139,7 +139,14 @@ class _QuantParam(nn.Module):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ self.value().T`` without keeping the dense value for the backward."""
         return _GridLinear.apply(
-            x, self.v, self.scale(), self.in_scale, self.mask, self.lo, self.hi, self.group,
+            x,
+            self.v,
+            self.scale(),
+            self.in_scale,
+            self.mask,
+            self.lo,
+            self.hi,
+            self.group,
             self.acc,
         )
 

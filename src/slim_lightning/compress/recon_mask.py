@@ -45,11 +45,15 @@ def check_refine(recon: Any, spec: Any) -> None:
     elif spec.sparsity.pattern == "dense":
         why = "fixed with sparsity=dense (no mask to refine)"
     elif spec.quant.method == "none" or QUANTIZERS.get_entry(spec.quant.method).needs_hessian:
-        why = f"fixed with quant={spec.quant.method} (refine: kept weights on an absmax / " \
+        why = (
+            f"fixed with quant={spec.quant.method} (refine: kept weights on an absmax / "
             "slim_quant grid)"
+        )
     elif recon.optimizer != "adam":
-        why = "fixed with reconstruct.optimizer=adam8bit (its block-quantised moments cannot " \
+        why = (
+            "fixed with reconstruct.optimizer=adam8bit (its block-quantised moments cannot "
             "follow the re-gathered values)"
+        )
     if why:
         raise ConfigError("reconstruct.mask", recon.mask, why)
 
@@ -77,9 +81,7 @@ class MaskRefiner:
         total_steps: int,
     ):
         self.group, self.alpha = group, alpha
-        self.views = {
-            n: v for n, v in views.items() if v.wq is not None and v.wq.mask is not None
-        }
+        self.views = {n: v for n, v in views.items() if v.wq is not None and v.wq.mask is not None}
         self.dense = {n: dense[n] for n in self.views}
         self.at = {round(total_steps * k / (refines + 1)) for k in range(1, refines + 1)}
         self.at.discard(0)
@@ -87,9 +89,10 @@ class MaskRefiner:
         self.done = 0
         for v in self.views.values():
             q = v.wq
-            q.acc = (torch.zeros_like(q.mask, dtype=torch.float32), q.mask.new_zeros(
-                q.mask.shape[1], dtype=torch.float32
-            ))
+            q.acc = (
+                torch.zeros_like(q.mask, dtype=torch.float32),
+                q.mask.new_zeros(q.mask.shape[1], dtype=torch.float32),
+            )
 
     def due(self, step: int) -> bool:
         return step in self.at
