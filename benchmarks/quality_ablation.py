@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the default method before issue 34's levers (2026-12-07)
+OLD = ["lowrank.alternate=0", "lowrank.permute=false", "reconstruct.epochs=2"]
 # name -> compress.py overrides (on top of the default method, slim_q 2:4 + 4-bit)
 CONFIGS: dict[str, list[str]] = {
     "oneshot": ["reconstruct=none"],
@@ -37,6 +39,15 @@ CONFIGS: dict[str, list[str]] = {
     "block_mix": ["reconstruct=block", "reconstruct.target_mix=0.5"],
     "unstructured_oneshot": ["sparsity=unstructured50", "reconstruct=none"],
     "unstructured_block": ["sparsity=unstructured50", "reconstruct=block"],
+    # issue 34's levers, each alone on top of the default before them, then stacked (= the
+    # default since 2026-12-07: alternate=1, permute=auto, epochs=3)
+    "levers_none": OLD,
+    "alternate1": [*OLD, "lowrank.alternate=1"],
+    "permute": [*OLD, "lowrank.permute=true"],
+    "mask_refine": [*OLD, "reconstruct.mask=refine"],
+    "epochs3": [*OLD, "reconstruct.epochs=3"],
+    "calib128_1epoch": [*OLD, "calib.nsamples=128", "reconstruct.epochs=1"],
+    "stack": [],
 }
 # the README's method table: every method at its own defaults, one process each
 METHODS = (

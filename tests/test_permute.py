@@ -123,3 +123,11 @@ def test_permute_needs_an_nm_pattern():
     with pytest.raises(ConfigError) as e:
         build_plan(cfg)
     assert e.value.key == "lowrank.permute"
+    for bad in ("sometimes", "1"):
+        with pytest.raises(ConfigError) as e:
+            build_plan(compose_config("compress", ["debug=default", f"lowrank.permute={bad}"]))
+        assert e.value.key == "lowrank.permute"
+    # auto: on for 2:4, off (no error) for unstructured
+    auto = ["debug=default", "lowrank.permute=auto"]
+    assert build_plan(compose_config("compress", auto)).spec.lowrank.permute == "auto"
+    build_plan(compose_config("compress", [*auto, "sparsity=unstructured50"]))

@@ -45,8 +45,9 @@ TOL = 1e-4  # relative change of the block output a permutation may cause (summa
 
 
 def check_permute(spec: Any) -> None:
-    """``lowrank.permute`` only changes N:M groups: refused for other patterns."""
-    if spec.lowrank.permute and spec.sparsity.pattern != "nm":
+    """``lowrank.permute=true`` only changes N:M groups: refused for other patterns (``auto``
+    turns itself off there)."""
+    if spec.lowrank.permute is True and spec.sparsity.pattern != "nm":
         from ..errors import ConfigError
 
         raise ConfigError(
@@ -138,7 +139,7 @@ def permute_block(
     """``lowrank.permute``: plans and applies the free permutations of block ``block`` (its
     statistics collected, nothing compressed yet); returns the consumers permuted."""
     spec = engine.spec
-    if not spec.lowrank.permute or spec.sparsity.pattern != "nm" or not inputs:
+    if spec.lowrank.permute is False or spec.sparsity.pattern != "nm" or not inputs:
         return set()
     plans = plan_permutations(lin, hooks, block, spec.sparsity.n, spec.sparsity.m)
     return set(

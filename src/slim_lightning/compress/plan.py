@@ -106,7 +106,9 @@ def _validate_lowrank(lr: LowRankSpec) -> None:
     check_choice("lowrank.stat", lr.stat, ("sq", "abs"))
     check_choice("lowrank.fit", lr.fit, ("diag", "whitened"))
     check_range("lowrank.fit_damp", lr.fit_damp, 0.0, 1.0, lo_open=True)
-    for key in ("refit", "quant_before_refit", "quant_in_scale", "permute"):
+    if lr.permute != "auto":
+        check_bool("lowrank.permute", lr.permute)
+    for key in ("refit", "quant_before_refit", "quant_in_scale"):
         check_bool(f"lowrank.{key}", getattr(lr, key))
 
 

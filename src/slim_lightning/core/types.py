@@ -191,7 +191,8 @@ class LowRankSpec:
     alternates adapters and re-fit. ``alternate`` = N > 0 runs N rounds before those in which the
     pruner re-picks the mask on ``W - L R`` (HASSLE-free alternation: the sparse part and the
     rank fit take turns, each solving its own subproblem with the other fixed). ``permute``:
-    free input-channel permutations of N:M-pruned linears (``compress.permute``).
+    free input-channel permutations of N:M-pruned linears (``compress.permute``); ``auto``: on
+    for an N:M pattern, off otherwise.
     quant_bits: None keeps adapters in floating point; otherwise AbsMax with ``quant_group_size``
     groups along each matmul's reduction axis. ``quant_before_refit`` quantises the adapters before
     the final re-fit so the sparse part compensates their error. ``quant_in_scale`` quantises each
@@ -216,7 +217,7 @@ class LowRankSpec:
     refit: bool = True
     refit_rounds: int = 1
     alternate: int = 0
-    permute: bool = False
+    permute: bool | str = False  # True | False | "auto" (on for N:M patterns)
     quant_bits: int | None = 4
     quant_group_size: int = 128
     quant_before_refit: bool = False
