@@ -129,30 +129,13 @@ def write_packed(
     """Writes the packed checkpoint to ``out``; returns its sizes (from the written bytes)."""
     from ..checkpoint import read_meta, save_compressed
 
+    kw = {"plan": plan, "results": results, "calibration": calibration, "dtype": dtype}
     if blocks is not None:  # the decoder blocks wait on disk: sharded, one block at a time
         from ..checkpoint.stream_save import save_streaming
 
-        save_streaming(
-            model,
-            blocks,
-            tokenizer,
-            out,
-            plan=plan,
-            results=results,
-            calibration=calibration,
-            dtype=dtype,
-        )
+        save_streaming(model, blocks, tokenizer, out, **kw)
     else:
-        save_compressed(
-            model,
-            tokenizer,
-            out,
-            plan=plan,
-            results=results,
-            calibration=calibration,
-            dtype=dtype,
-            base_sha256=base_sha256,
-        )
+        save_compressed(model, tokenizer, out, base_sha256=base_sha256, **kw)
     return read_meta(out)["size"]
 
 
