@@ -234,18 +234,24 @@ def verify_files(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     return meta
 
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors' own dtype names and their order (the Rust ``Dtype`` enum; tensors are laid out
+# from the highest to the lowest, ties by name): the writer (shards_out) and the readers share it
+_ST_NAMES: dict[torch.dtype, tuple[int, str]] = {
+    torch.bool: (0, "BOOL"),
+    torch.uint8: (4, "U8"),
+    torch.int8: (5, "I8"),
+    torch.int16: (9, "I16"),
+    torch.uint16: (10, "U16"),
+    torch.float16: (11, "F16"),
+    torch.bfloat16: (12, "BF16"),
+    torch.int32: (13, "I32"),
+    torch.uint32: (14, "U32"),
+    torch.float32: (15, "F32"),
+    torch.float64: (16, "F64"),
+    torch.int64: (17, "I64"),
+    torch.uint64: (18, "U64"),
 }
+_ST_DTYPES = {name: dt for dt, (_, name) in _ST_NAMES.items()}
 
 
 def _st_dtype(name: str) -> Any:

@@ -29,27 +29,9 @@ from typing import Any
 import torch
 
 from ..io import fault_point
-from .layout import INDEX
+from .layout import _ST_NAMES, INDEX
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
-
-# safetensors' own dtype names and their order (the Rust ``Dtype`` enum; tensors are laid out
-# from the highest to the lowest, ties by name)
-_ST_NAMES: dict[torch.dtype, tuple[int, str]] = {
-    torch.bool: (0, "BOOL"),
-    torch.uint8: (4, "U8"),
-    torch.int8: (5, "I8"),
-    torch.int16: (9, "I16"),
-    torch.uint16: (10, "U16"),
-    torch.float16: (11, "F16"),
-    torch.bfloat16: (12, "BF16"),
-    torch.int32: (13, "I32"),
-    torch.uint32: (14, "U32"),
-    torch.float32: (15, "F32"),
-    torch.float64: (16, "F64"),
-    torch.int64: (17, "I64"),
-    torch.uint64: (18, "U64"),
-}
 
 
 def shard_name(k: int, n: int) -> str:
