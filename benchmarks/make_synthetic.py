@@ -1,7 +1,8 @@
 """Writes a synthetic LLaMA-width checkpoint for the streaming benchmark (``engine.streaming``).
 
 LLaMA-7B widths (hidden 4096, intermediate 11008, 32 heads) with ``--layers`` blocks, vocab 32000,
-untied LM head, weights ~ N(0, 0.02) in fp16 (norms = 1), sharded safetensors of about
+untied LM head, weights ~ N(0, 0.02) in fp16 (norms = 1), ``--kv-heads`` key-value heads (GQA;
+default: as many as ``--heads``), sharded safetensors of about
 ``--shard-gb`` GB each with ``model.safetensors.index.json``, ``config.json`` and the project's
 offline byte-level tokenizer (ids < 259 < vocab). 8 blocks: 1.88 B parameters, 3.76 GB.
 
@@ -9,6 +10,9 @@ Tensors are generated one at a time and each shard is written as soon as it is f
 script holds about one shard in memory.
 
     python benchmarks/make_synthetic.py /tmp/synth_llama --layers 8
+    # TinyLlama-1.1B's shape (22 blocks, GQA with 4 key-value heads): 1.10 B parameters
+    python benchmarks/make_synthetic.py /tmp/synth22 --layers 22 --hidden 2048 \
+        --intermediate 5632 --heads 32 --kv-heads 4
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from pathlib import Path
 import torch
 
 
-def tensor_specs(layers: int, hidden: int, inter: int, vocab: int) -> list[tuple[str, tuple]]:
+def tensor_specs(
+    layers: int, hidden: int, inter: int, vocab: int, kv: int | None = None
+) -> list[tuple[str, tuple]]:
+    kv = hidden if kv is None else kv  # rows of k_proj / v_proj: kv heads x head_dim
     specs = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
         specs += [
             (p + "input_layernorm.weight", (hidden,)),
             (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (hidden, hidden)),
-            (p + "self_attn.v_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
             (p + "self_attn.o_proj.weight", (hidden, hidden)),
             (p + "post_attention_layernorm.weight", (hidden,)),
             (p + "mlp.gate_proj.weight", (inter, hidden)),
@@ -46,6 +53,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--shard-gb", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -59,7 +67,14 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    specs = tensor_specs(args.layers, args.hidden, args.intermediate, args.vocab)
+    kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+    if args.hidden % args.heads or args.heads % kv_heads:
+        raise SystemExit(
+            f"--hidden {args.hidden} must split into --heads {args.heads}, and --heads into "
+            f"--kv-heads {kv_heads}"
+        )
+    kv = kv_heads * (args.hidden // args.heads)
+    specs = tensor_specs(args.layers, args.hidden, args.intermediate, args.vocab, kv)
     limit = int(args.shard_gb * 1e9)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, total, weight_map, names = 0, 0, {}, []
@@ -104,7 +119,7 @@ def main() -> None:
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         bos_token_id=1,

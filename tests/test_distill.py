@@ -43,6 +43,26 @@ def test_chunked_kd_equals_full_logits():
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
 
 
+def test_label_loss_mixed_in_from_the_same_forward():
+    """lm_weight: kd + w * the mean next-token NLL, equal to the separate LM loss's value, with
+    the gradient of both terms."""
+    from slim_lightning.data.evaluation import training_nll
+
+    model, _ = tiny_model("llama")
+    teacher, _ = tiny_model("llama", seed=1)
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    kd, _ = distill_loss(model, teacher, ids, temperature=2.0, chunk_tokens=7)
+    mixed, parts = distill_loss(model, teacher, ids, temperature=2.0, lm_weight=0.5, chunk_tokens=7)
+    nll, n = training_nll(model, ids)
+    torch.testing.assert_close(parts["lm"], float(nll.detach() / n), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed, kd + 0.5 * nll / n, rtol=1e-5, atol=1e-6)
+    mixed.backward()
+    g_mixed = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    (distill_loss(model, teacher, ids, temperature=2.0)[0] + 0.5 * nll / n).backward()
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, g_mixed)
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

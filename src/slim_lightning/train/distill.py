@@ -10,7 +10,8 @@ fp32 on CPU, where 16-bit matmuls are slow) plus its activations for one batch (
   rows at a time under activation checkpointing (no full-vocabulary logits of the batch).
 * ``kd_squarehead``: ``kd`` plus SquareHead feature distillation, the mean over decoder layers
   of ``||h_s - h_t||^2 / ||h_t||^2`` (each layer's output hidden states).
-* ``train.lm_weight`` adds the usual next-token loss on the data's labels.
+* ``train.lm_weight`` adds the usual next-token loss on the data's labels, computed from the same
+  student forward and the same logits chunks (one decoder pass, one LM head pass per chunk).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def distill_loss(
     kind: str = "kd",
     temperature: float = 1.0,
     squarehead_weight: float = 1.0,
+    lm_weight: float = 0.0,
     chunk_tokens: int = 256,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The distillation loss of one batch ``ids`` (b, T): KL per token (+ SquareHead).
+    """The distillation loss of one batch ``ids`` (b, T): KL per token (+ SquareHead) (+
+    ``lm_weight`` x the mean next-token NLL of the labels ``ids[:, 1:]``, at temperature 1).
 
     Returns:
         ``(loss, parts)``: the 0-dim fp32 loss to minimise and its parts as floats.
@@ -60,22 +63,33 @@ def distill_loss(
     b, t, d = hs.shape
     hs, ht = hs.reshape(b * t, d), ht.reshape(b * t, d).to(hs.dtype)
     tau = float(temperature)
+    with_lm = lm_weight > 0
+    # next-token labels of every flattened position; a window's last position has none (-100)
+    labels = torch.cat([ids[:, 1:], ids.new_full((b, 1), -100)], dim=1).reshape(-1)
 
-    def chunk_kl(hc: torch.Tensor, htc: torch.Tensor) -> torch.Tensor:
-        ls = F.log_softmax(s_head(hc).float() / tau, dim=-1)
+    def chunk_losses(hc: torch.Tensor, htc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        z = s_head(hc).float()
+        ls = F.log_softmax(z / tau, dim=-1)
         with torch.no_grad():
             lt = F.log_softmax(t_head(htc).float() / tau, dim=-1)
-        return F.kl_div(ls, lt, log_target=True, reduction="sum")
+        kl = F.kl_div(ls, lt, log_target=True, reduction="sum")
+        if not with_lm:
+            return kl.reshape(1)
+        return torch.stack([kl, F.cross_entropy(z, yc, ignore_index=-100, reduction="sum")])
 
-    kl = hs.new_zeros((), dtype=torch.float32)
+    sums = hs.new_zeros(2 if with_lm else 1, dtype=torch.float32)
     for s in range(0, hs.shape[0], chunk_tokens):
-        hc, htc = hs[s : s + chunk_tokens], ht[s : s + chunk_tokens]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            kl = kl + checkpoint(chunk_kl, hc, htc, use_reentrant=False)
+        args = (hs[s : s + chunk_tokens], ht[s : s + chunk_tokens], labels[s : s + chunk_tokens])
+        if torch.is_grad_enabled() and args[0].requires_grad:
+            sums = sums + checkpoint(chunk_losses, *args, use_reentrant=False)
         else:
-            kl = kl + chunk_kl(hc, htc)
-    kd = kl * (tau * tau) / (b * t)
+            sums = sums + chunk_losses(*args)
+    kd = sums[0] * (tau * tau) / (b * t)
     loss, parts = kd, {"kd": float(kd.detach())}
+    if with_lm:
+        nll = sums[1] / max(1, b * (t - 1))
+        loss = loss + lm_weight * nll
+        parts["lm"] = float(nll.detach())
     if feats:
         sq = hs.new_zeros((), dtype=torch.float32)
         layers = list(zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))

@@ -318,12 +318,10 @@ class SLiMModule(L.LightningModule):
                 kind=tc.loss,
                 temperature=tc.kd_temperature,
                 squarehead_weight=tc.squarehead_weight,
+                lm_weight=tc.lm_weight,  # the label loss from the same forward
             )
             for k, v in parts.items():
                 self.log(f"train/{k}", v)
-            if tc.lm_weight > 0:
-                nll, n = training_nll(self.model, ids)
-                loss = loss + tc.lm_weight * nll / n
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
