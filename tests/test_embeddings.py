@@ -41,6 +41,23 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+@pytest.mark.parametrize("step", [1, 7, 300, None])
+def test_row_steps_pack_the_whole_tables_codes(step):
+    """pack_rows in any row step (last step short included) = one whole-table pack, and the
+    error measured in steps = the whole-table error."""
+    from slim_lightning.formats import pack_absmax
+    from slim_lightning.nn.embedding import _rel_err, pack_rows
+
+    w = torch.randn(300, 48, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    whole, steps = pack_absmax(w, 8, 16), pack_rows(w, 8, 16, step)
+    assert steps.shape == whole.shape and steps.nnz == whole.nnz
+    assert steps.tensors.keys() == whole.tensors.keys()
+    for k, v in whole.tensors.items():
+        assert torch.equal(steps.tensors[k], v), k
+    want = float((whole.to_dense() - w.float()).norm() / w.float().norm())
+    assert math.isclose(_rel_err(steps, w, step), want, rel_tol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_packed_embedding_matches_its_dequantised_table(bits):
     model = _tiny(tied=False)

@@ -26,7 +26,6 @@ from torch.nn import functional as F
 
 from ..formats import PackedWeight, pack_absmax
 from ..formats.bitpack import _unpack_codes
-from ..formats.packed import cat_row_blocks
 
 META_VERSION = 1
 
@@ -136,27 +135,46 @@ def _head_meta(pw: PackedWeight, has_bias: bool) -> dict:
     }
 
 
-# rows per step when packing or measuring a table: vocabulary tables are the largest tensors of
-# a model (32000 x 4096 = 0.5 GB in fp32); row steps keep the fp32 work copies small. Rows are
-# quantised independently (groups run along columns), so the codes equal a whole-table pack.
-ROW_STEP = 4096
+# elements per step when packing or measuring a table: vocabulary tables are the largest
+# tensors of a model (32000 x 4096 = 0.5 GB in fp32); steps of whole rows, about STEP_ELEMS
+# values each, keep the fp32 work copies at a few MB (the error's float64 work included). Rows
+# are quantised independently (groups run along columns), so the codes equal a whole-table pack.
+STEP_ELEMS = 1 << 20
 
 
-def pack_rows(w: torch.Tensor, bits: int, group_size: int, step: int = ROW_STEP) -> PackedWeight:
+def row_step(cols: int) -> int:
+    """Rows per step for a table of ``cols`` columns."""
+    return max(1, STEP_ELEMS // max(1, int(cols)))
+
+
+def pack_rows(w: torch.Tensor, bits: int, group_size: int, step: int | None = None) -> PackedWeight:
     """``pack_absmax(w, bits, group_size)`` computed ``step`` rows at a time (equal codes and
-    scales; the fp32 work copies are ``step`` rows, whatever ``w``'s dtype and size)."""
-    rows = w.shape[0]
-    parts = [pack_absmax(w[s : s + step], bits, group_size) for s in range(0, rows, step)]
-    out = copy.copy(parts[0])
-    out.tensors = cat_row_blocks([p.tensors for p in parts], rows, step, "pack_rows")
-    out.shape = (rows, w.shape[1])
-    out.nnz = sum(p.nnz for p in parts)
+    scales; the fp32 work copies are ``step`` rows, whatever ``w``'s dtype and size). Each step's
+    fields are written into the whole table's tensors, allocated once (no second copy)."""
+    rows, cols = w.shape
+    step = step or row_step(cols)
+    out, fields, nnz = None, {}, 0
+    for s in range(0, rows, step):
+        part = pack_absmax(w[s : s + step], bits, group_size)
+        n = min(step, rows - s)
+        if out is None:
+            out = copy.copy(part)
+            for k, v in part.tensors.items():
+                if v.dim() == 0 or v.shape[0] != n:
+                    raise ValueError(f"pack_rows: field {k} is not row-major ({tuple(v.shape)})")
+                fields[k] = v.new_empty((rows, *v.shape[1:]))
+        for k, v in part.tensors.items():
+            fields[k][s : s + n].copy_(v)
+        nnz += part.nnz
+        del part
+    out.tensors, out.shape, out.nnz = fields, (rows, cols), nnz
     return out
 
 
-def _rel_err(pw: PackedWeight, w: torch.Tensor, step: int = ROW_STEP) -> float:
+def _rel_err(pw: PackedWeight, w: torch.Tensor, step: int | None = None) -> float:
     """Relative Frobenius error of the dequantised table against ``w`` (in row steps)."""
     err = ref = 0.0
+    step = step or row_step(w.shape[1])
     for s in range(0, w.shape[0], step):
         ws = w[s : s + step].detach().float()
         d = pw.row_block(s, min(s + step, w.shape[0])).to_dense() - ws
@@ -177,7 +195,7 @@ def quantize_embeddings(
     """Replaces the input embedding and the LM head by packed ``bits``-bit versions (in place);
     with ``packed=False`` (dense exports) the float tables take the dequantised values instead.
     ``dtype``: what the packed embedding returns (default: the table's dtype; streaming keeps
-    16-bit tables that compute in a wider dtype). Tables are packed ``ROW_STEP`` rows at a time.
+    16-bit tables that compute in a wider dtype). Tables are packed in row steps (``row_step``).
 
     ``fetch_head``: called once the input embedding is replaced and before the LM head is
     read (streaming reads an untied head only then, so both float tables are never held).
