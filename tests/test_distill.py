@@ -97,3 +97,43 @@ def test_cli_kd_squarehead_trains_and_logs(tmp_path):
     kd = [float(r["train/kd"]) for r in rows if r.get("train/kd")]
     sq = [float(r["train/squarehead"]) for r in rows if r.get("train/squarehead")]
     assert kd and sq and all(v >= 0 for v in kd + sq)
+
+
+def test_teacher_must_be_the_recorded_dense_parent(tmp_path):
+    """slim.json records the dense parent's weights digest (one-shot and fine-tuned checkpoints);
+    distilling a compressed checkpoint from another model= is refused naming `model`, the
+    parent itself trains."""
+    from slim_lightning.app.train_run import run_train
+
+    common = [*DEBUG, "+peft=true", "train.eval_before=false", "train.val_every_n_steps=0"]
+    a = tmp_path / "a"
+    run_train(make_cfg([*common, "trainer.max_steps=1"]), a)
+    src = [json.loads((a / d / "slim.json").read_text())["source_sha256"] for d in ("compressed", "packed")]
+    assert src[0] and src[0] == src[1]
+    kd = [*common, "trainer.max_steps=2", "train.loss=kd", f"compressed.path={a / 'compressed'}"]
+    with pytest.raises(ConfigError) as e:
+        run_train(make_cfg([*kd, "model.tiny.seed=1"]), tmp_path / "b")
+    assert e.value.key == "model" and src[0][:12] in str(e.value)
+    rep = run_train(make_cfg(kd), tmp_path / "c")
+    assert rep["train"]["steps"] == 2
+    assert json.loads((tmp_path / "c" / "packed" / "slim.json").read_text())["source_sha256"] == src[0]
+
+
+def test_teacher_parent_checked_before_loading_for_local_weights(tmp_path):
+    """A local model directory is hashed (not loaded) before anything runs: a checkpoint that
+    records another parent is refused up front, its own parent passes."""
+    from types import SimpleNamespace
+
+    from slim_lightning.app.train_run import _check_teacher_early
+    from slim_lightning.models import ModelConfig
+    from slim_lightning.models.load import weights_digest
+
+    model, _ = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    plan = SimpleNamespace(model=ModelConfig(name="m", path=str(tmp_path / "m")))
+    digest = weights_digest(plan.model)
+    _check_teacher_early(plan, {"source_sha256": digest})
+    _check_teacher_early(plan, {})  # a checkpoint from before the record: nothing to compare
+    with pytest.raises(ConfigError) as e:
+        _check_teacher_early(plan, {"source_sha256": "0" * 64})
+    assert e.value.key == "model" and str(tmp_path / "m") in str(e.value)

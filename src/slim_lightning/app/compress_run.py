@@ -280,6 +280,7 @@ def _finish(
         results={"ppl": report["ppl"], "ppl_dense": report["ppl_dense"]},
         calibration=loaded.fingerprint,
         dtype=loaded.export_dtype,
+        source_sha256=loaded.source_sha256,
         blocks=offloaded_blocks(stream) if stream is not None else None,
     )
     plot = plot_layers(reports, run_dir / "layers.png")

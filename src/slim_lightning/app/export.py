@@ -62,6 +62,7 @@ def write_outputs(
     calibration: str | None,
     dtype: str,
     base_sha256: str | None = None,
+    source_sha256: str | None = None,
     hf: bool = True,
     blocks: Any = None,
 ) -> None:
@@ -87,6 +88,7 @@ def write_outputs(
                 calibration=calibration,
                 dtype=dtype,
                 base_sha256=base_sha256,
+                source_sha256=source_sha256,
                 blocks=blocks,
             )
             report["packed_dir"] = str(run_dir / "packed")
@@ -124,12 +126,14 @@ def write_packed(
     calibration: str | None,
     dtype: str,
     base_sha256: str | None = None,
+    source_sha256: str | None = None,
     blocks: Any = None,
 ) -> dict[str, Any]:
     """Writes the packed checkpoint to ``out``; returns its sizes (from the written bytes)."""
     from ..checkpoint import read_meta, save_compressed
 
     kw = {"plan": plan, "results": results, "calibration": calibration, "dtype": dtype}
+    kw["source_sha256"] = source_sha256  # the dense parent's weights digest
     if blocks is not None:  # the decoder blocks wait on disk: sharded, one block at a time
         from ..checkpoint.stream_save import save_streaming
 

@@ -122,6 +122,19 @@ def _resume_interrupted(tp: Any, run_dir: Path, status: dict[str, Any]) -> Any:
     return dataclasses.replace(tp, ckpt_path=str(ckpts[-1]))
 
 
+def _check_teacher_early(plan: Any, meta: dict) -> None:
+    """The distillation teacher's parent check before anything loads, where its weights are
+    local files (hashed once, cached); otherwise it runs when the teacher loads."""
+    from ..models.load import weights_digest
+    from ..train.distill import check_teacher
+
+    try:
+        digest = weights_digest(plan.model)
+    except (ValueError, OSError):  # (not local: checked on load)
+        return
+    check_teacher(plan, meta, digest)
+
+
 def _run_train(
     tp: Any, cfg: DictConfig, container: dict, run_dir: Path, status: dict[str, Any]
 ) -> dict[str, Any]:
@@ -143,6 +156,8 @@ def _run_train(
     )
     plan = prepared.plan  # engine.streaming decided
     tp = dataclasses.replace(tp, plan=plan)
+    if tp.peft and tp.train.loss != "lm" and prepared.compressed_meta is not None:
+        _check_teacher_early(plan, prepared.compressed_meta)
     L.seed_everything(plan.seed, workers=True, verbose=False)
     module = SLiMModule(plan, str(run_dir), train=tp, prepared=prepared)
     module.timings["preflight_s"] = time.perf_counter() - t_start
@@ -227,6 +242,7 @@ def _run_train(
             calibration=module.fingerprint,
             dtype=module.export_dtype,
             base_sha256=module.base_sha256(),
+            source_sha256=module.source_sha256,
             hf=False,  # train.py writes packed/ and servable/ (hf/ is compress.py's)
         )
         report["ppl_dense"] = {}

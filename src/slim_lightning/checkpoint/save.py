@@ -59,6 +59,7 @@ def save_compressed(
     calibration: str | None = None,
     dtype: str | None = None,
     base_sha256: str | None = None,
+    source_sha256: str | None = None,
 ) -> Path:
     """Writes ``model`` (with ``SLiMLinear`` layers installed) as a packed checkpoint.
 
@@ -81,6 +82,8 @@ def save_compressed(
             when the values were rounded to it (``models.round_uncompressed``; the pipeline does).
         base_sha256: ``adapters.state_hashes(model)["base"]`` when the caller already has it
             (hashing a large packed base twice is avoidable work); computed otherwise.
+        source_sha256: ``models.weights_digest`` of the dense model it was compressed from
+            (recorded, so distillation can refuse a teacher that is not its parent).
 
     Returns:
         ``out_dir`` as a Path.
@@ -124,6 +127,7 @@ def save_compressed(
         plan=plan,
         results=results,
         calibration=calibration,
+        source_sha256=source_sha256,
     )
     with atomic_dir(out_dir) as tmp:
         fault_point(f"write {out_dir.name}/{WEIGHTS}")
@@ -205,6 +209,7 @@ def checkpoint_meta(
     plan: Any,
     results: dict[str, Any] | None,
     calibration: str | None,
+    source_sha256: str | None = None,
 ) -> dict[str, Any]:
     """``slim.json`` without ``size`` and ``files`` (see the module docstring)."""
     from .layout import package_versions
@@ -221,6 +226,7 @@ def checkpoint_meta(
         "base_sha256": base_sha256,
         "versions": package_versions(),
         "calibration": calibration,
+        "source_sha256": source_sha256,
         "results": _jsonable(results or {}),
     }
     if plan is not None:

@@ -149,6 +149,7 @@ def save_streaming(
     results: dict[str, Any] | None = None,
     calibration: str | None = None,
     dtype: str | None = None,
+    source_sha256: str | None = None,
 ) -> Path:
     """``save_compressed`` of ``model`` whose blocks wait on disk (see the module docstring for
     the layout and the order of work). Arguments as ``save_compressed``'s."""
@@ -211,6 +212,7 @@ def save_streaming(
             plan=plan,
             results=results,
             calibration=calibration,
+            source_sha256=source_sha256,
         )
         write_config(tmp, model, tokenizer, meta, out_dir.name)
         meta["size"] = tally.result(sum(writer.sizes.values()))

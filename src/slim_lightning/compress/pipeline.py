@@ -305,6 +305,11 @@ class Loaded:
             return self.calib_result.fingerprint
         return None if self.meta is None else self.meta.get("calibration")
 
+    @property
+    def source_sha256(self) -> str | None:
+        """``models.weights_digest`` of the dense parent (loaded here, or recorded in slim.json)."""
+        return self.model_digest or (self.meta or {}).get("source_sha256")
+
 
 def load_base(plan: CompressPlan, prepared: Any = None) -> Loaded:
     """Loads the uncompressed model (tokenizer from preflight when given), digests its weights

@@ -102,12 +102,33 @@ def distill_loss(
     return loss, parts
 
 
+def check_teacher(plan: Any, compressed_meta: dict | None, digest: str | None) -> None:
+    """Refuses a teacher (``model=``, weights digest ``digest``) that is not the dense parent
+    recorded in the compressed checkpoint (``slim.json["source_sha256"]``): distilling from
+    another model trains silently towards the wrong outputs. Nothing to compare (a checkpoint
+    from before the record, no digest) passes."""
+    from ..errors import ConfigError
+
+    want = (compressed_meta or {}).get("source_sha256")
+    if want and digest and digest != want:
+        raise ConfigError(
+            "model",
+            getattr(plan.model, "path", plan.model),
+            f"the dense parent of compressed.path for train.loss=kd* (the checkpoint was "
+            f"compressed from weights with sha256 {want[:12]}; these hash to {digest[:12]}); "
+            "or train.loss=lm",
+        )
+
+
 def load_teacher(plan: Any, prepared: Any, dtype: str, device: torch.device) -> nn.Module:
-    """The dense parent (``plan.model``), loaded and verified like any base model, frozen."""
+    """The dense parent (``plan.model``), loaded and verified like any base model, frozen;
+    refused when the compressed checkpoint records another parent (:func:`check_teacher`)."""
     from ..compress.pipeline import load_base
     from ..dtypes import FLOAT_DTYPES
 
-    teacher = load_base(plan, prepared).model
+    base = load_base(plan, prepared)
+    check_teacher(plan, getattr(prepared, "compressed_meta", None), base.model_digest)
+    teacher = base.model
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     teacher.to(device=device, dtype=FLOAT_DTYPES[dtype])

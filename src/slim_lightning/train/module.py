@@ -118,6 +118,11 @@ class SLiMModule(L.LightningModule):
         """The compression fingerprint (model weights, data, options) of this run's base."""
         return None if self.loaded is None else self.loaded.fingerprint
 
+    @property
+    def source_sha256(self) -> str | None:
+        """The dense parent's weights digest (recorded in the checkpoints this run writes)."""
+        return None if self.loaded is None else self.loaded.source_sha256
+
     # -- model ---------------------------------------------------------------------------------
     def _adopt(self, loaded: Any) -> None:
         self.loaded = loaded
@@ -157,6 +162,7 @@ class SLiMModule(L.LightningModule):
             calibration=self.fingerprint,
             dtype=self.export_dtype,
             base_sha256=self.base_sha256(),
+            source_sha256=self.source_sha256,
         )
         return out
 
