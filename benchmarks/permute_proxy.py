@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> None:
     from layer_proxy import _cfg, _load_cache
 
-    from slim_lightning.compress.plan import build_plan
     from slim_lightning.compress.permute import retained, round_robin
+    from slim_lightning.compress.plan import build_plan
     from slim_lightning.core.compress import compress_linear
     from slim_lightning.core.types import LayerStats
     from slim_lightning.io import cache_root

@@ -108,7 +108,10 @@ def test_teacher_must_be_the_recorded_dense_parent(tmp_path):
     common = [*DEBUG, "+peft=true", "train.eval_before=false", "train.val_every_n_steps=0"]
     a = tmp_path / "a"
     run_train(make_cfg([*common, "trainer.max_steps=1"]), a)
-    src = [json.loads((a / d / "slim.json").read_text())["source_sha256"] for d in ("compressed", "packed")]
+    src = [
+        json.loads((a / d / "slim.json").read_text())["source_sha256"]
+        for d in ("compressed", "packed")
+    ]
     assert src[0] and src[0] == src[1]
     kd = [*common, "trainer.max_steps=2", "train.loss=kd", f"compressed.path={a / 'compressed'}"]
     with pytest.raises(ConfigError) as e:
@@ -116,7 +119,9 @@ def test_teacher_must_be_the_recorded_dense_parent(tmp_path):
     assert e.value.key == "model" and src[0][:12] in str(e.value)
     rep = run_train(make_cfg(kd), tmp_path / "c")
     assert rep["train"]["steps"] == 2
-    assert json.loads((tmp_path / "c" / "packed" / "slim.json").read_text())["source_sha256"] == src[0]
+    assert (
+        json.loads((tmp_path / "c" / "packed" / "slim.json").read_text())["source_sha256"] == src[0]
+    )
 
 
 def test_teacher_parent_checked_before_loading_for_local_weights(tmp_path):

@@ -12,7 +12,8 @@ A checkpoint directory holds:
   "calibration": fingerprint, "results": evaluation results of the run that wrote it,
   "base_sha256": digest of the packed base (what fine-tuning checkpoints are tied to),
   "source_sha256": ``models.weights_digest`` of the dense model it came from (distillation's
-  teacher is checked against it; null when unknown), "files": {file name: sha256} of every other file}``, written last.
+  teacher is checked against it; null when unknown), "files": {file name: sha256} of every
+  other file}``, written last.
 
 The directory is written under a temporary name and renamed when complete, so a crash never leaves
 a half-written checkpoint. Loading is in ``checkpoint.load``.

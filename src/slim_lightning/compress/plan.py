@@ -21,9 +21,9 @@ from typing import Any
 from ..core.registry import ADAPTERS, PRUNERS, QUANTIZERS
 from ..core.types import CompressSpec, LowRankSpec, PrunerSpec, QuantSpec, SparsitySpec
 from ..device import check_omp_wait, resolve_device
+from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
 from .permute import check_permute
 from .recon_mask import check_refine
-from ..errors import ConfigError, check_bool, check_choice, check_int, check_range, make_dataclass
 
 
 # -- per-group validators (also applied to specs built in code: validate_spec) -------------------

@@ -165,7 +165,7 @@ def _remap_state(opt: torch.optim.Optimizer, p: nn.Parameter, old: torch.Tensor,
     state = opt.state.get(p)
     if not state:
         return
-    for key, t in state.items():
+    for t in state.values():
         if isinstance(t, torch.Tensor) and t.shape == p.shape:
             dense = torch.zeros(old.shape, dtype=t.dtype, device=t.device)
             dense.masked_scatter_(old, t)

@@ -99,10 +99,15 @@ def cat_row_blocks(
     """The fields of the consecutive ``step``-row blocks of a ``rows``-row matrix, concatenated
     along rows; raises ValueError naming ``what`` when a field is not one entry per row."""
     for i, t in enumerate(parts):
-        for k, v in t.items():
-            if v.dim() == 0 or v.shape[0] != min(step, rows - i * step):
-                raise ValueError(f"{what}: field {k} is not row-major ({tuple(v.shape)})")
+        check_row_major(t, min(step, rows - i * step), what)
     return {k: torch.cat([t[k] for t in parts]) for k in parts[0]}
+
+
+def check_row_major(fields: dict[str, torch.Tensor], rows: int, what: str) -> None:
+    """Raises ValueError naming ``what`` unless every field holds one entry per row."""
+    for k, v in fields.items():
+        if v.dim() == 0 or v.shape[0] != rows:
+            raise ValueError(f"{what}: field {k} is not row-major ({tuple(v.shape)})")
 
 
 def _per_row(name: str, t: torch.Tensor, rows: int) -> bool:

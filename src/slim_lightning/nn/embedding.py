@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from ..formats import PackedWeight, pack_absmax
 from ..formats.bitpack import _unpack_codes
+from ..formats.packed import check_row_major
 
 META_VERSION = 1
 
@@ -159,10 +160,8 @@ def pack_rows(w: torch.Tensor, bits: int, group_size: int, step: int | None = No
         n = min(step, rows - s)
         if out is None:
             out = copy.copy(part)
-            for k, v in part.tensors.items():
-                if v.dim() == 0 or v.shape[0] != n:
-                    raise ValueError(f"pack_rows: field {k} is not row-major ({tuple(v.shape)})")
-                fields[k] = v.new_empty((rows, *v.shape[1:]))
+            check_row_major(part.tensors, n, "pack_rows")
+            fields = {k: v.new_empty((rows, *v.shape[1:])) for k, v in part.tensors.items()}
         for k, v in part.tensors.items():
             fields[k][s : s + n].copy_(v)
         nnz += part.nnz
