@@ -216,3 +216,43 @@ def test_the_export_estimate_counts_the_adapters_the_packed_model_holds(tmp_path
     assert adapter_bytes(shapes, plan.spec) * len(blocks) == held
     wanda = build_plan(compose_config("compress", ["method=wanda_absmax"]))
     assert adapter_bytes(shapes, wanda.spec) == 0
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_available_memory_reads_the_process_own_cgroup(tmp_path, version):
+    """The budget is the tightest memory cgroup above the process (its own group read from
+    /proc/self/cgroup, as a SLURM job's, not the hierarchy's root), less the group's usage
+    without its reclaimable page cache, plus what the process already holds."""
+    import os
+
+    from slim_lightning.app.autostream import available_memory
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: 1 kB\nMemAvailable: {8 * 2**20} kB\n")
+    page = os.sysconf("SC_PAGE_SIZE")
+    (proc / "self" / "statm").write_text(f"1000 {GIB // 4 // page} 0 0 0 0 0\n")
+    files = {
+        "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+        "v2": ("memory.max", "memory.current", "inactive_file"),
+    }[version]
+    top = root / "memory" if version == "v1" else root
+    (proc / "self" / "cgroup").write_text(
+        "4:memory:/slurm/job1\n0::/\n" if version == "v1" else "0::/slurm/job1\n"
+    )
+
+    def group(d, limit, usage, cache):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / files[0]).write_text(f"{limit}\n")
+        (d / files[1]).write_text(f"{usage}\n")
+        (d / "memory.stat").write_text(f"cache 1\n{files[2]} {cache}\n")
+
+    unlimited = "max" if version == "v2" else str(2**63 - 4096)
+    group(top, unlimited, 5 * GIB, 0)
+    group(top / "slurm", 4 * GIB, GIB, 0)  # 3 GiB left
+    group(top / "slurm" / "job1", 2 * GIB, 3 * GIB // 2, GIB // 2)  # 1 GiB left
+    assert available_memory(proc, root) == GIB + GIB // 4
+    group(top / "slurm" / "job1", unlimited, 3 * GIB // 2, 0)  # the parent's limit then
+    assert available_memory(proc, root) == 3 * GIB + GIB // 4
+    (proc / "self" / "cgroup").unlink()  # nothing known: MemAvailable, roots as mounted
+    assert available_memory(proc, root) == 8 * GIB + GIB // 4

@@ -7,8 +7,8 @@ Before any weights load, the run estimates its host memory both ways from the mo
   input statistics (one ``d_in^2`` fp32 X^T X per group of linears fed the same input, when the
   pruner needs it; SparseGPT factorises it in place) and the largest linear's fp32 work copies
   and low-rank fit (``LIN_WORK_PER_WEIGHT``); the block reconstruction holds, per block weight,
-  the codes and mask, the activations and, per kept weight, the trainable value, its
-  gradient, Adam's two moments and the best epoch's snapshot;
+  the mask, the activations and, per kept weight, the trainable value, Adam's two moments
+  and the best epoch's snapshot (one linear's gradient at a time);
 * whole model (``engine.streaming=false``): the weights at ``model.dtype``, the packed copy built
   beside them, the block's work, a baseline for Python, torch, transformers and activations;
 * streaming: the largest of its stages: loading (the 16-bit vocabulary tables), compressing
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +42,88 @@ BASELINE = 0.75 * GIB  # Python, torch, transformers, Lightning, tokenizer, acti
 PACKED_PER_WEIGHT = 0.6  # bytes per weight of a packed layer (3.8-5.4 bits; 0.3x of fp16)
 
 
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: ``MemAvailable``, capped by a cgroup v2/v1 limit
-    (None where neither can be read)."""
+def available_memory(
+    proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """Bytes this run may use in all: what the process holds now (its RSS: the estimates count
+    the process itself) plus what it may still allocate, ``MemAvailable`` capped by every
+    memory cgroup above the process (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, less the
+    group's usage without its reclaimable page cache; the process's own cgroup is read from
+    ``/proc/self/cgroup``, as a SLURM job step's or a container's). None when nothing can be
+    read."""
     avail = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:
-            left = max(0, int(limit) - usage)
-            avail = left if avail is None else min(avail, left)
-        break
-    return avail
+    for left in _cgroup_headroom(proc, cgroup_root):
+        avail = left if avail is None else min(avail, left)
+    if avail is None:
+        return None
+    try:
+        rss = int((proc / "self" / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = 0
+    return avail + rss
+
+
+# (limit file, usage file, memory.stat key of reclaimable page cache), cgroup v2 then v1
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "inactive_file"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+
+
+def _cgroup_headroom(proc: Path, root: Path) -> list[int]:
+    """``limit - (usage - inactive page cache)`` of each limited memory cgroup containing this
+    process, from its own group up to the hierarchy's root."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = {}
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "" and "v2" not in paths:
+            paths["v2"] = root / path.lstrip("/")
+        elif "memory" in controllers.split(","):
+            paths["v1"] = root / "memory" / path.lstrip("/")
+    if not paths:  # no /proc/self/cgroup: the hierarchy roots as mounted
+        paths = {"v2": root, "v1": root / "memory"}
+    out = []
+    for kind, start in paths.items():
+        limit_f, usage_f, cache_key = _CGROUP_FILES[kind]
+        top = root if kind == "v2" else root / "memory"
+        d = start
+        while True:
+            left = _headroom(d, limit_f, usage_f, cache_key)
+            if left is not None:
+                out.append(left)
+            if d == top or top not in d.parents:
+                break
+            d = d.parent
+    return out
+
+
+def _headroom(d: Path, limit_f: str, usage_f: str, cache_key: str) -> int | None:
+    try:
+        limit = (d / limit_f).read_text().strip()
+        usage = int((d / usage_f).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= 2**60:
+        return None
+    cache = 0
+    try:
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key:
+                cache = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit) - max(0, usage - cache))
 
 
 # bytes per weight of the largest linear while it is compressed whole (fp32 copies of the
@@ -85,6 +141,7 @@ def block_work(shapes: dict[str, tuple[int, int]], groups: tuple, spec: Any, rec
         groups: ``ArchSpec.input_groups`` (linears sharing one X^T X).
         spec: the ``CompressSpec``; recon: the ``ReconConfig``.
     """
+    from ..compress.recon_linear import ROW_STEP as RECON_ROW_STEP
     from ..core.compress import ROW_STEP, row_separable
 
     if not shapes:
@@ -113,14 +170,17 @@ def block_work(shapes: dict[str, tuple[int, int]], groups: tuple, spec: Any, rec
         return int(one_shot)
     sp = spec.sparsity
     kept = {"nm": sp.n / sp.m, "unstructured": 1.0 - sp.ratio}.get(sp.pattern, 1.0)
-    # codes + mask; activations (5, measured); per kept weight the value, its gradient, Adam's
-    # moments, the best epoch's int8 snapshot; the backward's fp32 copies of the largest weight
-    # (its recomputed value, gradient, codes). One LLaMA-7B-width block at 2:4, streaming: 4.55
-    # GiB estimated, 4.43 GiB measured (benchmarks/results/streaming_synthetic.json)
-    # (8-bit Adam: 2 bytes of moments per value instead of 8)
-    train = 11 if getattr(recon, "optimizer", "adam") == "adam8bit" else 17
-    per_weight = 2 + 5 + (train * kept if recon.train_weights else 0)
-    return int(max(one_shot, per_weight * p + 12 * largest))
+    # per weight: the mask and activations (5, measured); per kept weight the value, Adam's two
+    # moments (8 bytes; 2 with 8-bit Adam) and the best epoch's int8 snapshot; one linear's
+    # gradient at a time (each parameter steps inside the backward) and the backward's fp32
+    # work on one block of rows of the largest weight (``recon_linear.ROW_STEP``; its code
+    # matrices and the block's 16-bit weights are dropped while it trains). One 22-block
+    # TinyLlama-shape block (44 M weights) at 2:4: 0.60 GiB above the process measured
+    # (benchmarks/results/streaming_tinyllama22.json); the one-shot part is estimated higher
+    train = 7 if getattr(recon, "optimizer", "adam") == "adam8bit" else 13
+    per_weight = 1 + 5 + (train * kept if recon.train_weights else 0)
+    grad = 4 * kept * largest if recon.train_weights else 0
+    return int(max(one_shot, per_weight * p + grad + 12 * min(largest, RECON_ROW_STEP)))
 
 
 def adapter_bytes(shapes: dict[str, tuple[int, int]], spec: Any) -> int:
@@ -189,7 +249,7 @@ def _memory_plan(
 ) -> tuple[Any, dict[str, int]]:
     """The block reconstruction's leaner memory plan when streaming with the plan as given
     would exceed ``budget`` (whole model too large too): 8-bit Adam moments
-    (``reconstruct.optimizer=adam8bit``, 11 instead of 17 bytes per kept weight; it changes
+    (``reconstruct.optimizer=adam8bit``, 7 instead of 13 bytes per kept weight; it changes
     results slightly: recorded as ``memory_plan`` in the report)."""
     from ..dtypes import FLOAT_DTYPES
 

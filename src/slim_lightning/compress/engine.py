@@ -245,12 +245,18 @@ class CalibrationEngine:
         targets = self.run_block(block, dense, kwargs)  # the block is still dense here
         targets_c = self.run_block(block, inputs, kwargs) if self.recon.target_mix > 0 else None
         pending: dict[str, CompressedLinear] = {}
+        # streaming packed installs (no dense views) read nothing of a compressed linear's dense
+        # weight; the mask refinement scores positions with it
+        free_dense = self.dense_views is False and self.recon.mask != "refine"
 
         def park(name: str, c: CompressedLinear) -> None:
             # the codes hold a quantised weight until it is reconstructed: its dense copy goes
             # now, not after the block's last linear (4 bytes per block weight)
             if c.weight_q is not None:
                 c.weight = c.weight.new_empty(0)
+            if free_dense:  # the packed install replaces the linear: its 16-bit weight goes
+                w = lin[name].weight
+                lin[name].weight = nn.Parameter(w.new_empty(0), requires_grad=False)
             pending[name] = c
 
         results = self.step.compress(self, i, block, lin, inputs, kwargs, park)

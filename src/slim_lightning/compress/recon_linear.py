@@ -49,34 +49,90 @@ class _GridLinear(torch.autograd.Function):
     """``x @ w.T`` with ``w`` the grid matrix of ``_GridValue``, recomputed in the backward
     instead of saved: between a block's forward and backward no dense fp32 weight is held
     (4 bytes per block weight: 0.8 GB on a LLaMA-7B block), one linear's at a time in the
-    backward. The same products as the composed graph ``x @ _GridValue(...).T``. ``acc``
-    (``reconstruct.mask=refine``): ``(|dL/dW| sum, input channels' sum of squares)`` accumulated
-    in the backward, or None."""
+    backward. The same products as the composed graph ``x @ _GridValue(...).T``. A weight of
+    more than ``ROW_STEP`` values is recomputed, multiplied and differentiated in blocks of
+    output rows (the backward's fp32 weight, gradient and codes of one block at a time: ~12
+    bytes per weight of the largest linear otherwise). ``acc`` (``reconstruct.mask=refine``):
+    ``(|dL/dW| sum, input channels' sum of squares)`` accumulated in the backward, or None."""
 
     @staticmethod
     def forward(ctx, x, v, scale, in_scale, mask, lo: int, hi: int, group: int, acc=None):
-        w = scale_groups_(_codes(v, mask, lo, hi), scale, group, in_scale)
         ctx.save_for_backward(x, v, scale, in_scale, mask)
         ctx.grid, ctx.acc = (lo, hi, group), acc
-        return x @ w.T
+        blocks = _row_blocks(v, scale, mask)
+        if len(blocks) == 1:
+            return x @ scale_groups_(_codes(v, mask, lo, hi), scale, group, in_scale).T
+        y = x.new_empty(*x.shape[:-1], blocks[-1][1])
+        for r0, r1, _, v_b, s_b, m_b in blocks:
+            y[..., r0:r1] = x @ scale_groups_(_codes(v_b, m_b, lo, hi), s_b, group, in_scale).T
+        return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         x, v, scale, in_scale, mask = ctx.saved_tensors
         lo, hi, group = ctx.grid
         need = ctx.needs_input_grad
+        blocks = _row_blocks(v, scale, mask)
+        whole = len(blocks) == 1
+        x2, gy2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
         gx = grad_v = grad_s = None
-        if need[0]:
-            w = scale_groups_(_codes(v, mask, lo, hi), scale, group, in_scale)
-            gx = gy @ w
-            del w
-        if need[1] or need[2]:
-            gw = gy.reshape(-1, gy.shape[-1]).T.mm(x.reshape(-1, x.shape[-1]))
-            if ctx.acc is not None:  # (before _grid_grads masks gw in place)
-                ctx.acc[0].add_(gw.abs())
-                ctx.acc[1].add_(x.reshape(-1, x.shape[-1]).square().sum(0))
-            grad_v, grad_s = _grid_grads(gw, v, scale, in_scale, mask, ctx.grid, need[1], need[2])
+        if not whole:
+            gx = x2.new_zeros(x2.shape) if need[0] else None
+            grad_v = torch.empty_like(v) if need[1] else None
+            grad_s = torch.zeros_like(scale) if need[2] else None
+        if ctx.acc is not None and (need[1] or need[2]):
+            ctx.acc[1].add_(x2.square().sum(0))
+        for r0, r1, k0, v_b, s_b, m_b in blocks:
+            g_b = gy2[:, r0:r1]
+            if need[0]:
+                w = scale_groups_(_codes(v_b, m_b, lo, hi), s_b, group, in_scale)
+                gx = g_b @ w if whole else gx.addmm_(g_b, w)
+                del w
+            if need[1] or need[2]:
+                gw = g_b.T.mm(x2)
+                if ctx.acc is not None:  # (before _grid_grads masks gw in place)
+                    ctx.acc[0][r0:r1].add_(gw.abs())
+                gv, gs = _grid_grads(gw, v_b, s_b, in_scale, m_b, ctx.grid, need[1], need[2])
+                del gw
+                if whole:
+                    grad_v, grad_s = gv, gs
+                    continue
+                if gv is not None:
+                    grad_v[k0 : k0 + gv.shape[0]] = gv
+                if gs is not None:
+                    if scale.shape[0] == 1:  # (one scale row for every row)
+                        grad_s += gs
+                    else:
+                        grad_s[r0:r1] = gs
+        if gx is not None:
+            gx = gx.reshape(x.shape)
         return gx, grad_v, grad_s, None, None, None, None, None, None
+
+
+#: values of a grid weight recomputed at once by ``_GridLinear`` (larger weights go in blocks
+#: of output rows)
+ROW_STEP = 1 << 21
+
+
+def _row_blocks(v: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None) -> list:
+    """``(r0, r1, k0, values, scales, mask)`` of each block of output rows of at most
+    ``ROW_STEP`` values (one block, the whole weight, when it is that small); the block's values
+    are ``v[k0:]``'s first: under a mask ``v`` holds the kept values in row-major order."""
+    rows, cols = mask.shape if mask is not None else v.shape
+    step = max(1, ROW_STEP // cols)
+    if rows <= step:
+        return [(0, rows, 0, v, scale, mask)]
+    ends = mask.sum(1).cumsum(0).tolist() if mask is not None else None
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        s_b = scale if scale.shape[0] == 1 else scale[r0:r1]
+        if ends is None:
+            out.append((r0, r1, r0, v[r0:r1], s_b, None))
+        else:
+            k0 = ends[r0 - 1] if r0 else 0
+            out.append((r0, r1, k0, v[k0 : ends[r1 - 1]], s_b, mask[r0:r1]))
+    return out
 
 
 def _grid_grads(gw, v, scale, in_scale, mask, grid, need_v: bool, need_s: bool):
@@ -183,6 +239,14 @@ class ReconLinear(nn.Module):
         elif c.lora_l is not None and c.lora_r is not None:
             self.l = nn.Parameter(c.lora_l.float().clone(), requires_grad=cfg.train_adapters)
             self.r = nn.Parameter(c.lora_r.float().clone(), requires_grad=cfg.train_adapters)
+
+    def release_codes(self) -> None:
+        """Drops the compressed result's int8 code matrix (1 byte per weight) when the trainable
+        values hold it (``snap()`` rebuilds the codes from them); its shape stays (meta)."""
+        if self.wq is not None:
+            q = self.c.weight_q.q
+            meta = torch.empty(q.shape, dtype=q.dtype, device="meta")
+            self.c.weight_q = dataclasses.replace(self.c.weight_q, q=meta)
 
     def weight_value(self) -> torch.Tensor:
         if self.fixed is not None:

@@ -93,6 +93,8 @@ def reconstruct_block(
         if c.weight_q is not None:
             c.weight = c.weight.new_empty(0)
     views = {name: ReconLinear(results[name], lin[name].bias, cfg).to(device) for name in lin}
+    for v in views.values():  # (their values hold the codes now)
+        v.release_codes()
     grid = {
         id(q.v): (q.lo, q.hi) for v in views.values() for q in (v.wq, v.lq, v.rq) if q is not None
     }
@@ -169,6 +171,7 @@ def reconstruct_block(
         steps = 0
         if param_groups and cfg.epochs > 0 and train:
             opt = _adam(param_groups, cfg.optimizer)
+            hooks = _step_in_backward(opt, param_groups)
             # cosine decay over all steps: large early moves, settling on the grid at the end
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(micro))
             if masks:
@@ -188,8 +191,7 @@ def reconstruct_block(
                         loss = loss_of(*micro[k])
                         if not math.isfinite(float(loss.detach())):
                             break
-                        loss.backward()
-                        opt.step()
+                        loss.backward()  # (each parameter steps as its gradient completes)
                         sched.step()
                         steps += 1
                         if refiner is not None and refiner.due(steps):
@@ -199,7 +201,9 @@ def reconstruct_block(
                     if e < best:
                         best_state = None  # (one snapshot at a time)
                         best, best_epoch, best_state = e, epoch, snapshot()
-            del opt, sched  # Adam's moments go before the dense views are rebuilt
+            for h in hooks:
+                h.remove()
+            del opt, sched, hooks  # Adam's moments go before the dense views are rebuilt
         if refiner is not None:
             refiner.close()
         _restore(_all_params(views, norms), best_state, masks)
@@ -254,6 +258,21 @@ def _restore(
 def _masks(views: dict[str, ReconLinear]) -> dict[str, torch.Tensor]:
     """The masks ``reconstruct.mask=refine`` may change (grid-valued kept weights)."""
     return {n: v.wq.mask for n, v in views.items() if v.wq is not None and v.wq.mask is not None}
+
+
+def _step_in_backward(opt: torch.optim.Optimizer, param_groups: list[dict]) -> list[Any]:
+    """Hooks that take each parameter's optimiser step as soon as the backward has accumulated
+    its gradient, then drop the gradient: one linear's gradient exists at a time instead of the
+    whole block's (4 bytes per trained value). ``opt.step()`` skips parameters without a
+    gradient and Adam is elementwise per parameter, so each parameter takes exactly the step a
+    ``step()`` after the backward would (each parameter is used once per forward, and no later
+    node of the backward reads a trained parameter: the grid linears save their own inputs)."""
+
+    def hook(p: torch.Tensor) -> None:
+        opt.step()
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for g in param_groups for p in g["params"]]
 
 
 def _adam(param_groups: list[dict], kind: str = "adam") -> torch.optim.Optimizer:

@@ -96,11 +96,32 @@ def bits_per_weight(
     return total / numel
 
 
-def weighted_rel_error(w: torch.Tensor, w_hat: torch.Tensor, s: torch.Tensor) -> float:
-    """Saliency-weighted relative error ``||(W - W_hat) diag(s)||_F / ||W diag(s)||_F``."""
-    num = torch.linalg.norm((w - w_hat) * s[None, :])
-    den = torch.linalg.norm(w * s[None, :])
-    return float(num / den) if den > 0 else float(num)
+def weighted_rel_error(
+    w: torch.Tensor,
+    w_hat: torch.Tensor,
+    s: torch.Tensor,
+    left: torch.Tensor | None = None,
+    right: torch.Tensor | None = None,
+) -> float:
+    """Saliency-weighted relative error ``||(W - W_hat) diag(s)||_F / ||W diag(s)||_F``, with
+    ``W_hat + (L R)^T`` when the adapters ``left`` / ``right`` are given. A weight of more than
+    ``ROW_STEP`` values is measured in blocks of rows (no full-size temporaries)."""
+    rows, cols = w.shape
+    step = max(1, ROW_STEP // cols)
+    if rows <= step:
+        if left is not None:
+            w_hat = w_hat + (left @ right).T
+        num = torch.linalg.norm((w - w_hat) * s[None, :])
+        den = torch.linalg.norm(w * s[None, :])
+        return float(num / den) if den > 0 else float(num)
+    num2 = den2 = 0.0
+    for r0 in range(0, rows, step):
+        d = w[r0 : r0 + step] - w_hat[r0 : r0 + step]
+        if left is not None:
+            d -= (left @ right[:, r0 : r0 + step]).T
+        num2 += float(d.mul_(s[None, :]).double().square().sum())
+        den2 += float((w[r0 : r0 + step] * s[None, :]).double().square().sum())
+    return math.sqrt(num2 / den2) if den2 > 0 else math.sqrt(num2)
 
 
 def _sparse_part(
@@ -252,7 +273,7 @@ def compress_linear(
             left, right = slim_lora(W - w_c, s_lr, rank, lr, white)
             if k == 0:
                 metrics["err_after_adapters_norefit"] = weighted_rel_error(
-                    W, w_c + (left @ right).T, s_err
+                    W, w_c, s_err, left, right
                 )
             l_eff, r_eff = left, right
             if lr.quant_bits is not None and lr.quant_before_refit:
@@ -269,7 +290,7 @@ def compress_linear(
                     W - (l_eff @ r_eff).T, stats, stat, spec, mask, info, refit=True
                 )
                 rounds += 1
-        metrics["err_after_adapters"] = weighted_rel_error(W, w_c + (left @ right).T, s_err)
+        metrics["err_after_adapters"] = weighted_rel_error(W, w_c, s_err, left, right)
         if lr.quant_bits is not None and not lr.quant_before_refit:
             lq, rq = quant_ad(left, right)
         if lq is not None:
@@ -288,7 +309,7 @@ def compress_linear(
         rank=float(rank),
         adapter_params=float(rank * (d_in + d_out)),
         alpha=alpha,
-        err_final=weighted_rel_error(W, out.effective_weight(), s_err),
+        err_final=weighted_rel_error(W, w_c, s_err, left, right),
         refit_rounds=float(rounds),
         bits_per_weight=bits_per_weight(
             d_out,

@@ -294,16 +294,37 @@ def quantize_adapters_searched(
     Returns:
         ``(lora_l_q, lora_r_q, power)``.
     """
-    target = left @ right  # (d_in, d_out)
     sw = s.to(left)[:, None]
+    step = max(1, ERR_ROW_STEP // right.shape[1])
+    whole = left.shape[0] <= step
+    target = left @ right if whole else None  # (d_in, d_out)
     best = None
     for p in powers:
         scales = None if p == 0 else adapter_in_scales(left, stat, p)
         lq, rq = quantize_adapters(left, right, bits, group_size, scales)
-        err = float(torch.linalg.norm((target - lq.dequantize().T @ rq.dequantize().T) * sw))
+        lqd, rqd = lq.dequantize().T, rq.dequantize().T
+        if whole:
+            err = float(torch.linalg.norm((target - lqd @ rqd) * sw))
+        else:  # (in blocks of rows: no full-size product is held)
+            err = math.sqrt(
+                sum(
+                    float(
+                        ((left[i : i + step] @ right - lqd[i : i + step] @ rqd) * sw[i : i + step])
+                        .double()
+                        .square()
+                        .sum()
+                    )
+                    for i in range(0, left.shape[0], step)
+                )
+            )
         if best is None or err < best[0]:
             best = (err, lq, rq, float(p))
     return best[1], best[2], best[3]
+
+
+#: values of the adapter product ``quantize_adapters_searched`` scores at once (larger products
+#: in blocks of rows)
+ERR_ROW_STEP = 1 << 22
 
 
 # -- adapter methods (registry): how the SVD of the residual is weighted ------------------------
