@@ -138,6 +138,46 @@ def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch):
         outs.append(C.compress_linear(w, stats, spec))
     a, b = outs
     assert torch.equal(a.weight_q.q, b.weight_q.q) and torch.equal(a.lora_l_q.q, b.lora_l_q.q)
+    assert torch.equal(a.weight, b.weight)  # (the sparse part rebuilt from its codes)
     assert a.metrics["adapter_in_scale_power"] == b.metrics["adapter_in_scale_power"]
     for key in ("err_before_adapters", "err_after_adapters", "err_final"):
         assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_sparsegpt_lazy_update_in_column_blocks_equals_the_whole(monkeypatch, quant):
+    """SparseGPT's lazy update of the later columns in blocks of columns (large weights) gives
+    the mask, codes and weights of the one-product update (up to summation order)."""
+    from slim_lightning.core import sparsegpt as S
+    from slim_lightning.core.types import QuantSpec, SparsitySpec
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 96, generator=g)
+    x = torch.randn(300, 96, generator=g)
+    q = QuantSpec(method="absmax", bits=4, group_size=32) if quant else None
+    outs = []
+    for step in (1 << 30, 24 * 20):  # whole; blocks of 20 columns (the blocksize is 32)
+        monkeypatch.setattr(S, "LAZY_STEP", step)
+        outs.append(
+            S.sparsegpt(w, x.T @ x, 300, SparsitySpec("nm", n=2, m=4), blocksize=32, quant=q)
+        )
+    (w1, m1, q1), (w2, m2, q2) = outs
+    assert torch.equal(m1, m2)
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-5)
+    if quant:
+        assert (q1.q != q2.q).float().mean() < 1e-3  # (a rounding tie may fall either way)
+
+
+def test_the_low_rank_fit_may_consume_its_residual():
+    """``slim_lora(consume=True)`` scales the residual in place and fits the same adapters."""
+    from slim_lightning.core.lowrank import slim_lora
+    from slim_lightning.core.types import LowRankSpec
+
+    g = torch.Generator().manual_seed(4)
+    err, s = torch.randn(30, 50, generator=g), torch.rand(50, generator=g) + 0.1
+    spec = LowRankSpec()
+    a = slim_lora(err, s, 5, spec)
+    work = err.clone()
+    b = slim_lora(work, s, 5, spec, consume=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(work, err)  # (overwritten: the caller gave it up)

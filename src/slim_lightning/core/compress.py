@@ -270,7 +270,14 @@ def compress_linear(
             return lq, rq
 
         for k in range(n_rounds):
-            left, right = slim_lora(W - w_c, s_lr, rank, lr, white)
+            resid = W - w_c
+            rebuild = type(qt) is QuantTensor and w_c.numel() > ROW_STEP
+            if rebuild:  # (a large layer: its codes give the sparse part back exactly)
+                w_c = None
+            left, right = slim_lora(resid, s_lr, rank, lr, white, consume=True)
+            del resid
+            if rebuild:
+                w_c = qt.dequantize()
             if k == 0:
                 metrics["err_after_adapters_norefit"] = weighted_rel_error(
                     W, w_c, s_err, left, right
@@ -281,11 +288,13 @@ def compress_linear(
                 lq, rq = quant_ad(left, right)
                 l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
             if k < lr.alternate:  # the pruner chooses the mask afresh for W - L R
+                w_c = qt = mask = None  # (replaced: not held beside the new ones)
                 w_c, qt, mask, alpha = _sparse_part(
                     W - (l_eff @ r_eff).T, stats, stat, spec, None, info, refit=False
                 )
                 rounds += 1
             elif lr.refit:
+                w_c = qt = None
                 w_c, qt, _, alpha = _sparse_part(
                     W - (l_eff @ r_eff).T, stats, stat, spec, mask, info, refit=True
                 )

@@ -161,6 +161,7 @@ def slim_lora(
     rank: int,
     spec: LowRankSpec,
     white: tuple[torch.Tensor, torch.Tensor] | None = None,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form adapters minimising ``||(err - (L R)^T) diag(s)||_F`` at rank ``rank``.
 
@@ -174,6 +175,7 @@ def slim_lora(
         s: fp32 ``(d_in,)`` positive saliency (see ``saliency``) or None.
         rank: adapter rank.
         spec: uses ``svd``, ``oversample``, ``niter``, ``split``.
+        consume: ``err`` (fp32) may be overwritten (no second full-size copy is made).
 
     Returns:
         ``L`` fp32 ``(d_in, rank)`` and ``R`` fp32 ``(rank, d_out)``.
@@ -186,8 +188,13 @@ def slim_lora(
             root = torch.sqrt(sv)
             return (c_inv_t @ (v * root[None, :])).contiguous(), (u * root[None, :]).T.contiguous()
         return (c_inv_t @ (v * sv[None, :])).contiguous(), u.T.contiguous()
-    e = err if s is None else err * s.to(err)[None, :]
+    if s is not None:
+        e = err.mul_(s.to(err)[None, :]) if consume else err * s.to(err)[None, :]
+    else:
+        e = err
+    del err
     u, sv, v = low_rank_svd(e, rank, spec.svd, spec.oversample, spec.niter)
+    del e
     if spec.split == "left":
         left, right = v * sv[None, :], u.T.contiguous()
     elif spec.split == "balanced":
@@ -196,7 +203,7 @@ def slim_lora(
     else:
         raise ValueError(f"lowrank.split: got {spec.split!r}; allowed: left, balanced")
     if s is not None:
-        left = left / s.to(err)[:, None]
+        left = left / s.to(left)[:, None]
     return left.contiguous(), right
 
 

@@ -55,7 +55,11 @@ def hinv_cholesky(
         if status.item() == 0:
             torch.cholesky_inverse(a, out=a)
             torch.linalg.cholesky_ex(a, upper=True, out=(a, status))
-            if status.item() == 0 and torch.isfinite(a).all():
+            # (finite, checked in row blocks: no (d, d) bool matrix beside the factor)
+            finite = all(
+                bool(torch.isfinite(a[r : r + 1024]).all()) for r in range(0, len(a), 1024)
+            )
+            if status.item() == 0 and finite:
                 if attempt > 0:
                     warnings.warn(
                         f"sparsegpt: Cholesky needed damping {d:g} (asked {damp:g})", stacklevel=2
@@ -108,6 +112,10 @@ def _factor(
         H = hessian_sum.detach().mul_(scale)
         H[dead, dead] = 1.0
         return hinv_cholesky(H, damp, info, rebuild=restore), info
+
+
+#: values of the lazy-update product computed at once (larger ones in blocks of columns)
+LAZY_STEP = 1 << 22
 
 
 def sparsegpt(
@@ -236,7 +244,11 @@ def sparsegpt(
             Err1[:, i] = err
 
         W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        # the lazy update of the later columns: in column blocks when its product would be
+        # large (a (d_out, d_in - i2) fp32 temporary: up to 4 bytes per weight)
+        step = d_in if d_out * (d_in - i2) <= LAZY_STEP else max(blocksize, LAZY_STEP // d_out)
+        for c1 in range(i2, d_in, step):
+            W[:, c1 : c1 + step] -= Err1 @ Hinv[i1:i2, c1 : c1 + step]
 
     out_mask = None if (mask is None and sparsity.pattern == "dense") else ~pruned
     qt = None
