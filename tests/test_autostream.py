@@ -177,7 +177,9 @@ def test_auto_chooses_the_8bit_memory_plan_when_only_it_fits(tmp_path, monkeypat
     from slim_lightning.compress import reconstruct
 
     kinds, adam = [], reconstruct._adam
-    monkeypatch.setattr(reconstruct, "_adam", lambda g, kind: kinds.append(kind) or adam(g, kind))
+    monkeypatch.setattr(
+        reconstruct, "_adam", lambda g, kind, **kw: kinds.append(kind) or adam(g, kind, **kw)
+    )
     with caplog.at_level(logging.INFO, logger="slim_lightning.app.autostream"):
         rep = run_compress(_cfg(ckpt), tmp_path / "lean")
     assert kinds and set(kinds) == {"adam8bit"}  # the blocks trained with the plan chosen

@@ -114,9 +114,11 @@ def test_the_view_drops_the_codes_its_values_hold():
     assert torch.equal(view.snap().weight_q.q, q)
 
 
-def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch):
-    """Large weights measure their errors and score the adapter quantisation in blocks of rows:
-    the same compressed layer (codes, adapters, chosen power) and the same error metrics."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch, dtype):
+    """Large weights measure their errors and score the adapter quantisation in blocks of rows,
+    and (16-bit weights) rebuild their fp32 copy between rounds: the same compressed layer
+    (codes, adapters, chosen power) and the same error metrics."""
     from conftest import compose_config
 
     from slim_lightning.compress.plan import build_plan
@@ -135,7 +137,7 @@ def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch):
         stats = LayerStats(
             sq_sum=(x**2).sum(0), abs_sum=x.abs().sum(0), n_tokens=256, hessian=x.T @ x
         )
-        outs.append(C.compress_linear(w, stats, spec))
+        outs.append(C.compress_linear(w.to(dtype), stats, spec))
     a, b = outs
     assert torch.equal(a.weight_q.q, b.weight_q.q) and torch.equal(a.lora_l_q.q, b.lora_l_q.q)
     assert torch.equal(a.weight, b.weight)  # (the sparse part rebuilt from its codes)
@@ -181,3 +183,28 @@ def test_the_low_rank_fit_may_consume_its_residual():
     b = slim_lora(work, s, 5, spec, consume=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(work, err)  # (overwritten: the caller gave it up)
+
+
+@pytest.mark.parametrize("extra", [5000, 1000])  # a last part of its own; one joining the last
+def test_8bit_adam_in_parts_steps_like_the_whole_parameter(monkeypatch, extra):
+    """A large parameter stepped by bitsandbytes' 8-bit Adam as parts viewing its data (inside
+    the backward, from its gradient) ends bit for bit where the whole-tensor step puts it."""
+    monkeypatch.setattr(R, "PART", 8192)
+    g = torch.Generator().manual_seed(9)
+    n = 2 * 8192 + extra
+    w0, grads = torch.randn(n, generator=g), [torch.randn(n, generator=g) for _ in range(3)]
+    ends = []
+    for split in (False, True):
+        p = torch.nn.Parameter(w0.clone())
+        groups = [{"params": [p], "lr": 0.01}]
+        opt = R._adam(groups, "adam8bit", split=split)
+        assert len(getattr(opt, "slim_parts", {}).get(p, ())) == (
+            0 if not split else (3 if extra >= 4096 else 2)
+        )
+        hooks = R._step_in_backward(opt, groups)
+        for gr in grads:
+            (p * gr).sum().backward()
+        for h in hooks:
+            h.remove()
+        ends.append(p.detach().clone())
+    assert torch.equal(*ends)

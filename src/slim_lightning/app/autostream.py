@@ -126,10 +126,11 @@ def _headroom(d: Path, limit_f: str, usage_f: str, cache_key: str) -> int | None
     return max(0, int(limit) - max(0, usage - cache))
 
 
-# bytes per weight of the largest linear while it is compressed whole (fp32 copies of the
-# weight, the sparse part, the residual and its scaled copy, SparseGPT's working copy and codes,
-# the low-rank fit's workspace); measured on LLaMA-7B's 4096 x 11008 down_proj, see module doc
-LIN_WORK_PER_WEIGHT = 40
+# bytes per weight of the largest linear while it is compressed whole beyond its Hessian and
+# 16-bit weight (fp32 copies of the weight, the residual, SparseGPT's working copy, codes and
+# mask, the low-rank fit's Gram eigendecomposition): 11-12 measured on LLaMA-7B's 4096 x 11008
+# and TinyLlama's 2048 x 5632 down_proj (slim_q; benchmarks/results/streaming_tinyllama22.json)
+LIN_WORK_PER_WEIGHT = 16
 ROW_WORK = 8 * 4  # row-separable specs: bytes per value of a few fp32 row blocks (<= 4 Mi values)
 
 

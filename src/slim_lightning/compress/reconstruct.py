@@ -19,6 +19,7 @@ the same block the same way).
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from typing import Any
 
@@ -153,7 +154,9 @@ def reconstruct_block(
     masks = _masks(views) if cfg.mask == "refine" else {}
     mask0 = {k: m.clone() for k, m in masks.items()}
 
-    def snapshot() -> dict[str, torch.Tensor]:
+    store = tempfile.TemporaryFile()  # the best epoch's state waits on disk, not in memory
+
+    def snapshot() -> None:
         # grid values as their snapped int8 codes: after the restore only snap() reads them,
         # and it rounds and clamps the same way (1 byte per weight instead of 4)
         out = {}
@@ -162,15 +165,19 @@ def reconstruct_block(
             t = p.detach()
             out[str(i)] = torch.clamp(torch.round(t), *r).to(torch.int8) if r else t.clone()
         out.update({f"mask.{k}": m.clone() for k, m in masks.items()})  # (refined masks)
-        return out
+        store.seek(0)
+        store.truncate()
+        torch.save(out, store)
 
     try:
         before = held_out()
-        best, best_epoch, best_state = before, 0, snapshot()
+        best, best_epoch = before, 0
+        snapshot()
         refiner = None
         steps = 0
         if param_groups and cfg.epochs > 0 and train:
-            opt = _adam(param_groups, cfg.optimizer)
+            # (a refined mask remaps the moments of whole parameters)
+            opt = _adam(param_groups, cfg.optimizer, split=cfg.mask != "refine")
             hooks = _step_in_backward(opt, param_groups)
             # cosine decay over all steps: large early moves, settling on the grid at the end
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * len(micro))
@@ -199,13 +206,15 @@ def reconstruct_block(
                     fault_point(label)  # (a kill here resumes from the last committed block)
                     e = held_out()
                     if e < best:
-                        best_state = None  # (one snapshot at a time)
-                        best, best_epoch, best_state = e, epoch, snapshot()
+                        best, best_epoch = e, epoch
+                        snapshot()
             for h in hooks:
                 h.remove()
             del opt, sched, hooks  # Adam's moments go before the dense views are rebuilt
         if refiner is not None:
             refiner.close()
+        store.seek(0)
+        best_state = torch.load(store, map_location=device, weights_only=True)
         _restore(_all_params(views, norms), best_state, masks)
         best_state = None
         param_groups.clear()
@@ -223,6 +232,7 @@ def reconstruct_block(
                 if not torch.equal(p.data, norm0[k]):
                     trained_norms[k] = p.detach().to("cpu").clone()
     finally:
+        store.close()
         for name, m in originals.items():
             block.set_submodule(name, m)
         for p, req in frozen.items():
@@ -266,24 +276,57 @@ def _step_in_backward(opt: torch.optim.Optimizer, param_groups: list[dict]) -> l
     whole block's (4 bytes per trained value). ``opt.step()`` skips parameters without a
     gradient and Adam is elementwise per parameter, so each parameter takes exactly the step a
     ``step()`` after the backward would (each parameter is used once per forward, and no later
-    node of the backward reads a trained parameter: the grid linears save their own inputs)."""
+    node of the backward reads a trained parameter: the grid linears save their own inputs).
+    A parameter ``_adam`` split into parts steps as its parts (views of its gradient)."""
+    parts = getattr(opt, "slim_parts", {})
 
     def hook(p: torch.Tensor) -> None:
+        for part, lo, hi in parts.get(p, ()):
+            part.grad = p.grad.view(-1)[lo:hi]
         opt.step()
+        for part, _, _ in parts.get(p, ()):
+            part.grad = None
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for g in param_groups for p in g["params"]]
 
 
-def _adam(param_groups: list[dict], kind: str = "adam") -> torch.optim.Optimizer:
+#: values per part of a parameter bitsandbytes' 8-bit Adam steps (a multiple of its 256-value
+#: quantisation blocks; its CPU step works on fp32 copies of a tensor's state: ~20 bytes per
+#: value of the tensor stepped)
+PART = 1 << 20
+
+
+def _adam(
+    param_groups: list[dict], kind: str = "adam", split: bool = True
+) -> torch.optim.Optimizer:
     """Adam with its fused kernel (one pass per parameter instead of about ten elementwise
     operations: 10% of a block's reconstruction time on CPU), the default one where the
     device has none; ``adam8bit``: bitsandbytes' 8-bit Adam (tensors under 4096 values keep
-    32-bit moments, as bitsandbytes does by default)."""
+    32-bit moments, as bitsandbytes does by default), each parameter of more than ``PART``
+    values (``split``) stepped as parts that view its data (``slim_parts``: the same blockwise
+    state and steps, a part's fp32 work at a time)."""
     if kind == "adam8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.Adam8bit(param_groups)
+        parts: dict[torch.Tensor, list] = {}
+        groups = []
+        for g in param_groups:
+            ps = []
+            for p in g["params"]:
+                n = p.numel()
+                if not split or n <= PART:
+                    ps.append(p)
+                    continue
+                # (a last part under 4096 values joins the one before: 8-bit state throughout)
+                cuts = [lo for lo in range(0, n, PART) if lo == 0 or n - lo >= 4096] + [n]
+                flat = p.data.view(-1)
+                parts[p] = [(nn.Parameter(flat[lo:hi]), lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+                ps += [part for part, _, _ in parts[p]]
+            groups.append({**g, "params": ps})
+        opt = bnb.optim.Adam8bit(groups)
+        opt.slim_parts = parts
+        return opt
     try:
         return torch.optim.Adam(param_groups, fused=True)
     except (RuntimeError, ValueError):

@@ -269,15 +269,24 @@ def compress_linear(
             metrics["adapter_in_scale_power"] = p
             return lq, rq
 
+        # a large layer holds neither its fp32 weight (rebuilt exactly from the 16-bit one
+        # given) nor its sparse part (from its codes) while the adapters are fitted, nor the
+        # weight while the pruner re-fits
+        large = W.numel() > ROW_STEP
+        again = large and W.data_ptr() != weight.data_ptr()
         for k in range(n_rounds):
             resid = W - w_c
-            rebuild = type(qt) is QuantTensor and w_c.numel() > ROW_STEP
-            if rebuild:  # (a large layer: its codes give the sparse part back exactly)
+            rebuild = large and type(qt) is QuantTensor
+            if rebuild:
                 w_c = None
+            if again:
+                W = None
             left, right = slim_lora(resid, s_lr, rank, lr, white, consume=True)
             del resid
             if rebuild:
                 w_c = qt.dequantize()
+            if again:
+                W = weight.detach().to(torch.float32)
             if k == 0:
                 metrics["err_after_adapters_norefit"] = weighted_rel_error(
                     W, w_c, s_err, left, right
@@ -287,18 +296,24 @@ def compress_linear(
                 # the re-fit then compensates the adapters' quantisation error as well
                 lq, rq = quant_ad(left, right)
                 l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
-            if k < lr.alternate:  # the pruner chooses the mask afresh for W - L R
-                w_c = qt = mask = None  # (replaced: not held beside the new ones)
-                w_c, qt, mask, alpha = _sparse_part(
-                    W - (l_eff @ r_eff).T, stats, stat, spec, None, info, refit=False
-                )
+            if k < lr.alternate or lr.refit:
+                target = W - (l_eff @ r_eff).T
+                w_c = qt = None  # (replaced: not held beside the new ones)
+                if again:
+                    W = None
+                if k < lr.alternate:  # the pruner chooses the mask afresh for W - L R
+                    mask = None
+                    w_c, qt, mask, alpha = _sparse_part(
+                        target, stats, stat, spec, None, info, refit=False
+                    )
+                else:
+                    w_c, qt, _, alpha = _sparse_part(
+                        target, stats, stat, spec, mask, info, refit=True
+                    )
+                del target
                 rounds += 1
-            elif lr.refit:
-                w_c = qt = None
-                w_c, qt, _, alpha = _sparse_part(
-                    W - (l_eff @ r_eff).T, stats, stat, spec, mask, info, refit=True
-                )
-                rounds += 1
+                if again:
+                    W = weight.detach().to(torch.float32)
         metrics["err_after_adapters"] = weighted_rel_error(W, w_c, s_err, left, right)
         if lr.quant_bits is not None and not lr.quant_before_refit:
             lq, rq = quant_ad(left, right)
