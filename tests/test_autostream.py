@@ -224,16 +224,13 @@ def test_the_export_estimate_counts_the_adapters_the_packed_model_holds(tmp_path
 def test_available_memory_reads_the_process_own_cgroup(tmp_path, version):
     """The budget is the tightest memory cgroup above the process (its own group read from
     /proc/self/cgroup, as a SLURM job's, not the hierarchy's root), less the group's usage
-    without its reclaimable page cache, plus what the process already holds."""
-    import os
-
+    without its reclaimable page cache, plus what the process already holds (anonymous)."""
     from slim_lightning.app.autostream import available_memory
 
     proc, root = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text(f"MemTotal: 1 kB\nMemAvailable: {8 * 2**20} kB\n")
-    page = os.sysconf("SC_PAGE_SIZE")
-    (proc / "self" / "statm").write_text(f"1000 {GIB // 4 // page} 0 0 0 0 0\n")
+    (proc / "self" / "status").write_text(f"VmRSS:\t{GIB // 1024} kB\nRssAnon:\t{GIB // 4096} kB\n")
     files = {
         "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
         "v2": ("memory.max", "memory.current", "inactive_file"),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,8 @@ PACKED_PER_WEIGHT = 0.6  # bytes per weight of a packed layer (3.8-5.4 bits; 0.3
 def available_memory(
     proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
 ) -> int | None:
-    """Bytes this run may use in all: what the process holds now (its RSS: the estimates count
-    the process itself) plus what it may still allocate, ``MemAvailable`` capped by every
+    """Bytes this run may use in all: what the process holds now (its anonymous RSS: the
+    estimates count the process itself) plus what it may still allocate, ``MemAvailable`` capped by every
     memory cgroup above the process (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, less the
     group's usage without its reclaimable page cache; the process's own cgroup is read from
     ``/proc/self/cgroup``, as a SLURM job step's or a container's). None when nothing can be
@@ -62,10 +61,13 @@ def available_memory(
         avail = left if avail is None else min(avail, left)
     if avail is None:
         return None
+    rss = 0  # (anonymous: the libraries' file pages are shared and charged elsewhere)
     try:
-        rss = int((proc / "self" / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        for line in (proc / "self" / "status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                rss = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        rss = 0
+        pass
     return avail + rss
 
 
