@@ -190,7 +190,12 @@ def _permute(lin, hooks, name, producers, p, *, inverse: bool) -> None:
     cons.weight.data = cons.weight.data[:, cols].contiguous()
     h.sq, h.ab = h.sq[cols], h.ab[cols]
     if h.h is not None:
-        h.h = h.h[cols][:, cols].contiguous()
+        rows_done = h.h.index_select(0, cols)
+        if any(o is not h and o.h is h.h for o in hooks.values()):  # (shared: a new tensor)
+            h.h = rows_done.index_select(1, cols)
+        else:  # written back into its own storage: one (d, d) copy at a time, not two
+            torch.index_select(rows_done, 1, cols, out=h.h)
+        del rows_done
     h.rows = [r[:, cols] for r in h.rows]
     for prod, off in producers:
         mod = lin[prod]

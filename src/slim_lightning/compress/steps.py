@@ -163,12 +163,17 @@ class LocalStep:
             share.clear()
         permuted = permute_block(engine, block, lin, hooks, inputs, kwargs)
         results = {}
-        for j, (name, m) in enumerate(lin.items()):
+        # widest input first: its X^T X (the largest statistic) goes before the others'
+        # work starts; each linear keeps its own seed (its index j), so the order changes no
+        # result
+        names = list(lin)
+        for j in sorted(range(len(names)), key=lambda j: -lin[names[j]].in_features):
+            name, m = names[j], lin[names[j]]
             results[name] = c = engine.compress_one(i, j, m, hooks.pop(name).stats())
             if name in permuted:
                 c.metrics["permuted"] = 1.0
             install(name, c)
-        return results
+        return {name: results[name] for name in names}
 
     def forward(
         self, engine: Any, i: int, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]
