@@ -244,6 +244,7 @@ def compress_linear(
 
     left = right = lq = rq = None
     rank, rounds = 0, 0
+    ref = W  # what the final errors are measured against
     if ADAPTERS.get_entry(lr.method).enabled:
         rank = adapter_rank(d_in, d_out, lr)
         s_lr = ADAPTERS.get_entry(lr.method).weights(
@@ -275,6 +276,7 @@ def compress_linear(
         large = W.numel() > ROW_STEP
         again = large and W.data_ptr() != weight.data_ptr()
         for k in range(n_rounds):
+            refits = k < lr.alternate or lr.refit  # (the sparse part is replaced this round)
             resid = W - w_c
             rebuild = large and type(qt) is QuantTensor
             if rebuild:
@@ -283,7 +285,7 @@ def compress_linear(
                 W = None
             left, right = slim_lora(resid, s_lr, rank, lr, white, consume=True)
             del resid
-            if rebuild:
+            if rebuild and (k == 0 or not refits):
                 w_c = qt.dequantize()
             if again:
                 W = weight.detach().to(torch.float32)
@@ -291,14 +293,18 @@ def compress_linear(
                 metrics["err_after_adapters_norefit"] = weighted_rel_error(
                     W, w_c, s_err, left, right
                 )
+            if refits:
+                w_c = qt = None  # (replaced: not held beside the new ones)
             l_eff, r_eff = left, right
             if lr.quant_bits is not None and lr.quant_before_refit:
                 # the re-fit then compensates the adapters' quantisation error as well
                 lq, rq = quant_ad(left, right)
                 l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
-            if k < lr.alternate or lr.refit:
-                target = W - (l_eff @ r_eff).T
-                w_c = qt = None  # (replaced: not held beside the new ones)
+            if refits:
+                if large:  # (W - (L R)^T in one buffer)
+                    target = torch.addmm(W, r_eff.T, l_eff.T, alpha=-1)
+                else:
+                    target = W - (l_eff @ r_eff).T
                 if again:
                     W = None
                 if k < lr.alternate:  # the pruner chooses the mask afresh for W - L R
@@ -314,7 +320,10 @@ def compress_linear(
                 rounds += 1
                 if again:
                     W = weight.detach().to(torch.float32)
-        metrics["err_after_adapters"] = weighted_rel_error(W, w_c, s_err, left, right)
+        if again:  # (measured against the 16-bit weight, converted a row block at a time)
+            W = None
+        ref = weight if again else W
+        metrics["err_after_adapters"] = weighted_rel_error(ref, w_c, s_err, left, right)
         if lr.quant_bits is not None and not lr.quant_before_refit:
             lq, rq = quant_ad(left, right)
         if lq is not None:
@@ -333,7 +342,7 @@ def compress_linear(
         rank=float(rank),
         adapter_params=float(rank * (d_in + d_out)),
         alpha=alpha,
-        err_final=weighted_rel_error(W, w_c, s_err, left, right),
+        err_final=weighted_rel_error(ref, w_c, s_err, left, right),
         refit_rounds=float(rounds),
         bits_per_weight=bits_per_weight(
             d_out,
