@@ -301,10 +301,7 @@ def compress_linear(
                 lq, rq = quant_ad(left, right)
                 l_eff, r_eff = lq.dequantize().T, rq.dequantize().T
             if refits:
-                if large:  # (W - (L R)^T in one buffer)
-                    target = torch.addmm(W, r_eff.T, l_eff.T, alpha=-1)
-                else:
-                    target = W - (l_eff @ r_eff).T
+                target = W - (l_eff @ r_eff).T
                 if again:
                     W = None
                 if k < lr.alternate:  # the pruner chooses the mask afresh for W - L R
