@@ -99,6 +99,10 @@ def test_statistics_equal_direct_computation():
 
     run_engine(model, ids, None, fn=recording)
     assert len(calls) == 2 * N_BLOCKS
+    # (a block's linears compress widest input first: fc2, then fc1; keyed here fc1 = 0, fc2 = 1)
+    for b in range(N_BLOCKS):
+        order = sorted((2 * b, 2 * b + 1), key=lambda k: calls[k][1] != D)
+        seen[2 * b], seen[2 * b + 1] = seen[order[0]], seen[order[1]]
     # block 0's fc1 sees the embeddings; fc2 sees tanh(fc1(x)) of the *uncompressed* block
     with torch.no_grad():
         x = ref.embed(ids).reshape(-1, D)

@@ -124,6 +124,7 @@ def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch, 
     from slim_lightning.compress.plan import build_plan
     from slim_lightning.core import compress as C
     from slim_lightning.core import lowrank as LR
+    from slim_lightning.core import metrics as M
     from slim_lightning.core.types import LayerStats
 
     spec = build_plan(compose_config("compress", ["debug=default", "method=slim_q"])).spec
@@ -134,6 +135,7 @@ def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch, 
     for step in (1 << 30, 64 * 7):  # whole; blocks of 7 rows
         monkeypatch.setattr(C, "ROW_STEP", step)
         monkeypatch.setattr(LR, "ERR_ROW_STEP", step)
+        monkeypatch.setattr(M, "ROW_STEP", step)
         stats = LayerStats(
             sq_sum=(x**2).sum(0), abs_sum=x.abs().sum(0), n_tokens=256, hessian=x.T @ x
         )
