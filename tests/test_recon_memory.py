@@ -123,7 +123,6 @@ def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch, 
 
     from slim_lightning.compress.plan import build_plan
     from slim_lightning.core import compress as C
-    from slim_lightning.core import lowrank as LR
     from slim_lightning.core import metrics as M
     from slim_lightning.core.types import LayerStats
 
@@ -134,7 +133,6 @@ def test_blocked_error_measures_and_adapter_search_equal_the_whole(monkeypatch, 
     outs = []
     for step in (1 << 30, 64 * 7):  # whole; blocks of 7 rows
         monkeypatch.setattr(C, "ROW_STEP", step)
-        monkeypatch.setattr(LR, "ERR_ROW_STEP", step)
         monkeypatch.setattr(M, "ROW_STEP", step)
         stats = LayerStats(
             sq_sum=(x**2).sum(0), abs_sum=x.abs().sum(0), n_tokens=256, hessian=x.T @ x

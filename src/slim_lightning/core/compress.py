@@ -250,6 +250,8 @@ def compress_linear(
         again = large and W.data_ptr() != weight.data_ptr()
         for k in range(n_rounds):
             refits = k < lr.alternate or lr.refit  # (the sparse part is replaced this round)
+            if W is None:  # (dropped by the last round's re-fit)
+                W = weight.detach().to(torch.float32)
             resid = W - w_c
             rebuild = large and type(qt) is QuantTensor
             if rebuild:
@@ -288,10 +290,7 @@ def compress_linear(
                     )
                 del target
                 rounds += 1
-                if again:
-                    W = weight.detach().to(torch.float32)
-        if again:  # (measured against the 16-bit weight, converted a row block at a time)
-            W = None
+        W = None if again else W  # (measured against the 16-bit weight a row block at a time)
         ref = weight if again else W
         metrics["err_after_adapters"] = weighted_rel_error(ref, w_c, s_err, left, right)
         if lr.quant_bits is not None and not lr.quant_before_refit:

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from slim_lightning.core import metrics
 from slim_lightning.core.quant import absmax_quant
 from slim_lightning.core.registry import register_adapter_method
 from slim_lightning.core.types import LowRankSpec, QuantTensor
@@ -302,7 +303,7 @@ def quantize_adapters_searched(
         ``(lora_l_q, lora_r_q, power)``.
     """
     sw = s.to(left)[:, None]
-    step = max(1, ERR_ROW_STEP // right.shape[1])
+    step = max(1, metrics.ROW_STEP // right.shape[1])
     whole = left.shape[0] <= step
     target = left @ right if whole else None  # (d_in, d_out)
     best = None
@@ -327,11 +328,6 @@ def quantize_adapters_searched(
         if best is None or err < best[0]:
             best = (err, lq, rq, float(p))
     return best[1], best[2], best[3]
-
-
-#: values of the adapter product ``quantize_adapters_searched`` scores at once (larger products
-#: in blocks of rows)
-ERR_ROW_STEP = 1 << 22
 
 
 # -- adapter methods (registry): how the SVD of the residual is weighted ------------------------
