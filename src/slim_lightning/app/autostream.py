@@ -45,11 +45,11 @@ def available_memory(
     proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
 ) -> int | None:
     """Bytes this run may use in all: what the process holds now (its anonymous RSS: the
-    estimates count the process itself) plus what it may still allocate, ``MemAvailable`` capped by every
-    memory cgroup above the process (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, less the
-    group's usage without its reclaimable page cache; the process's own cgroup is read from
-    ``/proc/self/cgroup``, as a SLURM job step's or a container's). None when nothing can be
-    read."""
+    estimates count the process itself) plus what it may still allocate, ``MemAvailable``
+    capped by every memory cgroup above the process (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``, less the group's usage without its reclaimable page cache; the
+    process's own cgroup is read from ``/proc/self/cgroup``, as a SLURM job step's or a
+    container's). None when nothing can be read."""
     avail = None
     try:
         for line in (proc / "meminfo").read_text().splitlines():

@@ -55,11 +55,10 @@ def hinv_cholesky(
         if status.item() == 0:
             torch.cholesky_inverse(a, out=a)
             torch.linalg.cholesky_ex(a, upper=True, out=(a, status))
-            # (finite, checked in row blocks: no (d, d) bool matrix beside the factor)
-            finite = all(
+            # (finite: checked in row blocks, no (d, d) bool matrix beside the factor)
+            if status.item() == 0 and all(
                 bool(torch.isfinite(a[r : r + 1024]).all()) for r in range(0, len(a), 1024)
-            )
-            if status.item() == 0 and finite:
+            ):
                 if attempt > 0:
                     warnings.warn(
                         f"sparsegpt: Cholesky needed damping {d:g} (asked {damp:g})", stacklevel=2
